@@ -1,0 +1,60 @@
+# Research workbench for image-based fashion recommendation. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PARAMS ?= params/default.yaml
+CLOTHING_ARCHIVE_URL ?= https://github.com/alexeygrigorev/clothing-dataset/archive/7ed86a9.tar.gz
+SETUP_STAMP := $(VENV)/.setup-complete
+
+.PHONY: help setup data pipeline test test-unit test-notebooks notebooks lab clean clean-cache
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(SETUP_STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+setup: $(SETUP_STAMP) ## virtual environment with the pinned packages (.venv)
+
+data: ## fetch what is missing: Fashion-MNIST (Debian package or torchvision) and the clothing photos
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "fashion-mnist: not installed system-wide; the loader downloads it into data/raw with torchvision"; fi
+	@if $(PY) -c "from fashionrec.datasets import find_clothing_dir; print('clothing:', find_clothing_dir())" 2>/dev/null; then :; \
+	else mkdir -p data/raw && curl -fL --retry 3 -o data/raw/clothing-dataset.tar.gz $(CLOTHING_ARCHIVE_URL) \
+	  && mkdir -p data/raw/clothing-dataset && tar -xzf data/raw/clothing-dataset.tar.gz -C data/raw/clothing-dataset --strip-components=1 \
+	  && rm data/raw/clothing-dataset.tar.gz; fi
+
+pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill: make pipeline PARAMS=params/clothing.yaml
+	$(PY) -m fashionrec pipeline --params $(PARAMS)
+
+test: $(SETUP_STAMP) ## unit, integration and notebook (nbval) tests
+	$(PY) -m pytest tests notebooks --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+
+test-unit: $(SETUP_STAMP) ## unit tests only (fast)
+	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
+
+test-notebooks: $(SETUP_STAMP) ## nbval over every notebook
+	$(PY) -m pytest notebooks --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+
+notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sources and execute them in place
+	cd notebooks && for source in [0-9][0-9]-*.py; do \
+	  ../$(PY) -m jupytext --quiet --to ipynb "$$source" && \
+	  ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace "$${source%.py}.ipynb" || exit 1; done
+
+lab: $(SETUP_STAMP) ## open JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks
+
+clean: ## remove derived data and run results (raw data is kept)
+	rm -rf data/interim data/processed results/*/
+
+clean-cache: ## remove only the embedding cache
+	rm -rf data/interim/embeddings

@@ -1,0 +1,238 @@
+"""Embedding extraction with a content-addressed, crash-safe cache.
+
+The cache for one backbone lives in ``data/interim/embeddings/<backbone cache key>/`` as
+shards, each an ``.npz`` holding the digests of the image files it covers, their
+embeddings, and the decoding error (if any) of each. An image is looked up by the digest
+of its bytes, so a rerun costs nothing, a changed image recomputes only itself, and a
+changed weight file or preprocessing gives a new cache key. Shards are written to a
+temporary name and renamed into place: a run killed at any moment leaves only complete
+shards, and the next run resumes from them.
+
+Work is cut into shards in catalog order over the images still missing from the cache,
+so an interrupted-then-resumed run sees the very same batches as an uninterrupted one and
+produces bit-identical embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import config
+from .backbones import Backbone
+from .errors import ImageError
+from .images import load_image
+
+# Images per cache shard: the most work a kill can lose. Overridable so tests can kill
+# a real run between shards without embedding thousands of images.
+SHARD_SIZE = int(os.environ.get("FASHIONREC_SHARD_SIZE", 256))
+DIGEST_BYTES = 16
+
+
+def file_digest(path) -> str:
+    """BLAKE2b digest of a file's bytes: the identity of an image in every cache."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of a catalog: row i of ``vectors`` is row i of ``metadata``."""
+
+    vectors: np.ndarray
+    metadata: pd.DataFrame
+    backbone: str
+    cache_key: str
+    weights_sha256: str | None
+    skipped: list[dict] = field(default_factory=list)
+    n_reused: int = 0
+    n_computed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[str], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, position):
+        try:
+            return self.transform(load_image(self.paths[position])), ""
+        except ImageError as error:
+            return None, error.reason
+
+
+def _collate(items):
+    tensors = [tensor for tensor, _ in items if tensor is not None]
+    reasons = [reason for _, reason in items]
+    return (torch.stack(tensors) if tensors else None), reasons
+
+
+class EmbeddingCache:
+    """All shards of one backbone's cache directory, indexed by image digest."""
+
+    def __init__(self, directory: Path, dim: int):
+        self.directory = directory
+        self.dim = dim
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.vectors: dict[str, np.ndarray] = {}
+        self.errors: dict[str, str] = {}
+        for shard in sorted(self.directory.glob("shard-*.npz")):
+            with np.load(shard, allow_pickle=False) as data:
+                for digest, vector, error in zip(data["digests"], data["vectors"], data["errors"]):
+                    if error:
+                        self.errors[str(digest)] = str(error)
+                    else:
+                        self.vectors[str(digest)] = vector
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self.vectors or digest in self.errors
+
+    def write_shard(self, digests: list[str], vectors: np.ndarray, errors: list[str]) -> Path:
+        name = hashlib.sha256("".join(digests).encode()).hexdigest()[:24]
+        final = self.directory / f"shard-{name}.npz"
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".partial-", suffix=".npz")
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, digests=np.array(digests), vectors=vectors, errors=np.array(errors))
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, final)
+        for digest, vector, error in zip(digests, vectors, errors):
+            if error:
+                self.errors[digest] = error
+            else:
+                self.vectors[digest] = vector
+        return final
+
+
+def cache_dir_for(backbone: Backbone) -> Path:
+    return config.INTERIM_DIR / "embeddings" / f"{backbone.name}-{backbone.cache_key[:16]}"
+
+
+def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, batch_size: int = 32, num_workers: int = 2,
+                  threads: int | None = None, cache_dir: Path | None = None, root: Path | None = None,
+                  progress: bool = True) -> Embeddings:
+    """Embeds every image of ``catalog`` (columns id, path, label, ...) with ``backbone``.
+
+    Images that fail to decode are left out of the result and listed in ``skipped`` with
+    their reason (paths relative to ``root`` when given); the other rows keep their order.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    cache = EmbeddingCache(cache_dir or cache_dir_for(backbone), backbone.dim)
+    skipped: list[dict] = []
+    digests: list[str | None] = []
+    for path in catalog["path"]:
+        try:
+            digests.append(file_digest(path))
+        except OSError as error:
+            digests.append(None)
+            skipped.append({"path": _display_path(path, root), "reason": f"cannot read file: {error.strerror}"})
+
+    pending = []
+    seen = set()
+    for position, digest in enumerate(digests):
+        if digest is not None and digest not in cache and digest not in seen:
+            pending.append(position)
+            seen.add(digest)
+    n_reused = sum(digest is not None for digest in digests) - len(pending)
+    if progress and n_reused:
+        print(f"[{backbone.name}] reusing {n_reused} cached embeddings, computing {len(pending)}", file=sys.stderr)
+
+    started = time.perf_counter()
+    if pending:
+        _compute_missing(catalog, backbone, cache, digests, pending, batch_size, num_workers, progress)
+    seconds = time.perf_counter() - started
+
+    keep = []
+    for position, digest in enumerate(digests):
+        if digest is None:
+            continue
+        if digest in cache.errors:
+            skipped.append({"path": _display_path(catalog["path"].iloc[position], root), "reason": cache.errors[digest]})
+        else:
+            keep.append(position)
+    metadata = catalog.iloc[keep].reset_index(drop=True).assign(digest=[digests[p] for p in keep])
+    vectors = np.stack([cache.vectors[digests[p]] for p in keep]) if keep else np.zeros((0, backbone.dim), np.float32)
+    return Embeddings(vectors.astype(np.float32, copy=False), metadata, backbone.name, backbone.cache_key,
+                      backbone.weights_sha256, skipped, n_reused, len(pending), seconds)
+
+
+def _compute_missing(catalog, backbone, cache, digests, pending, batch_size, num_workers, progress):
+    paths = catalog["path"].to_numpy()
+    bar = tqdm(total=len(pending), desc=f"embedding with {backbone.name}", unit="img", disable=not progress)
+    for start in range(0, len(pending), SHARD_SIZE):
+        shard_positions = pending[start:start + SHARD_SIZE]
+        loader = DataLoader(
+            _ImageFiles([paths[p] for p in shard_positions], backbone.transform),
+            batch_size=batch_size, num_workers=min(num_workers, len(shard_positions)),
+            collate_fn=_collate, shuffle=False,
+        )
+        vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
+        errors: list[str] = []
+        offset = 0
+        with torch.inference_mode():
+            for batch, reasons in loader:
+                ok = np.array([not reason for reason in reasons])
+                if batch is not None:
+                    vectors[offset + np.flatnonzero(ok)] = backbone.model(batch).float().numpy()
+                errors.extend(reasons)
+                offset += len(reasons)
+                bar.update(len(reasons))
+        cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
+    bar.close()
+
+
+def _display_path(path, root: Path | None) -> str:
+    return os.path.relpath(path, root) if root else str(path)
+
+
+def save_embeddings(embeddings: Embeddings, directory: Path, extra: dict | None = None) -> Path:
+    """Writes ``<backbone>.npy`` + ``<backbone>.parquet`` (same row order) + a JSON of provenance."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / embeddings.backbone
+    np.save(stem.with_suffix(".npy"), embeddings.vectors)
+    embeddings.metadata.to_parquet(stem.with_suffix(".parquet"), index=False)
+    info = {
+        "backbone": embeddings.backbone,
+        "cache_key": embeddings.cache_key,
+        "weights_sha256": embeddings.weights_sha256,
+        "n": int(len(embeddings.vectors)),
+        "dim": int(embeddings.vectors.shape[1]),
+        "n_skipped": len(embeddings.skipped),
+        "skipped": embeddings.skipped,
+        **(extra or {}),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    return stem.with_suffix(".npy")
+
+
+def load_embeddings(directory: Path, backbone: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    stem = Path(directory) / backbone
+    vectors = np.load(stem.with_suffix(".npy"))
+    metadata = pd.read_parquet(stem.with_suffix(".parquet"))
+    info = json.loads(stem.with_suffix(".json").read_text())
+    if len(vectors) != len(metadata):
+        raise ValueError(f"{stem}: {len(vectors)} vectors but {len(metadata)} metadata rows")
+    return vectors, metadata, info

@@ -1,0 +1,22 @@
+"""Exceptions the workbench raises on purpose, each carrying a message a user can act on."""
+
+
+class FashionRecError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero."""
+
+
+class ImageError(FashionRecError):
+    """An image file cannot be used; ``reason`` is a short, specific explanation."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class WeightsUnavailable(FashionRecError):
+    """Pretrained weights for a backbone cannot be found locally nor downloaded."""
+
+
+class DatasetError(FashionRecError):
+    """A dataset cannot be loaded (missing directory, bad catalog file...)."""

@@ -1,0 +1,66 @@
+"""Runs the numbered notebooks in order with papermill, from one parameter file.
+
+Each notebook receives only the parameters its ``parameters`` cell declares (papermill
+warns about the others, and such a warning is a bug), plus ``run_name``. Executed
+notebooks land in ``results/<run>/``; a failing notebook is kept there with its error,
+and the run stops naming the notebook and the cell.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import config
+from .errors import FashionRecError
+
+NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
+
+
+def read_params(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FashionRecError(f"{path}: parameter file not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise FashionRecError(f"{path}: a parameter file is a YAML mapping of name -> value")
+    return params
+
+
+def pipeline_notebooks(selected=None) -> list[Path]:
+    notebooks = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]-*.ipynb"))
+    if selected:
+        notebooks = [nb for nb in notebooks if nb.stem in selected or nb.name in selected]
+    return notebooks
+
+
+def run_pipeline(params_path, run_name: str | None = None) -> int:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    params = read_params(params_path)
+    run_name = run_name or params.get("run_name") or Path(params_path).stem
+    params["run_name"] = run_name
+    out_dir = config.RESULTS_DIR / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = pipeline_notebooks(params.pop("notebooks", None))
+    unused = set(params)
+    for notebook in notebooks:
+        declared = papermill.inspect_notebook(str(notebook))
+        given = {name: value for name, value in params.items() if name in declared}
+        unused -= set(given)
+        print(f"[pipeline] {run_name}: {notebook.name}", file=sys.stderr, flush=True)
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(out_dir / notebook.name), parameters=given,
+                cwd=str(NOTEBOOK_DIR), progress_bar=False, log_output=False, kernel_name="python3",
+            )
+        except PapermillExecutionError as error:
+            print(f"[pipeline] FAILED in {notebook.name}, cell {error.exec_count} ({error.ename}: {error.evalue}); "
+                  f"the executed notebook with the error is {out_dir / notebook.name}", file=sys.stderr)
+            return 1
+    if unused:
+        print(f"[pipeline] warning: parameters used by no notebook: {sorted(unused)}", file=sys.stderr)
+    print(f"[pipeline] {run_name}: done, results in {out_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,105 @@
+"""Figures of a run: sample grids, recommendation grids, index trade-offs.
+
+Each function returns a matplotlib Figure and, given ``path``, also saves it (PNG), so a
+notebook shows it inline and the report links the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+if matplotlib.get_backend().lower().startswith(("qt", "tk", "gtk", "wx", "macosx")):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .errors import ImageError
+from .images import load_image
+
+THUMBNAIL = 160
+RIGHT, WRONG = "#1a9850", "#d73027"
+
+
+def _save(figure, path: Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Fixed metadata so that the same figure gives the same bytes on a rerun.
+        figure.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return figure
+
+
+def _show_image(axis, path, title: str, color: str | None = None, fontsize: int = 7):
+    try:
+        image = load_image(path)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        axis.imshow(np.asarray(image))
+    except ImageError as error:
+        axis.text(0.5, 0.5, error.reason, ha="center", va="center", fontsize=6, wrap=True)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(title, fontsize=fontsize, color=color or "black")
+    if color:
+        for spine in axis.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+
+
+def sample_grid(catalog: pd.DataFrame, per_category: int = 4, seed: int = 0, path=None):
+    """A few images of every category, one row per category."""
+    categories = sorted(catalog["label"].unique())
+    rng = np.random.default_rng(seed)
+    figure, axes = plt.subplots(len(categories), per_category,
+                                figsize=(1.4 * per_category, 1.4 * len(categories)), squeeze=False)
+    for row, category in enumerate(categories):
+        members = catalog[catalog["label"] == category]
+        chosen = members.iloc[rng.permutation(len(members))[:per_category]]
+        for column in range(per_category):
+            axis = axes[row, column]
+            if column < len(chosen):
+                _show_image(axis, chosen["path"].iloc[column], category if column == 0 else "")
+            else:
+                axis.axis("off")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def recommendation_grid(evaluation, query_positions, n_results: int | None = None, title: str = "", path=None):
+    """Each row: a query, then its top results with category and score, right ones in green."""
+    n_results = n_results or evaluation.result_positions.shape[1]
+    figure, axes = plt.subplots(len(query_positions), n_results + 1,
+                                figsize=(1.35 * (n_results + 1), 1.6 * len(query_positions)), squeeze=False)
+    for row, query in enumerate(query_positions):
+        query_row = evaluation.queries.iloc[query]
+        _show_image(axes[row, 0], query_row["path"], f"query: {query_row['label']}")
+        for column in range(n_results):
+            position = evaluation.result_positions[query, column]
+            axis = axes[row, column + 1]
+            if position < 0:
+                axis.axis("off")
+                continue
+            result = evaluation.gallery.iloc[position]
+            right = result["label"] == query_row["label"]
+            _show_image(axis, result["path"], f"{result['label']}\n{evaluation.result_scores[query, column]:.3f}",
+                        RIGHT if right else WRONG)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def index_tradeoff(table: pd.DataFrame, path=None):
+    """Recall@k against exact search versus queries per second and bytes per vector, per backbone."""
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for backbone, rows in table.groupby("backbone", sort=True):
+        speed.scatter(rows["qps"], rows["recall_vs_exact"], label=backbone)
+        memory.scatter(rows["bytes_per_vector"], rows["recall_vs_exact"], label=backbone)
+        for _, row in rows.iterrows():
+            speed.annotate(row["index"], (row["qps"], row["recall_vs_exact"]), fontsize=6)
+            memory.annotate(row["index"], (row["bytes_per_vector"], row["recall_vs_exact"]), fontsize=6)
+    speed.set(xscale="log", xlabel="queries / s (log)", ylabel="recall@k vs exact search")
+    memory.set(xscale="log", xlabel="bytes per vector (log)", ylabel="recall@k vs exact search")
+    speed.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,0 +1,33 @@
+# %% [markdown]
+# # 01 · Embed with each backbone
+# Pooled penultimate features of each backbone, for every split of the run's catalog.
+# Embeddings are cached per image in `data/interim/embeddings` (a rerun costs nothing) and
+# written as `.npy` + metadata parquet under `results/<run_name>/embeddings/`. A backbone
+# whose weights cannot be had is reported as skipped, never replaced by random weights.
+
+# %% tags=["parameters"]
+run_name = "interactive"
+backbones = ["efficientnet_lite0", "colorhist"]
+batch_size = 32
+num_workers = 2
+threads = None
+
+# %%
+from fashionrec.runs import stage_embed
+
+table = stage_embed(run_name, backbones, batch_size=batch_size, num_workers=num_workers, threads=threads)
+
+# %% [markdown]
+# Availability of each backbone (skipped ones name the missing weights):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(table[["backbone", "status"]].to_string(index=False))
+for row in table[table["status"] != "ok"].itertuples():
+    print(f"{row.backbone}: {row.reason}")
+
+# %% [markdown]
+# Throughput of this run (images embedded per second on this machine; cached images cost nothing and are counted as reused).
+
+# %%
+table
