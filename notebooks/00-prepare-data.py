@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · Prepare the data
 # Load a catalog with one of the named loaders, validate every file, and split it into
@@ -8,7 +16,7 @@
 run_name = "interactive"
 dataset = "fashion-mnist"
 data_dir = None
-max_per_class = 150
+max_per_class = 40
 split_seed = 0
 category_map = None
 

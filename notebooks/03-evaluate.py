@@ -1,8 +1,17 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 03 · Evaluate retrieval
 # Each query image ranks the gallery; a result is relevant when its category equals the
 # query's. Precision@k, hit rate@k (at least one relevant in the top k), recall@k (share of
-# all relevant gallery images found) and mAP@k, with 95% bootstrap intervals over queries.
+# all relevant gallery images found) and mAP@k, with 95% bootstrap intervals over queries,
+# paired comparisons between backbones, per-category tables and failure cases.
 
 # %% tags=["parameters"]
 run_name = "interactive"
@@ -13,23 +22,66 @@ n_grid_queries = 6
 
 # %%
 from fashionrec import plots
-from fashionrec.runs import METRIC_COLUMNS, run_dir, stage_evaluate
+from fashionrec.analysis import hardest_queries
+from fashionrec.metrics import retrieval_confusion
+from fashionrec.runs import METRIC_COLUMNS, run_dir, stage_compare, stage_evaluate
 
 table, evaluations = stage_evaluate(run_name, indexes, k=k, metric=metric)
 out = run_dir(run_name)
+primary = indexes[0]
 
 # %% [markdown]
-# Metrics per backbone and index (query split -> gallery split):
+# Metrics per backbone and index (query split -> gallery split), point estimates:
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(table[["backbone", "index", "n_queries", "n_gallery", *METRIC_COLUMNS]].round(3).to_string(index=False))
 
 # %% [markdown]
-# Top results for a few queries (seeded choice); green = same category as the query.
+# The same with 95% bootstrap intervals (resampling queries):
+
+# %%
+plots.metrics_with_intervals(table, ["precision_at_k", "hit_rate_at_1", "map_at_k"], primary,
+                             path=out / "figures" / "metrics_ci.png");
+
+# %% [markdown]
+# Paired comparisons on the same queries: a difference whose interval covers zero is
+# "no significant difference".
+
+# %%
+# NBVAL_CHECK_OUTPUT
+comparisons, winners = stage_compare(run_name, table, evaluations)
+print(comparisons.round(3).to_string(index=False) if len(comparisons) else "one backbone: nothing to compare")
+print(winners.round(3).to_string(index=False))
+
+# %% [markdown]
+# Per category (P@k, hit rate, mAP with the number of queries):
+
+# %%
+import pandas as pd
+
+per_category = pd.read_csv(out / "per_category.csv")
+per_category[per_category["index"] == primary].pivot(index="category", columns="backbone",
+                                                     values=["precision_at_k", "support"]).round(3)
+
+# %% [markdown]
+# Retrieval confusion: which categories come back for queries of each category.
 
 # %%
 for (backbone, index), evaluation in evaluations.items():
-    if index == indexes[0]:
+    if index == primary:
+        result_labels = evaluation.gallery["label"].to_numpy()[evaluation.result_positions]
+        confusion = retrieval_confusion(evaluation.queries["label"].to_numpy(), result_labels, k)
+        plots.confusion_heatmap(confusion, title=f"{backbone} · top-{k}", path=out / "figures" / f"confusion_{backbone}.png")
+
+# %% [markdown]
+# Top results for a few queries (seeded choice), then the hardest queries (lowest AP);
+# green = same category as the query.
+
+# %%
+for (backbone, index), evaluation in evaluations.items():
+    if index == primary:
         plots.recommendation_grid(evaluation, evaluation.sample_queries(n_grid_queries), title=f"{backbone} · {index}",
                                   path=out / "figures" / f"grid_{backbone}.png")
+        plots.recommendation_grid(evaluation, hardest_queries(evaluation, n_grid_queries),
+                                  title=f"{backbone} · hardest queries", path=out / "figures" / f"hardest_{backbone}.png")

@@ -2,8 +2,9 @@
 
 Every backbone bundles its weights, its preprocessing and its output size, so that an
 embedding is only ever computed with the preprocessing its weights were trained with.
-Embeddings are the pooled penultimate features (what the ImageNet classifier would see),
-returned un-normalised; normalisation is the index's business.
+Embeddings are the penultimate features, i.e. what the ImageNet classifier would see
+(global-average-pooled for the convolutional nets, fc7 for VGG-16), returned un-normalised;
+normalisation is the index's business.
 
 Pretrained weights are never replaced by random ones: when a file cannot be found or
 downloaded, ``WeightsUnavailable`` says which file is missing and where to put it.
@@ -40,6 +41,9 @@ from .errors import WeightsUnavailable
 DOWNLOAD_TIMEOUT_S = 20.0
 
 RANDOM_INIT_SEED = 0
+
+# Fine-tuned models: "efficientnet_lite0+head:results/<run>/head.pt" (fashionrec.finetune).
+HEAD_SEPARATOR = "+head:"
 
 # torch.hub's convention: the part after the last '-' of a weights file name is a prefix
 # of the file's sha256. At least 8 hex digits, so that ordinary names are not mistaken for one.
@@ -83,7 +87,9 @@ class Backbone:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class _Built(NamedTuple):
+class BuiltBackbone(NamedTuple):
+    """What a spec's builder returns; ``get_backbone`` adds the spec's name, dim and description."""
+
     model: nn.Module
     classifier: nn.Module | None
     transform: Callable[..., torch.Tensor]
@@ -97,7 +103,7 @@ class BackboneSpec:
     dim: int
     input_size: int
     description: str
-    builder: Callable[[Path | None], _Built]
+    builder: Callable[[Path | None], BuiltBackbone]
 
 
 def list_backbones() -> list[str]:
@@ -109,7 +115,15 @@ def get_backbone(name: str, weights_file: str | Path | None = None) -> Backbone:
 
     ``weights_file`` replaces the published weights with a local state_dict file (for
     the backbones that have pretrained weights); it must fit the architecture exactly.
+
+    ``<name>+head:<file or run>`` is a fine-tuned model (see :mod:`fashionrec.finetune`):
+    the base backbone followed by its trained projection head; its cache key covers the
+    head file's sha256.
     """
+    if HEAD_SEPARATOR in name:
+        from .finetune import load_headed_backbone
+
+        return load_headed_backbone(name, weights_file=weights_file)
     spec = BACKBONES.get(name)
     if spec is None:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
@@ -206,7 +220,7 @@ def _torchvision_weights_path(weights: torchvision.models.WeightsEnum, weights_f
             f"pretrained weights {weights} ({file_name}) are not available locally and could not "
             f"be downloaded from {weights.url} ({type(err).__name__}: {err}). Download that file and "
             f"place it in {config.WEIGHTS_DIR} or {hub_checkpoints}, or pass its path with "
-            "--weights-file."
+            "--weights-file (weights_file= in Python)."
         ) from err
     finally:
         socket.setdefaulttimeout(previous_timeout)
@@ -234,22 +248,22 @@ def _build_torchvision(
     architecture: Callable[..., nn.Module],
     detach_head: Callable[[nn.Module], nn.Module],
     weights_file: Path | None,
-) -> _Built:
+) -> BuiltBackbone:
     path = _torchvision_weights_path(weights, weights_file)
     model = architecture(weights=None)
     sha256 = _load_exactly(model, path, architecture.__name__)
     head = detach_head(model)
-    return _Built(model, head, weights.transforms(), sha256)
+    return BuiltBackbone(model, head, weights.transforms(), sha256)
 
 
-def _build_random_resnet50(weights_file: Path | None) -> _Built:
+def _build_random_resnet50(weights_file: Path | None) -> BuiltBackbone:
     _reject_weights_file("random_resnet50", weights_file)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = torchvision.models.resnet50(weights=None)
     model.fc = nn.Identity()
     # No file to hash: hashing the initialised tensors still ties caches to this exact init.
-    return _Built(model, None, ResNet50_Weights.IMAGENET1K_V2.transforms(), _state_dict_sha256(model))
+    return BuiltBackbone(model, None, ResNet50_Weights.IMAGENET1K_V2.transforms(), _state_dict_sha256(model))
 
 
 def _state_dict_sha256(model: nn.Module) -> str:
@@ -288,7 +302,7 @@ def _lite_transform(resolution: int) -> transforms.Compose:
     )
 
 
-def _build_efficientnet_lite(variant: int, weights_file: Path | None) -> _Built:
+def _build_efficientnet_lite(variant: int, weights_file: Path | None) -> BuiltBackbone:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
@@ -302,7 +316,7 @@ def _build_efficientnet_lite(variant: int, weights_file: Path | None) -> _Built:
     sha256 = _load_exactly(net, path, f"efficientnet-lite{variant}")
     # forward() = features -> global average pool -> dropout (inactive in eval) -> _fc.
     head, net._fc = net._fc, nn.Identity()
-    return _Built(net, head, _lite_transform(_LITE_RESOLUTION[variant]), sha256)
+    return BuiltBackbone(net, head, _lite_transform(_LITE_RESOLUTION[variant]), sha256)
 
 
 # --- colour histogram baseline ----------------------------------------------------------------
@@ -337,12 +351,12 @@ class ColorHistogram(nn.Module):
         return (counts / counts.sum(dim=1, keepdim=True)).sqrt()
 
 
-def _build_colorhist(weights_file: Path | None) -> _Built:
+def _build_colorhist(weights_file: Path | None) -> BuiltBackbone:
     _reject_weights_file("colorhist", weights_file)
     transform = transforms.Compose(
         [transforms.Resize((_COLORHIST_INPUT_SIZE, _COLORHIST_INPUT_SIZE)), transforms.ToTensor()]
     )
-    return _Built(ColorHistogram(), None, transform, None)
+    return BuiltBackbone(ColorHistogram(), None, transform, None)
 
 
 # --- registry -----------------------------------------------------------------------------------

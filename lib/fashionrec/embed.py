@@ -72,13 +72,17 @@ class _ImageFiles(Dataset):
     def __init__(self, paths: list[str], transform):
         self.paths = paths
         self.transform = transform
+        # Set by fashionrec.runtime.DraftTransform (the fast runtimes): JPEGs much larger
+        # than the first resize are decoded at a reduced scale. The transform's repr says
+        # so, and with it the cache key.
+        self.draft_size = getattr(transform, "draft_size", None)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, position):
         try:
-            return self.transform(load_image(self.paths[position])), ""
+            return self.transform(load_image(self.paths[position], draft_size=self.draft_size)), ""
         except ImageError as error:
             return None, error.reason
 
@@ -179,28 +183,42 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, batch_size: int = 3
                       backbone.weights_sha256, skipped, n_reused, len(pending), seconds)
 
 
+def _shard_batches(n_pending: int, batch_size: int) -> list[list[int]]:
+    """Batches that never straddle a shard: the same batches whether or not a run resumed."""
+    batches = []
+    for shard_start in range(0, n_pending, SHARD_SIZE):
+        shard_end = min(shard_start + SHARD_SIZE, n_pending)
+        batches.extend(list(range(start, min(start + batch_size, shard_end)))
+                       for start in range(shard_start, shard_end, batch_size))
+    return batches
+
+
 def _compute_missing(catalog, backbone, cache, digests, pending, batch_size, num_workers, progress):
     paths = catalog["path"].to_numpy()
     bar = tqdm(total=len(pending), desc=f"embedding with {backbone.name}", unit="img", disable=not progress)
-    for start in range(0, len(pending), SHARD_SIZE):
-        shard_positions = pending[start:start + SHARD_SIZE]
-        loader = DataLoader(
-            _ImageFiles([paths[p] for p in shard_positions], backbone.transform),
-            batch_size=batch_size, num_workers=min(num_workers, len(shard_positions)),
-            collate_fn=_collate, shuffle=False,
-        )
-        vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
-        errors: list[str] = []
-        offset = 0
-        with torch.inference_mode():
-            for batch, reasons in loader:
+    # One loader for all shards: its worker processes start once and keep decoding the
+    # next shard's images while the current shard is written.
+    loader = DataLoader(
+        _ImageFiles([paths[p] for p in pending], backbone.transform),
+        batch_sampler=_shard_batches(len(pending), batch_size), num_workers=min(num_workers, len(pending)),
+        collate_fn=_collate,
+    )
+    batches = iter(loader)
+    with torch.inference_mode():
+        for start in range(0, len(pending), SHARD_SIZE):
+            shard_positions = pending[start:start + SHARD_SIZE]
+            vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
+            errors: list[str] = []
+            offset = 0
+            while offset < len(shard_positions):
+                batch, reasons = next(batches)
                 ok = np.array([not reason for reason in reasons])
                 if batch is not None:
                     vectors[offset + np.flatnonzero(ok)] = backbone.model(batch).float().numpy()
                 errors.extend(reasons)
                 offset += len(reasons)
                 bar.update(len(reasons))
-        cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
+            cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
     bar.close()
 
 

@@ -99,19 +99,25 @@ def probe_image(path: str | os.PathLike) -> ImageInfo:
         return ImageInfo(image.format, image.width, image.height, image.mode)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Fully decode ``path`` into an upright RGB image, or raise ImageError."""
+def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
+    """Fully decode ``path`` into an upright RGB image, or raise ImageError.
+
+    ``draft_size``: for a JPEG at least twice that size on both sides, let the decoder
+    scale by 1/2, 1/4 or 1/8 in the DCT domain (much cheaper than a full decode) while
+    keeping both sides >= ``draft_size``. Pass the size a later resize shrinks the image
+    to, so that resize still downsamples; other formats are decoded in full.
+    """
     with _open_regular_file(path) as fp:
-        return _decode(fp, path)
+        return _decode(fp, path, draft_size)
 
 
-def open_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+def open_image_bytes(data: bytes, name: str = "<bytes>", *, draft_size: int | None = None) -> Image.Image:
     """Like :func:`load_image` for in-memory data (an upload); ``name`` labels errors."""
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, draft_size)
 
 
 def ensure_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; an image already in RGB is returned as is.
+    """Convert any Pillow mode to 8-bit RGB; an opaque RGB image is returned as is.
 
     Transparency is composited on white and 16-bit grayscale is rescaled.
     """
@@ -179,7 +185,7 @@ def _open_checked(fp: BinaryIO, name: str | os.PathLike) -> Iterator[Image.Image
         yield image
 
 
-def _decode(fp: BinaryIO, name: str | os.PathLike) -> Image.Image:
+def _decode(fp: BinaryIO, name: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
     if fp.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
         problem = _png_chunk_problem(fp)
         if problem:
@@ -187,6 +193,10 @@ def _decode(fp: BinaryIO, name: str | os.PathLike) -> Image.Image:
     fp.seek(0)
     with _open_checked(fp, name) as image:
         try:
+            if draft_size and image.format == "JPEG":
+                # Scale is the largest power of two (<= 8) keeping both sides >= draft_size;
+                # the mode is left as decoded (no colour conversion here).
+                image.draft(image.mode, (draft_size, draft_size))
             image.load()
         except Image.DecompressionBombError as error:
             raise ImageError(name, _pil_bomb_reason(error)) from None

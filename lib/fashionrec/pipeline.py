@@ -42,10 +42,11 @@ def run_pipeline(params_path, run_name: str | None = None) -> int:
     params = read_params(params_path)
     run_name = run_name or params.get("run_name") or Path(params_path).stem
     params["run_name"] = run_name
+    params["params_file"] = str(params_path)
     out_dir = config.RESULTS_DIR / run_name
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = pipeline_notebooks(params.pop("notebooks", None))
-    unused = set(params)
+    unused = set(params) - {"params_file"}
     for notebook in notebooks:
         declared = papermill.inspect_notebook(str(notebook))
         given = {name: value for name, value in params.items() if name in declared}

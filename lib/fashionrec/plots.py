@@ -103,3 +103,61 @@ def index_tradeoff(table: pd.DataFrame, path=None):
     speed.legend(fontsize=7)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def confusion_heatmap(confusion: pd.DataFrame, title: str = "", path=None):
+    """Share of the top-k results of each category (columns) for queries of each category (rows)."""
+    import seaborn as sns
+
+    size = 0.45 * max(len(confusion.columns), 6)
+    figure, axis = plt.subplots(figsize=(size + 2, size))
+    sns.heatmap(confusion, annot=len(confusion.columns) <= 20, fmt=".2f", cmap="Blues", vmin=0, vmax=1,
+                annot_kws={"fontsize": 6}, cbar_kws={"label": "share of top-k results"}, ax=axis)
+    axis.set(xlabel="retrieved category", ylabel="query category", title=title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def umap_side_by_side(points: dict, labels: dict, paths: dict | None = None, thumbnails_per_plot: int = 0,
+                      seed: int = 0, path=None):
+    """One UMAP scatter per backbone, coloured by category, optionally with a few thumbnails."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    names = list(points)
+    categories = sorted(set(np.concatenate([np.asarray(labels[name]) for name in names])))
+    palette = plt.get_cmap("tab20", max(len(categories), 1))
+    colour = {category: palette(i) for i, category in enumerate(categories)}
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 5), squeeze=False)
+    rng = np.random.default_rng(seed)
+    for axis, name in zip(axes[0], names):
+        xy, point_labels = points[name], np.asarray(labels[name])
+        for category in categories:
+            mask = point_labels == category
+            axis.scatter(xy[mask, 0], xy[mask, 1], s=5, color=colour[category], label=category)
+        if paths is not None and thumbnails_per_plot:
+            for position in rng.choice(len(xy), size=min(thumbnails_per_plot, len(xy)), replace=False):
+                try:
+                    image = load_image(paths[name][position])
+                except ImageError:
+                    continue
+                image.thumbnail((40, 40))
+                axis.add_artist(AnnotationBbox(OffsetImage(np.asarray(image), zoom=1), xy[position], frameon=False))
+        axis.set(title=name, xticks=[], yticks=[])
+    axes[0, -1].legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def metrics_with_intervals(table: pd.DataFrame, metric_names, index: str, path=None):
+    """Point estimates with 95% bootstrap intervals, one panel per metric, backbones side by side."""
+    rows = table[table["index"] == index].sort_values("backbone")
+    figure, axes = plt.subplots(1, len(metric_names), figsize=(3.6 * len(metric_names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], metric_names):
+        low = rows[f"{name}_ci"].str[0].to_numpy()
+        high = rows[f"{name}_ci"].str[1].to_numpy()
+        values = rows[name].to_numpy()
+        axis.errorbar(values, np.arange(len(rows)), xerr=[values - low, high - values], fmt="o", capsize=3)
+        axis.set(yticks=np.arange(len(rows)), yticklabels=rows["backbone"], title=f"{name} (95% CI)", xlim=(0, 1))
+    figure.suptitle(f"index {index}", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -108,6 +108,50 @@ def load_run_embeddings(run_name: str, backbone: str) -> tuple[np.ndarray, pd.Da
     return load_embeddings(config.RESULTS_DIR / run_name / "embeddings", backbone)
 
 
+def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "cosine",
+                search_params: dict | None = None, threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Each index variant over each backbone's gallery, queried with the query split.
+
+    Writes ``index_variants.csv`` (bytes per vector, recall@k against exact search: stable
+    across reruns) and ``index_timings.csv`` (the same rows with build seconds and queries/s).
+    """
+    import time
+
+    import faiss
+
+    from .index import build_index, index_bytes_per_vector, recall_vs_exact, resolve_factory, search
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    out = run_dir(run_name)
+    rows = []
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        split = metadata["split"].to_numpy()
+        gallery, queries = vectors[split == "gallery"], vectors[split == "query"]
+        exact = build_index(gallery, factory="Flat", metric=metric, seed=seed)
+        _, exact_ids = search(exact, queries, k, metric=metric)
+        for template in indexes:
+            params = (search_params or {}).get(template, "")
+            started = time.perf_counter()
+            built = build_index(gallery, factory=template, metric=metric, seed=seed)
+            build_s = time.perf_counter() - started
+            started = time.perf_counter()
+            _, ids = search(built, queries, k, metric=metric, params=params)
+            search_s = time.perf_counter() - started
+            rows.append({
+                "backbone": backbone, "index": template, "factory": resolve_factory(template, len(gallery), gallery.shape[1]),
+                "search_params": params, "n_gallery": len(gallery), "dim": gallery.shape[1],
+                "bytes_per_vector": round(index_bytes_per_vector(built), 1),
+                "recall_vs_exact": round(recall_vs_exact(ids, exact_ids, k), 4),
+                "build_s": round(build_s, 4), "qps": round(len(queries) / search_s, 1),
+            })
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "index_timings.csv", index=False)
+    table.drop(columns=["build_s", "qps"]).to_csv(out / "index_variants.csv", index=False)
+    return table
+
+
 METRIC_COLUMNS = ["precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"]
 
 
@@ -151,3 +195,45 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
                               read_json(out / "backbones.json").items() if entry["status"] != "ok"},
     })
     return table, evaluations
+
+
+def stage_compare(run_name: str, table: pd.DataFrame, evaluations: dict, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paired bootstrap differences between backbones and the winner per metric."""
+    from .analysis import paired_comparisons, winners
+
+    comparisons = paired_comparisons(evaluations, seed=seed)
+    best = winners(table, comparisons)
+    out = run_dir(run_name)
+    comparisons.to_csv(out / "paired_comparisons.csv", index=False, float_format="%.6f")
+    best.to_csv(out / "winners.csv", index=False, float_format="%.6f")
+    return comparisons, best
+
+
+def stage_distance_dimension(run_name: str, k: int = 10, dims=(64, 128, 256), seed: int = 0) -> pd.DataFrame:
+    """Cosine vs Euclidean vs inner product on raw features, and PCA(+whitening) sizes, per backbone."""
+    from .analysis import distance_and_dimension
+
+    tables = []
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        tables.append(distance_and_dimension(vectors, metadata, k=k, dims=dims, seed=seed).assign(backbone=backbone))
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["backbone", *[c for c in table.columns if c != "backbone"]]]
+    table.to_csv(run_dir(run_name) / "distance_dimension.csv", index=False, float_format="%.6f")
+    return table
+
+
+def stage_umap(run_name: str, split: str = "gallery", seed: int = 0, thumbnails: int = 12):
+    """Side-by-side 2-D UMAP of each backbone's ``split`` embeddings, coloured by category."""
+    from . import plots
+    from .analysis import umap_2d
+
+    points, labels, paths = {}, {}, {}
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        rows = metadata["split"].to_numpy() == split
+        points[backbone] = umap_2d(vectors[rows], seed=seed)
+        labels[backbone] = metadata.loc[rows, "label"].to_numpy()
+        paths[backbone] = metadata.loc[rows, "path"].to_numpy()
+    return plots.umap_side_by_side(points, labels, paths, thumbnails_per_plot=thumbnails, seed=seed,
+                                   path=run_dir(run_name) / "figures" / "umap.png")

@@ -15,6 +15,7 @@ from .backbones import get_backbone
 from .datasets import load_dataset, split_catalog
 from .embed import Embeddings, embed_catalog
 from .evaluate import dataset_fingerprint, evaluate_embeddings, software_versions
+from .runtime import DEFAULT_RUNTIME, calibration_sample, with_runtime
 
 
 @dataclass
@@ -54,9 +55,19 @@ def prepare(dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED, 
 
 
 def embed(prepared: PreparedData, backbone: str, splits=("train", "gallery", "query"), weights_file=None,
-          batch_size: int = 32, num_workers: int = 2, threads: int | None = None, progress: bool = True) -> Embeddings:
-    """Embeds the rows of the given splits; raises WeightsUnavailable before any work if needed."""
+          batch_size: int = 32, num_workers: int = 2, threads: int | None = None, progress: bool = True,
+          runtime: str = DEFAULT_RUNTIME) -> Embeddings:
+    """Embeds the rows of the given splits; raises WeightsUnavailable before any work if needed.
+
+    ``runtime`` is one of fashionrec.runtime.RUNTIMES; "onnx-int8" calibrates on a seeded
+    sample of the training split.
+    """
     model = get_backbone(backbone, weights_file=weights_file)
+    calibration = None
+    if runtime == "onnx-int8":
+        train = prepared.catalog[prepared.catalog["split"] == "train"]
+        calibration = calibration_sample(train["path"].tolist(), seed=prepared.split_seed)
+    model = with_runtime(model, runtime, threads=threads, calibration_paths=calibration, progress=progress)
     rows = prepared.catalog[prepared.catalog["split"].isin(splits)].reset_index(drop=True)
     return embed_catalog(rows, model, batch_size=batch_size, num_workers=num_workers, threads=threads,
                          root=prepared.root, progress=progress)
@@ -65,19 +76,21 @@ def embed(prepared: PreparedData, backbone: str, splits=("train", "gallery", "qu
 def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat", k: int = 10,
                       metric: str = "cosine", search_params: str = "", weights_file=None,
                       batch_size: int = 32, num_workers: int = 2, threads: int | None = None,
-                      progress: bool = True) -> tuple[dict, Embeddings]:
+                      progress: bool = True, runtime: str = DEFAULT_RUNTIME) -> tuple[dict, Embeddings]:
     """Embeds gallery and query images and scores query -> gallery retrieval.
 
     Returns the JSON-ready record (protocol, metrics with 95% intervals, per-category
     table, provenance) and the embeddings it used.
     """
     embeddings = embed(prepared, backbone, splits=("gallery", "query"), weights_file=weights_file,
-                       batch_size=batch_size, num_workers=num_workers, threads=threads, progress=progress)
+                       batch_size=batch_size, num_workers=num_workers, threads=threads, progress=progress,
+                       runtime=runtime)
     evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
                                      search_params=search_params, seed=prepared.split_seed)
     record = {
         **prepared.describe(),
         "backbone": backbone,
+        "runtime": runtime,
         "weights_sha256": embeddings.weights_sha256,
         "backbone_cache_key": embeddings.cache_key,
         "dataset_fingerprint": dataset_fingerprint(embeddings.metadata),
@@ -86,3 +99,38 @@ def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat"
         "versions": software_versions(),
     }
     return record, embeddings
+
+
+def evaluate_finetuned(prepared: PreparedData, backbone: str, level: int = 1, index: str = "Flat", k: int = 10,
+                       metric: str = "cosine", search_params: str = "", weights_file=None, head_config=None,
+                       tune_config=None, losses=None, model_path=None, retrain: bool = False, batch_size: int = 32,
+                       num_workers: int = 2, threads: int | None = None, progress: bool = True,
+                       runtime: str = DEFAULT_RUNTIME):
+    """Fine-tunes on the train split (or reuses the cached model) and scores query -> gallery.
+
+    The record has the keys of :func:`evaluate_backbone`, with the fine-tuned metrics at the
+    top level, plus ``category_accuracy``, ``macro_f1``, ``baseline_precision_at_k`` (the
+    frozen backbone on the same split), ``train_seconds`` and a ``finetune`` section.
+    """
+    from . import finetune
+
+    result = finetune.run_finetune(
+        prepared, backbone, level=level, head_cfg=head_config, tune_cfg=tune_config,
+        losses=tuple(losses) if losses else finetune.LOSSES, index=index, k=k, metric=metric,
+        search_params=search_params, weights_file=weights_file, batch_size=batch_size, num_workers=num_workers,
+        threads=threads, model_path=model_path, retrain=retrain, runtime=runtime, progress=progress)
+    embeddings = result.extra["embeddings"]
+    evaluated = embeddings.metadata["split"].isin(["gallery", "query"]).to_numpy()
+    record = {
+        **prepared.describe(),
+        "backbone": backbone,
+        "runtime": runtime,
+        "weights_sha256": embeddings.weights_sha256,
+        "backbone_cache_key": embeddings.cache_key,
+        "dataset_fingerprint": dataset_fingerprint(embeddings.metadata[evaluated]),
+        **result.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "n_skipped": len(prepared.skipped) + len(embeddings.skipped),
+        "versions": software_versions(),
+        **result.record,
+    }
+    return record, result

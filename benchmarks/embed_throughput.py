@@ -1,0 +1,225 @@
+"""Embedding throughput: a tutorial's eager loop vs the workbench's own path, same images, same run.
+
+    python benchmarks/embed_throughput.py --dataset clothing --data-dir DIR \\
+        --backbone efficientnet_lite0 --n 512 [--int8] [--check-precision] [--json]
+
+naive     what a tutorial does: eager PyTorch, batches of 32, ``Image.open(p).convert("RGB")``
+          and the transform in the main process, torch's default threads.
+pipeline  fashionrec.embed.embed_catalog from file to embedding (file digests and cache shard
+          writes included, into a fresh cache directory): the chosen runtime (ONNX Runtime by
+          default), JPEG draft decoding, decoding in worker processes overlapped with inference.
+
+Both are timed on the same ``--n`` images (a seeded sample of the query + gallery split) after a
+warm-up on other images (model load, ONNX export/session creation and first calls excluded).
+P@10 (query -> gallery within those images) is computed from both sets of vectors.
+``--check-precision`` also runs the full query -> gallery evaluation of the dataset for eager,
+the fast runtime with and without draft decoding (and int8 with ``--int8``) and reports each P@10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fashionrec import config  # noqa: E402
+from fashionrec.backbones import get_backbone  # noqa: E402
+from fashionrec.embed import embed_catalog  # noqa: E402
+from fashionrec.runtime import (RUNTIMES, available_threads, calibration_sample, draft_size_for,  # noqa: E402
+                                with_runtime)
+
+
+def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:
+    """The tutorial loop: decode, transform and infer in one process, eager, no tuning."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[start:start + batch_size]])
+            out.append(backbone.model(batch).numpy())
+    return np.concatenate(out)
+
+
+def pipeline_embed(rows, backbone, batch_size: int, workers: int, threads: int):
+    with tempfile.TemporaryDirectory(prefix="embed-bench-") as cache:
+        result = embed_catalog(rows, backbone, batch_size=batch_size, num_workers=workers, threads=threads,
+                               cache_dir=Path(cache), progress=False)
+    return result.vectors
+
+
+def precision_at_10(vectors: np.ndarray, rows) -> float:
+    """Query -> gallery P@10 within ``rows`` (exact cosine), via the workbench's evaluation."""
+    try:
+        from fashionrec.evaluate import evaluate_embeddings
+    except ImportError:  # fashionrec.index not available: same exact search in numpy
+        return _numpy_precision_at_10(vectors, rows)
+    return float(evaluate_embeddings(vectors, rows, k=10).summary["precision_at_k"])
+
+
+def _numpy_precision_at_10(vectors, rows) -> float:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    split, labels = rows["split"].to_numpy(), rows["label"].to_numpy()
+    queries, gallery = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")
+    top = np.argsort(-(unit[queries] @ unit[gallery].T), axis=1, kind="stable")[:, :10]
+    return float((labels[gallery][top] == labels[queries][:, None]).mean())
+
+
+def draft_reduction(paths, draft_size: int | None) -> float:
+    """Fraction of the images a JPEG draft decode actually shrinks (read from headers only)."""
+    if not draft_size:
+        return 0.0
+    reduced = 0
+    for path in paths:
+        with Image.open(path) as image:
+            reduced += image.format == "JPEG" and min(image.size) >= 2 * draft_size
+    return reduced / len(paths)
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def full_precision(catalog, args, threads: int, calibration) -> dict:
+    """P@10 of the full query -> gallery protocol for each runtime (the embedding cache is reused).
+
+    Builds each backbone as fashionrec.workflow.embed does, plus a variant without draft
+    decoding, so the effect of draft mode is reported on its own.
+    """
+    variants = [("eager", "eager", None), (args.runtime, args.runtime, None),
+                (f"{args.runtime}-no-draft", args.runtime, False)]
+    if args.int8 and args.runtime != "onnx-int8":
+        variants.append(("onnx-int8", "onnx-int8", None))
+    rows = catalog[catalog["split"].isin(["gallery", "query"])].reset_index(drop=True)
+    eager = get_backbone(args.backbone)
+    results = {}
+    for label, runtime, draft in variants:
+        backbone = with_runtime(eager, runtime, threads=threads, draft=draft, progress=not args.json,
+                                calibration_paths=calibration if runtime == "onnx-int8" else None)
+        embeddings = embed_catalog(rows, backbone, batch_size=args.batch_size, num_workers=args.workers,
+                                   threads=threads, progress=not args.json)
+        results[label] = round(precision_at_10(embeddings.vectors, embeddings.metadata), 6)
+    results["n_queries"] = int((rows["split"] == "query").sum())
+    results["n_gallery"] = int((rows["split"] == "gallery").sum())
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="clothing")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--n", type=int, default=512, help="images timed in each path")
+    parser.add_argument("--warmup", type=int, default=64, help="images run through both paths before timing")
+    parser.add_argument("--runtime", default="onnx", choices=RUNTIMES, help="runtime of the pipeline path")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes of the pipeline")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the pipeline's runtime")
+    parser.add_argument("--no-draft", action="store_true", help="pipeline decodes JPEGs in full")
+    parser.add_argument("--int8", action="store_true", help="also time onnx-int8 (calibrated on train images)")
+    parser.add_argument("--check-precision", action="store_true",
+                        help="also run the full query -> gallery P@10 for eager and the fast runtime(s)")
+    parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    threads = args.threads or available_threads()
+    from fashionrec.datasets import load_dataset, split_catalog
+
+    # What fashionrec.workflow.prepare does: load, then the seeded stratified split.
+    catalog, _ = split_catalog(load_dataset(args.dataset, args.data_dir, progress=False).catalog, seed=args.seed)
+    evaluated = catalog[catalog["split"].isin(["gallery", "query"])]
+    rng = np.random.default_rng(args.seed)
+    chosen = rng.permutation(len(evaluated))
+    rows = evaluated.iloc[np.sort(chosen[:args.n])].reset_index(drop=True)
+    warm = evaluated.iloc[chosen[args.n:args.n + args.warmup]].reset_index(drop=True)
+    if len(rows) < args.n:
+        print(f"warning: only {len(rows)} images available", file=sys.stderr)
+    paths = rows["path"].tolist()
+
+    eager = get_backbone(args.backbone)
+    calibration = None
+    if args.runtime == "onnx-int8" or args.int8:
+        calibration = calibration_sample(catalog.loc[catalog["split"] == "train", "path"].tolist(), seed=args.seed)
+    fast = with_runtime(eager, args.runtime, threads=threads, calibration_paths=calibration,
+                        draft=False if args.no_draft else None, progress=not args.json)
+
+    # Warm-up: first calls, lazy session creation, page cache for the warm-up files.
+    naive_embed(warm["path"].tolist(), eager)
+    pipeline_embed(warm, fast, args.batch_size, args.workers, threads)
+    # The files of the timed set are read once by both paths before timing, so neither pays cold I/O.
+    for path in paths:
+        Path(path).read_bytes()
+
+    naive_vectors, naive_s = timed(naive_embed, paths, eager)
+    torch_threads = torch.get_num_threads()
+    pipeline_vectors, pipeline_s = timed(pipeline_embed, rows, fast, args.batch_size, args.workers, threads)
+
+    n = len(paths)
+    naive_rate, pipeline_rate = n / naive_s, n / pipeline_s
+    relative = float(np.abs(pipeline_vectors - naive_vectors).max() / np.abs(naive_vectors).max())
+    record = {
+        "dataset": args.dataset,
+        "backbone": args.backbone,
+        "n": n,
+        "runtime": args.runtime,
+        "threads": threads,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "draft": not args.no_draft and args.runtime != "eager",
+        "draft_size": getattr(fast.transform, "draft_size", None),
+        "draft_reduced_fraction": round(draft_reduction(paths, getattr(fast.transform, "draft_size", None)), 4),
+        "naive_torch_threads": torch_threads,
+        "naive_img_per_s": round(naive_rate, 2),
+        "pipeline_img_per_s": round(pipeline_rate, 2),
+        "ratio": round(pipeline_rate / naive_rate, 2),
+        "max_relative_difference": relative,
+        "p_at_10_naive": round(precision_at_10(naive_vectors, rows), 6),
+        "p_at_10_pipeline": round(precision_at_10(pipeline_vectors, rows), 6),
+        "cpus": available_threads(),
+    }
+    if args.int8 and args.runtime != "onnx-int8":
+        int8 = with_runtime(eager, "onnx-int8", threads=threads, calibration_paths=calibration, progress=not args.json)
+        pipeline_embed(warm, int8, args.batch_size, args.workers, threads)
+        int8_vectors, int8_s = timed(pipeline_embed, rows, int8, args.batch_size, args.workers, threads)
+        record["int8_img_per_s"] = round(n / int8_s, 2)
+        record["int8_ratio"] = round(n / int8_s / naive_rate, 2)
+        record["p_at_10_int8"] = round(precision_at_10(int8_vectors, rows), 6)
+        record["int8_calibration_images"] = len(calibration)
+    if args.check_precision:
+        record["full_p_at_10"] = full_precision(catalog, args, threads, calibration)
+
+    if args.json:
+        json.dump(record, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.dataset} | {args.backbone} | {n} images | {record['cpus']} CPUs | batch {args.batch_size}")
+        print(f"{'path':<34} {'img/s':>8} {'x naive':>8} {'P@10':>8}")
+        print(f"{'naive (eager, main process)':<34} {naive_rate:8.1f} {1:8.2f} {record['p_at_10_naive']:8.4f}")
+        label = f"pipeline ({args.runtime}, {threads} thr, {args.workers} wkr)"
+        print(f"{label:<34} {pipeline_rate:8.1f} {record['ratio']:8.2f} {record['p_at_10_pipeline']:8.4f}")
+        if "int8_img_per_s" in record:
+            print(f"{'pipeline (onnx-int8)':<34} {record['int8_img_per_s']:8.1f} {record['int8_ratio']:8.2f} "
+                  f"{record['p_at_10_int8']:8.4f}")
+        print(f"max |pipeline - naive| / max |naive| = {relative:.2e}; draft shrinks "
+              f"{record['draft_reduced_fraction']:.0%} of these images (min side >= 2 x {record['draft_size']})")
+        if args.check_precision:
+            full = record["full_p_at_10"]
+            print(f"full protocol ({full['n_queries']} queries -> {full['n_gallery']} gallery), P@10:")
+            for label, value in full.items():
+                if label.startswith("n_"):
+                    continue
+                print(f"  {label:<20} {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Fine-tuning: the head learns category structure, is seeded, saves and loads as a backbone name,
+and a catalog of many tiny categories is reported rather than crashed on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import write_color_image
+from fashionrec import config, finetune
+from fashionrec.backbones import get_backbone
+from fashionrec.errors import WeightsUnavailable
+
+SMALL = finetune.HeadConfig(hidden_dim=64, out_dim=32, epochs=40, patience=8, batch_size=64, k=10,
+                            classifier_c=(0.1,))
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def clusters(n_per_class=60, n_classes=6, dim=48, seed=0):
+    """Gaussian categories hidden in 8 informative dimensions, swamped by 16 loud nuisance ones:
+    raw cosine neighbours mostly come from other categories, a learnt projection separates them."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, 1.0, (n_classes, 8)) * 1.5
+    vectors, labels = [], []
+    for c in range(n_classes):
+        x = rng.normal(0.0, 1.0, (n_per_class, dim))
+        x[:, :8] += means[c]
+        x[:, 8:24] *= 4.0
+        vectors.append(x)
+        labels += [f"cat{c}"] * n_per_class
+    vectors = np.concatenate(vectors).astype(np.float32)
+    labels = np.array(labels)
+    order = np.random.default_rng(seed + 1).permutation(len(labels))
+    return vectors[order], labels[order]
+
+
+def test_validation_split_is_stratified_and_reports_small_categories():
+    labels = np.array(["a"] * 20 + ["b"] * 10 + ["c"] * 2 + ["d"])
+    val, not_validated = finetune.validation_split(labels, 0.2, seed=0)
+    assert val[labels == "a"].sum() == 4 and val[labels == "b"].sum() == 2
+    assert not val[np.isin(labels, ["c", "d"])].any()
+    assert [entry["label"] for entry in not_validated] == ["c", "d"]
+    again, _ = finetune.validation_split(labels, 0.2, seed=0)
+    assert np.array_equal(val, again)
+
+
+def test_head_improves_precision_on_held_out_clusters():
+    vectors, labels = clusters()
+    train, test = slice(0, 240), slice(240, None)
+    raw = finetune.leave_one_out_precision(vectors[test], labels[test], k=10)
+    fit = finetune.fit_head(vectors[train], labels[train], SMALL, losses=("norm_softmax", "supcon"), progress=False)
+    trained = finetune.leave_one_out_precision(finetune.project(fit.head, vectors[test]), labels[test], k=10)
+    assert set(fit.comparison["loss"]) == {"norm_softmax", "supcon"}
+    assert fit.loss_name == fit.comparison.sort_values("val_precision_at_k").iloc[-1]["loss"]
+    assert trained > raw + 0.15, (raw, trained)
+    out = finetune.project(fit.head, vectors[:5])
+    assert out.shape == (5, 32) and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", finetune.LOSSES)
+def test_every_loss_trains_and_is_deterministic(loss):
+    vectors, labels = clusters(n_per_class=30, n_classes=4, dim=24)
+    categories = sorted(set(labels))
+    cfg = finetune.HeadConfig(hidden_dim=32, out_dim=16, epochs=4, batch_size=32, seed=3)
+    first = finetune.train_head(vectors, labels, categories, loss, cfg, progress=False)
+    second = finetune.train_head(vectors, labels, categories, loss, cfg, progress=False)
+    other = finetune.train_head(vectors, labels, categories, loss, finetune.HeadConfig(
+        hidden_dim=32, out_dim=16, epochs=4, batch_size=32, seed=4), progress=False)
+    for key, value in first.head.state_dict().items():
+        assert torch.equal(value, second.head.state_dict()[key]), key
+    assert not torch.equal(first.head.layers[1].weight, other.head.layers[1].weight)
+    assert np.isfinite([entry["loss"] for entry in first.history]).all()
+    assert first.history[-1]["loss"] < first.history[0]["loss"]
+
+
+def test_classifier_selection_and_metrics():
+    vectors, labels = clusters(n_per_class=40, n_classes=3)
+    val, _ = finetune.validation_split(labels, 0.2)
+    classifier, table = finetune.select_classifier(vectors, labels, val, cs=(0.1, 1.0))
+    assert len(table) == 2 and classifier.features == "frozen"
+    metrics = finetune.category_metrics(labels, classifier.predict(vectors), classifier.categories)
+    assert metrics["accuracy"] > 0.9 and 0 < metrics["macro_f1"] <= 1
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == len(labels)
+    restored = finetune.CategoryClassifier.from_payload(classifier.to_payload())
+    assert np.array_equal(restored.predict(vectors), classifier.predict(vectors))
+    # Two categories and one category still give a usable classifier.
+    two = finetune.train_classifier(vectors[labels != "cat2"], labels[labels != "cat2"])
+    assert set(two.predict(vectors)) <= {"cat0", "cat1"}
+    one = finetune.train_classifier(vectors[:5], ["only"] * 5)
+    assert set(one.predict(vectors)) == {"only"}
+
+
+def test_category_aware_ranking_with_a_perfect_classifier_is_perfect():
+    vectors, labels = clusters(n_per_class=30, n_classes=4)
+    query, gallery = slice(0, 40), slice(40, None)
+    table = finetune.category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery],
+                                           labels[query], labels[gallery], k=10)
+    plain = table[table["boost"] == 0].iloc[0]
+    within = table[(table["boost"] == np.inf) & (table["gallery_category"] == "known")].iloc[0]
+    assert within["precision_at_k"] == 1.0 > plain["precision_at_k"]
+
+
+def _colorhist_head(tmp_path, folder):
+    """A tiny head on colour histograms of the conftest colour folder, saved as a model file."""
+    base = get_backbone("colorhist")
+    from fashionrec.images import load_image
+
+    paths = sorted(folder.rglob("*.jpg"))
+    labels = np.array([p.parent.name for p in paths])
+    with torch.no_grad():
+        frozen = base.model(torch.stack([base.transform(load_image(p)) for p in paths])).numpy()
+    cfg = finetune.HeadConfig(hidden_dim=16, out_dim=8, epochs=3, batch_size=16, refit=False)
+    fit = finetune.fit_head(frozen, labels, cfg, losses=("norm_softmax",), progress=False)
+    payload = finetune.head_payload(fit, base, cfg, "fingerprint", len(labels), metrics={"precision_at_k": 1.0})
+    return base, paths, frozen, fit, payload
+
+
+def test_model_file_round_trip_and_head_backbone_name(tmp_path, color_folder, monkeypatch):
+    base, paths, frozen, fit, payload = _colorhist_head(tmp_path, color_folder)
+    path = finetune.save_model(payload, tmp_path / "head.pt")
+    loaded = finetune.load_model(path)
+    assert loaded["train_fingerprint"] == "fingerprint" and loaded["metrics"]["precision_at_k"] == 1.0
+    assert loaded["backbone"] == "colorhist" and loaded["level"] == 1
+    head = finetune.head_from_payload(loaded)
+    assert np.allclose(finetune.project(head, frozen), finetune.project(fit.head, frozen), atol=1e-6)
+
+    headed = get_backbone(f"colorhist+head:{path}")
+    assert headed.dim == 8 and headed.cache_key != base.cache_key
+    assert headed.weights_sha256 != base.weights_sha256
+    from fashionrec.images import load_image
+
+    with torch.no_grad():
+        out = headed.model(torch.stack([headed.transform(load_image(p)) for p in paths[:4]])).numpy()
+    assert np.allclose(out, finetune.project(fit.head, frozen[:4]), atol=1e-5)
+
+    # A run name resolves to results/<run>/head.pt; the name stays a valid file name.
+    finetune.save_model(payload, config.RESULTS_DIR / "my-run" / "head.pt")
+    assert get_backbone("colorhist+head:my-run").dim == 8
+    # Another head file -> another cache key (the file's sha256 is part of it).
+    payload2 = dict(payload, metrics={"precision_at_k": 0.5})
+    path2 = finetune.save_model(payload2, tmp_path / "head2.pt")
+    assert get_backbone(f"colorhist+head:{path2}").cache_key != headed.cache_key
+
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        get_backbone("colorhist+head:no-such-run")
+    with pytest.raises(WeightsUnavailable, match="not for"):
+        get_backbone(f"efficientnet_lite0+head:{path}")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(WeightsUnavailable):
+        get_backbone(f"colorhist+head:{tmp_path / 'junk.pt'}")
+
+
+def _tiny_category_catalog(root):
+    """Four colour categories with 10 images each, plus categories of 1, 2, 3 and 4 images."""
+    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210), "yellow": (230, 220, 40)}
+    rows = []
+    for label, color in colors.items():
+        for i in range(10):
+            rows.append({"path": f"img/{label}-{i}.png", "label": label})
+            write_color_image(root / rows[-1]["path"], color)
+    for n, color in zip((1, 2, 3, 4), ((120, 120, 120), (250, 250, 250), (10, 10, 10), (200, 100, 0))):
+        for i in range(n):
+            rows.append({"path": f"img/tiny{n}-{i}.png", "label": f"tiny{n}"})
+            write_color_image(root / rows[-1]["path"], color)
+    pd.DataFrame(rows).to_csv(root / "catalog.csv", index=False)
+    return root
+
+
+def test_cli_finetune_on_many_small_categories(tmp_path, capsys):
+    from fashionrec.__main__ import main
+
+    root = _tiny_category_catalog(tmp_path / "shop")
+    argv = ["evaluate", "--dataset", "catalog", "--data-dir", str(root), "--backbone", "colorhist", "--index",
+            "Flat", "--k", "5", "--finetune", "--epochs", "5", "--loss", "norm_softmax", "--json", "--quiet",
+            "--workers", "0", "--head-out", str(tmp_path / "run" / "head.pt")]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    # The keys evaluate always prints, with the fine-tuned metrics at the top level.
+    for key in ("precision_at_k", "precision_at_k_ci", "hit_rate_at_k", "map_at_k", "per_category", "n_queries",
+                "dataset_fingerprint", "backbone", "timing", "versions"):
+        assert key in record, key
+    for key in ("category_accuracy", "macro_f1", "baseline_precision_at_k", "train_seconds", "finetune"):
+        assert key in record, key
+    assert {entry["label"] for entry in record["skipped_categories"]} == {"tiny1", "tiny2"}
+    assert {entry["label"] for entry in record["finetune"]["categories_without_validation"]} >= {"tiny3", "tiny4"}
+    assert 0.0 <= record["category_accuracy"] <= 1.0
+    matrix = np.array(record["classification"]["confusion_matrix"]["matrix"])
+    assert matrix.sum() == record["n_queries"]
+    assert (tmp_path / "run" / "head.pt").is_file()
+    assert record["finetune"]["reused_cached_model"] is False
+
+    # Same data and settings: the cached model is reused, and the numbers are the same.
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["finetune"]["reused_cached_model"] is True
+    assert again["precision_at_k"] == record["precision_at_k"]
+    assert again["category_accuracy"] == record["category_accuracy"]
+    saved = finetune.load_model(tmp_path / "run" / "head.pt")
+    assert saved["metrics"]["precision_at_k"] == pytest.approx(record["precision_at_k"], abs=1e-6)
+    assert saved["train_fingerprint"] == record["finetune"]["train_fingerprint"]
