@@ -37,18 +37,20 @@ pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill: make pipe
 	$(PY) -m fashionrec pipeline --params $(PARAMS)
 
 test: $(SETUP_STAMP) ## unit, integration and notebook (nbval) tests
-	$(PY) -m pytest tests notebooks --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
 test-unit: $(SETUP_STAMP) ## unit tests only (fast)
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
 
 test-notebooks: $(SETUP_STAMP) ## nbval over every notebook
-	$(PY) -m pytest notebooks --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
-notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sources and execute them in place
-	cd notebooks && for source in [0-9][0-9]-*.py; do \
+notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sources, execute, keep checked outputs
+	cd notebooks && for source in [0-9][0-9]-*.py; do notebook="$${source%.py}.ipynb"; \
 	  ../$(PY) -m jupytext --quiet --to ipynb "$$source" && \
-	  ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace "$${source%.py}.ipynb" || exit 1; done
+	  ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace "$$notebook" && \
+	  ../$(PY) -c "import sys; from fashionrec.pipeline import keep_checked_outputs; keep_checked_outputs(sys.argv[1])" "$$notebook" \
+	  || exit 1; done
 
 lab: $(SETUP_STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks

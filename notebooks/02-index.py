@@ -27,7 +27,7 @@ out = run_dir(run_name)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(table[["backbone", "index", "factory", "bytes_per_vector"]].to_string(index=False))
+print(table[["backbone", "index", "factory", "status", "bytes_per_vector"]].to_string(index=False))
 
 # %%
 table

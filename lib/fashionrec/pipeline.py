@@ -65,3 +65,22 @@ def run_pipeline(params_path, run_name: str | None = None) -> int:
         print(f"[pipeline] warning: parameters used by no notebook: {sorted(unused)}", file=sys.stderr)
     print(f"[pipeline] {run_name}: done, results in {out_dir}", file=sys.stderr)
     return 0
+
+
+CHECK_MARKER = "# NBVAL_CHECK_OUTPUT"
+
+
+def keep_checked_outputs(path) -> None:
+    """Output policy of the committed notebooks: only cells nbval checks keep their outputs.
+
+    Those cells print stable, rounded summaries; every other output (plots, timings,
+    progress bars) belongs to a run's executed copy under results/, not to the source.
+    """
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and CHECK_MARKER not in cell.source:
+            cell.outputs = []
+            cell.execution_count = None
+    nbformat.write(notebook, path)

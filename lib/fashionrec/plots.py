@@ -92,7 +92,7 @@ def recommendation_grid(evaluation, query_positions, n_results: int | None = Non
 def index_tradeoff(table: pd.DataFrame, path=None):
     """Recall@k against exact search versus queries per second and bytes per vector, per backbone."""
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for backbone, rows in table.groupby("backbone", sort=True):
+    for backbone, rows in table[table["status"] == "ok"].groupby("backbone", sort=True):
         speed.scatter(rows["qps"], rows["recall_vs_exact"], label=backbone)
         memory.scatter(rows["bytes_per_vector"], rows["recall_vs_exact"], label=backbone)
         for _, row in rows.iterrows():

@@ -133,19 +133,23 @@ def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "c
         _, exact_ids = search(exact, queries, k, metric=metric)
         for template in indexes:
             params = (search_params or {}).get(template, "")
+            row = {"backbone": backbone, "index": template,
+                   "factory": resolve_factory(template, len(gallery), gallery.shape[1]), "search_params": params,
+                   "n_gallery": len(gallery), "dim": gallery.shape[1], "status": "ok"}
             started = time.perf_counter()
-            built = build_index(gallery, factory=template, metric=metric, seed=seed)
+            try:
+                built = build_index(gallery, factory=template, metric=metric, seed=seed)
+            except RuntimeError as error:
+                # Typically too few gallery vectors to train the quantizer (PQ needs 256 per codebook).
+                rows.append({**row, "status": f"not built: {str(error).splitlines()[0].split('failed: ')[-1]}"})
+                continue
             build_s = time.perf_counter() - started
             started = time.perf_counter()
             _, ids = search(built, queries, k, metric=metric, params=params)
             search_s = time.perf_counter() - started
-            rows.append({
-                "backbone": backbone, "index": template, "factory": resolve_factory(template, len(gallery), gallery.shape[1]),
-                "search_params": params, "n_gallery": len(gallery), "dim": gallery.shape[1],
-                "bytes_per_vector": round(index_bytes_per_vector(built), 1),
-                "recall_vs_exact": round(recall_vs_exact(ids, exact_ids, k), 4),
-                "build_s": round(build_s, 4), "qps": round(len(queries) / search_s, 1),
-            })
+            rows.append({**row, "bytes_per_vector": round(index_bytes_per_vector(built), 1),
+                         "recall_vs_exact": round(recall_vs_exact(ids, exact_ids, k), 4),
+                         "build_s": round(build_s, 4), "qps": round(len(queries) / search_s, 1)})
     table = pd.DataFrame(rows)
     table.to_csv(out / "index_timings.csv", index=False)
     table.drop(columns=["build_s", "qps"]).to_csv(out / "index_variants.csv", index=False)
