@@ -10,7 +10,9 @@ pipeline  fashionrec.embed.embed_catalog from file to embedding (file digests an
           default), JPEG draft decoding, decoding in worker processes overlapped with inference.
 
 Both are timed on the same ``--n`` images (a seeded sample of the query + gallery split) after a
-warm-up on other images (model load, ONNX export/session creation and first calls excluded).
+warm-up on other images (model load, ONNX export/session creation and first calls excluded),
+cut into ``--rounds`` parts timed in alternating order (naive, pipeline, pipeline, naive, ...)
+so that a change in machine load during the run hits both about equally.
 P@10 (query -> gallery within those images) is computed from both sets of vectors.
 ``--check-precision`` also runs the full query -> gallery evaluation of the dataset for eager,
 the fast runtime with and without draft decoding (and int8 with ``--int8``) and reports each P@10.
@@ -82,10 +84,22 @@ def draft_reduction(paths, draft_size: int | None) -> float:
     return reduced / len(paths)
 
 
-def timed(function, *args):
-    started = time.perf_counter()
-    result = function(*args)
-    return result, time.perf_counter() - started
+def interleaved(rows, contenders: dict, rounds: int) -> tuple[dict, dict]:
+    """Time every contender on the same rows, cut into ``rounds`` parts run in alternating order.
+
+    Order A B C, then C B A, ...: on a machine whose load changes during the run, each
+    contender sees about the same share of it. Returns (vectors, seconds) per contender.
+    """
+    parts = [rows.iloc[chunk].reset_index(drop=True) for chunk in np.array_split(np.arange(len(rows)), rounds)]
+    names = list(contenders)
+    outputs = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for round_number, part in enumerate(parts):
+        for name in names if round_number % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            outputs[name].append(contenders[name](part))
+            seconds[name] += time.perf_counter() - started
+    return {name: np.concatenate(outputs[name]) for name in names}, seconds
 
 
 def full_precision(catalog, args, threads: int, calibration) -> dict:
@@ -127,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", action="store_true", help="also time onnx-int8 (calibrated on train images)")
     parser.add_argument("--check-precision", action="store_true",
                         help="also run the full query -> gallery P@10 for eager and the fast runtime(s)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="parts the images are cut into, timed in alternating order (ABBA) against load drift")
     parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -159,12 +175,19 @@ def main(argv=None) -> int:
     for path in paths:
         Path(path).read_bytes()
 
-    naive_vectors, naive_s = timed(naive_embed, paths, eager)
-    torch_threads = torch.get_num_threads()
-    pipeline_vectors, pipeline_s = timed(pipeline_embed, rows, fast, args.batch_size, args.workers, threads)
+    contenders = {
+        "naive": lambda part: naive_embed(part["path"].tolist(), eager),
+        "pipeline": lambda part: pipeline_embed(part, fast, args.batch_size, args.workers, threads),
+    }
+    if args.int8 and args.runtime != "onnx-int8":
+        int8 = with_runtime(eager, "onnx-int8", threads=threads, calibration_paths=calibration, progress=not args.json)
+        pipeline_embed(warm, int8, args.batch_size, args.workers, threads)
+        contenders["int8"] = lambda part: pipeline_embed(part, int8, args.batch_size, args.workers, threads)
+    vectors, seconds = interleaved(rows, contenders, args.rounds)
+    naive_vectors, pipeline_vectors = vectors["naive"], vectors["pipeline"]
 
     n = len(paths)
-    naive_rate, pipeline_rate = n / naive_s, n / pipeline_s
+    naive_rate, pipeline_rate = n / seconds["naive"], n / seconds["pipeline"]
     relative = float(np.abs(pipeline_vectors - naive_vectors).max() / np.abs(naive_vectors).max())
     record = {
         "dataset": args.dataset,
@@ -177,7 +200,8 @@ def main(argv=None) -> int:
         "draft": not args.no_draft and args.runtime != "eager",
         "draft_size": getattr(fast.transform, "draft_size", None),
         "draft_reduced_fraction": round(draft_reduction(paths, getattr(fast.transform, "draft_size", None)), 4),
-        "naive_torch_threads": torch_threads,
+        "naive_torch_threads": torch.get_num_threads(),
+        "rounds": args.rounds,
         "naive_img_per_s": round(naive_rate, 2),
         "pipeline_img_per_s": round(pipeline_rate, 2),
         "ratio": round(pipeline_rate / naive_rate, 2),
@@ -186,13 +210,10 @@ def main(argv=None) -> int:
         "p_at_10_pipeline": round(precision_at_10(pipeline_vectors, rows), 6),
         "cpus": available_threads(),
     }
-    if args.int8 and args.runtime != "onnx-int8":
-        int8 = with_runtime(eager, "onnx-int8", threads=threads, calibration_paths=calibration, progress=not args.json)
-        pipeline_embed(warm, int8, args.batch_size, args.workers, threads)
-        int8_vectors, int8_s = timed(pipeline_embed, rows, int8, args.batch_size, args.workers, threads)
-        record["int8_img_per_s"] = round(n / int8_s, 2)
-        record["int8_ratio"] = round(n / int8_s / naive_rate, 2)
-        record["p_at_10_int8"] = round(precision_at_10(int8_vectors, rows), 6)
+    if "int8" in seconds:
+        record["int8_img_per_s"] = round(n / seconds["int8"], 2)
+        record["int8_ratio"] = round(n / seconds["int8"] / naive_rate, 2)
+        record["p_at_10_int8"] = round(precision_at_10(vectors["int8"], rows), 6)
         record["int8_calibration_images"] = len(calibration)
     if args.check_precision:
         record["full_p_at_10"] = full_precision(catalog, args, threads, calibration)

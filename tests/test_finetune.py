@@ -52,6 +52,20 @@ def test_validation_split_is_stratified_and_reports_small_categories():
     assert [entry["label"] for entry in not_validated] == ["c", "d"]
     again, _ = finetune.validation_split(labels, 0.2, seed=0)
     assert np.array_equal(val, again)
+    # Validation images rank each other, unless most have no other image of their category.
+    assert not finetune.validation_uses_fit_rows(labels[val])
+    assert finetune.validation_uses_fit_rows(["a", "b", "c", "c"]) is False
+    assert finetune.validation_uses_fit_rows(["a", "b", "c", "d", "d"]) is True
+
+
+def test_validation_precision_with_one_image_per_category_ranks_the_fit_rows():
+    vectors, labels = clusters(n_per_class=12, n_classes=5)
+    val = np.zeros(len(labels), dtype=bool)
+    for label in set(labels):
+        val[np.flatnonzero(labels == label)[0]] = True
+    within = finetune.leave_one_out_precision(vectors[val], labels[val], k=3)
+    ranked = finetune.validation_precision(vectors[val], labels[val], vectors[~val], labels[~val], k=3)
+    assert within == 0.0 < ranked
 
 
 def test_head_improves_precision_on_held_out_clusters():
@@ -147,10 +161,12 @@ def test_model_file_round_trip_and_head_backbone_name(tmp_path, color_folder, mo
     # A run name resolves to results/<run>/head.pt; the name stays a valid file name.
     finetune.save_model(payload, config.RESULTS_DIR / "my-run" / "head.pt")
     assert get_backbone("colorhist+head:my-run").dim == 8
-    # Another head file -> another cache key (the file's sha256 is part of it).
-    payload2 = dict(payload, metrics={"precision_at_k": 0.5})
-    path2 = finetune.save_model(payload2, tmp_path / "head2.pt")
-    assert get_backbone(f"colorhist+head:{path2}").cache_key != headed.cache_key
+    # Other parameters -> another cache key; metadata alone (metrics) leaves it unchanged.
+    finetune.save_model(dict(payload, metrics={"precision_at_k": 0.5}), path)
+    assert get_backbone(f"colorhist+head:{path}").cache_key == headed.cache_key
+    changed = {k: v + 1 if k.endswith("bias") else v for k, v in payload["state_dict"].items()}
+    finetune.save_model(dict(payload, state_dict=changed), path)
+    assert get_backbone(f"colorhist+head:{path}").cache_key != headed.cache_key
 
     with pytest.raises(WeightsUnavailable, match="not found"):
         get_backbone("colorhist+head:no-such-run")

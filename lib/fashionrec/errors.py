@@ -20,3 +20,7 @@ class WeightsUnavailable(FashionRecError):
 
 class DatasetError(FashionRecError):
     """A dataset cannot be loaded (missing directory, bad catalog file...)."""
+
+
+class IndexBuildError(FashionRecError, ValueError):
+    """An index variant cannot be built on this data (e.g. too few vectors to train it)."""

@@ -52,6 +52,8 @@ from . import config
 from .errors import FashionRecError, WeightsUnavailable
 
 FORMAT = "fashionrec-head/1"
+# Part of the CLI's model cache key: bump when training changes, so no stale model is reused.
+TRAINING_VERSION = 3
 HEAD_SEPARATOR = "+head:"
 LOSSES = ("proxy_anchor", "norm_softmax", "supcon")
 DEFAULT_BOOSTS = (0.0, 0.05, 0.1, 0.2, math.inf)
@@ -287,6 +289,36 @@ def leave_one_out_precision(vectors: np.ndarray, labels, k: int = 10) -> float:
     return float((labels[top] == labels[:, None]).mean())
 
 
+def validation_uses_fit_rows(val_labels) -> bool:
+    """Whether validation images must also rank the fit rows to be scored at all.
+
+    Each validation image ranks the other validation images (both unseen, like query and
+    gallery) when at least half of them have another validation image of their category;
+    in a catalog of tiny categories (one validation image each) that says nothing, so
+    they rank the fit rows and the other validation images instead.
+    """
+    labels = pd.Series(np.asarray(val_labels).astype(str))
+    if len(labels) < 2:
+        return True
+    return float((labels.map(labels.value_counts()) >= 2).mean()) < 0.5
+
+
+def validation_precision(val_vectors: np.ndarray, val_labels, fit_vectors=None, fit_labels=None,
+                         k: int = 10) -> float:
+    """Validation P@k (see :func:`validation_uses_fit_rows` for what each validation image ranks)."""
+    if fit_vectors is None or not validation_uses_fit_rows(val_labels):
+        return leave_one_out_precision(val_vectors, val_labels, k)
+    val_labels = np.asarray(val_labels).astype(str)
+    vectors = np.concatenate([val_vectors, fit_vectors])
+    labels = np.concatenate([val_labels, np.asarray(fit_labels).astype(str)])
+    k = min(k, len(labels) - 1)
+    x = torch.from_numpy(_normalize(vectors))
+    scores = x[:len(val_labels)] @ x.T
+    scores[torch.arange(len(val_labels)), torch.arange(len(val_labels))] = -float("inf")
+    top = torch.topk(scores, k, dim=1).indices.numpy()
+    return float((labels[top] == val_labels[:, None]).mean())
+
+
 def rank(query_vectors: np.ndarray, gallery_vectors: np.ndarray, k: int, query_category=None,
          gallery_category=None, boost: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` with an optional bonus for gallery items of the query's (predicted) category.
@@ -335,7 +367,8 @@ def train_head(vectors: np.ndarray, labels, categories: list[str], loss_name: st
     """
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     y = torch.as_tensor(_encode(labels, categories))
-    has_val = val_vectors is not None and len(val_vectors) >= 2
+    has_val = val_vectors is not None and len(val_vectors) >= 1
+    fit_ranked = has_val and validation_uses_fit_rows(val_labels)
     max_epochs = epochs if epochs is not None else cfg.epochs
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -370,7 +403,9 @@ def train_head(vectors: np.ndarray, labels, categories: list[str], loss_name: st
                 batches += 1
             entry = {"epoch": epoch, "loss": total / max(batches, 1)}
             if has_val:
-                entry["val_precision"] = leave_one_out_precision(project(head, val_vectors), val_labels, cfg.k)
+                entry["val_precision"] = validation_precision(
+                    project(head, val_vectors), val_labels,
+                    project(head, vectors) if fit_ranked else None, labels, cfg.k)
                 if entry["val_precision"] > best[0]:
                     best = (entry["val_precision"], epoch, _state_copy(head, loss_fn))
                     stale = 0
@@ -449,6 +484,7 @@ class HeadFit:
     epochs: int
     seconds: float
     selection_head: ProjectionHead     # the winner as trained on the fit part only (for honest selection)
+    selection_loss: nn.Module          # and its loss (proxies), the starting point of level 2
 
 
 def fit_head(vectors: np.ndarray, labels, cfg: HeadConfig = HeadConfig(), losses=LOSSES,
@@ -473,7 +509,7 @@ def fit_head(vectors: np.ndarray, labels, cfg: HeadConfig = HeadConfig(), losses
          "val_precision_at_k": run.best_val_precision, "seconds": round(run.seconds, 2)}
         for name, run in runs.items()
     ])
-    if val_mask.sum() >= 2:
+    if val_mask.any():
         winner = max(runs, key=lambda name: (runs[name].best_val_precision, -list(losses).index(name)))
     else:
         winner = list(losses)[0]
@@ -484,7 +520,7 @@ def fit_head(vectors: np.ndarray, labels, cfg: HeadConfig = HeadConfig(), losses
                             desc=f"level 1 head, {winner}, refit on all train rows")
     return HeadFit(chosen.head, chosen.loss, winner, categories, comparison,
                    {name: run.history for name, run in runs.items()}, val_mask, not_validated, epochs,
-                   time.perf_counter() - started, runs[winner].head)
+                   time.perf_counter() - started, runs[winner].head, runs[winner].loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,22 +590,33 @@ def train_classifier(vectors: np.ndarray, labels, features: str = "frozen", c: f
 
 def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vectors: np.ndarray | None = None,
                       head_selection_vectors: np.ndarray | None = None, cs=(1.0, 10.0, 100.0),
-                      seed: int = config.DEFAULT_SEED) -> tuple[CategoryClassifier, pd.DataFrame]:
+                      seed: int = config.DEFAULT_SEED, head_augmented: np.ndarray | None = None,
+                      head_augmented_rows: np.ndarray | None = None) -> tuple[CategoryClassifier, pd.DataFrame]:
     """Chooses the features (frozen / head) and C on the validation part, then refits on all train rows.
 
     ``head_selection_vectors`` are the train rows through a head that never saw the
     validation part (the one trained on the fit part); ``head_vectors`` through the final
     head, for the refit. Without the former, the head features are not considered.
+    ``head_augmented`` (with the train row each comes from, ``head_augmented_rows``) are
+    extra training examples for the head-feature classifier: augmented views of fit rows
+    (level 2), never of validation rows.
     """
     labels = np.asarray(labels).astype(str)
     candidates = {"frozen": (frozen, frozen)}
     if head_vectors is not None and head_selection_vectors is not None:
         candidates["head"] = (head_selection_vectors, head_vectors)
+    extra = {name: (np.zeros((0, vectors[0].shape[1]), np.float32), np.zeros(0, dtype=str))
+             for name, vectors in candidates.items()}
+    if head_augmented is not None and len(head_augmented) and "head" in candidates:
+        if val_mask[head_augmented_rows].any():
+            raise ValueError("augmented views of validation rows would leak into classifier selection")
+        extra["head"] = (head_augmented, labels[head_augmented_rows])
     rows = []
     if val_mask.any() and len(set(labels[~val_mask])) > 1:
         for features, (vectors, _) in candidates.items():
             for c in cs:
-                fitted = train_classifier(vectors[~val_mask], labels[~val_mask], features, c, seed)
+                fitted = train_classifier(np.concatenate([vectors[~val_mask], extra[features][0]]),
+                                          np.concatenate([labels[~val_mask], extra[features][1]]), features, c, seed)
                 accuracy = float((fitted.predict(vectors[val_mask]) == labels[val_mask]).mean())
                 rows.append({"features": features, "c": c, "val_accuracy": accuracy})
         table = pd.DataFrame(rows)
@@ -578,7 +625,8 @@ def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vec
     else:
         table = pd.DataFrame(columns=["features", "c", "val_accuracy"])
         features, c = "frozen", float(cs[len(cs) // 2])
-    return train_classifier(candidates[features][1], labels, features, c, seed), table
+    final = np.concatenate([candidates[features][1], extra[features][0]])
+    return train_classifier(final, np.concatenate([labels, extra[features][1]]), features, c, seed), table
 
 
 def category_metrics(true_labels, predicted_labels, categories: list[str] | None = None) -> dict:
@@ -823,6 +871,8 @@ class TunedBackbone:
     feature_seconds: float
     stopped_by: str
     train_vectors: np.ndarray          # train rows (clean view) through the tuned blocks + head
+    augmented_vectors: np.ndarray      # the fit rows' augmented views through them, view after view
+    augmented_rows: np.ndarray         # which train row each augmented vector comes from
 
 
 def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: HeadFit, cfg: BackboneTuneConfig,
@@ -856,8 +906,10 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
     val_maps = clean[val_mask]
 
     tail = LiteTail(net, cut)
-    head = copy.deepcopy(level1.head)
-    loss_fn = copy.deepcopy(level1.loss)
+    # Start from the level-1 head trained on the fit part only: the refitted one has seen
+    # the validation rows, which would make early stopping and model choice meaningless.
+    head = copy.deepcopy(level1.selection_head)
+    loss_fn = copy.deepcopy(level1.selection_loss)
     for p in net.parameters():
         p.requires_grad_(False)
     prefixes = tail.trainable_prefixes()
@@ -884,8 +936,16 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
             return np.concatenate(out) if out else np.zeros((0, head.out_dim), np.float32)
 
         history = []
-        best_val = leave_one_out_precision(embed_maps(val_maps), labels[val_mask], head_cfg.k) if val_mask.any() \
-            else float("nan")
+        fit_ranked = val_mask.any() and validation_uses_fit_rows(labels[val_mask])
+
+        def validate() -> float:
+            if not val_mask.any():
+                return float("nan")
+            fit_vectors = embed_maps(views[0]) if fit_ranked else None
+            return validation_precision(embed_maps(val_maps), labels[val_mask], fit_vectors, labels[fit_rows],
+                                        head_cfg.k)
+
+        best_val = validate()
         best = (best_val, 0, tail.trainable_state(), _state_copy(head)[0])
         history.append({"epoch": 0, "loss": float("nan"), "val_precision": best_val, "seconds": 0.0})
         stale, stopped_by = 0, "epochs"
@@ -914,8 +974,7 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
                 if time.perf_counter() - started > cfg.time_budget_s:
                     out_of_time = True
                     break
-            val_p = leave_one_out_precision(embed_maps(val_maps), labels[val_mask], head_cfg.k) if val_mask.any() \
-                else float("nan")
+            val_p = validate()
             history.append({"epoch": epoch, "loss": total / max(batches, 1), "val_precision": val_p,
                             "seconds": round(time.perf_counter() - started, 2), "partial": out_of_time})
             bar.set_postfix(val_p=f"{val_p:.3f}")
@@ -935,9 +994,11 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
         net.load_state_dict({**net.state_dict(), **best[2]})
         head.load_state_dict(best[3])
         train_vectors = embed_maps(clean)
+        augmented = np.concatenate([embed_maps(v) for v in views[1:]]) if len(views) > 1 else \
+            np.zeros((0, head.out_dim), np.float32)
     head.eval()
     return TunedBackbone(best[2], head, cfg.trainable_blocks, history, best[1], best[0], seconds, feature_seconds,
-                         stopped_by, train_vectors)
+                         stopped_by, train_vectors, augmented, np.tile(fit_rows, len(views) - 1))
 
 
 def _trunk_shape(net: nn.Module, cut: int, resolution: int) -> tuple[int, int, int]:
@@ -1074,9 +1135,27 @@ def split_backbone_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def parameters_sha256(payload: dict) -> str:
+    """Digest of what determines a fine-tuned model's output: base weights, architecture, every tensor.
+
+    Metrics, timings and other metadata in the file are left out, so writing measured
+    metrics into a model file does not invalidate the embeddings cached for it.
+    """
+    digest = hashlib.sha256()
+    head_cfg = payload["head_config"]
+    architecture = {"backbone": payload["backbone"], "base": payload.get("base_weights_sha256"),
+                    "in_dim": payload["in_dim"], "out_dim": payload["out_dim"], "hidden_dim": head_cfg["hidden_dim"]}
+    digest.update(json.dumps(architecture, sort_keys=True).encode())
+    for part in ("state_dict", "trunk_state_dict"):
+        for key, tensor in sorted((payload.get(part) or {}).items()):
+            digest.update(f"{part}/{key}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_headed_backbone(name: str, weights_file=None):
     """``<base>+head:<file>``: the base backbone, its fine-tuned blocks (level 2) and the head, as a Backbone."""
-    from .backbones import Backbone, file_sha256, get_backbone
+    from .backbones import Backbone, get_backbone
 
     base_name, reference = split_backbone_name(name)
     if not reference:
@@ -1108,7 +1187,7 @@ def load_headed_backbone(name: str, weights_file=None):
         transform=base.transform,
         model=headed,
         classifier=None,
-        weights_sha256=file_sha256(path),
+        weights_sha256=parameters_sha256(payload),
         description=(f"{base_name} + level-{level} fine-tuned head ({payload['loss']}, {payload['out_dim']}-d, "
                      f"unit norm) from {path}"),
     )
@@ -1121,7 +1200,7 @@ def load_headed_backbone(name: str, weights_file=None):
 
 def cache_key(backbone, train_fingerprint: str, level: int, head_cfg: HeadConfig, losses,
               tune_cfg: BackboneTuneConfig | None) -> str:
-    settings = {"format": FORMAT, "backbone": backbone.name, "cache_key": backbone.cache_key,
+    settings = {"format": FORMAT, "training_version": TRAINING_VERSION, "backbone": backbone.name, "cache_key": backbone.cache_key,
                 "train": train_fingerprint, "level": level, "losses": list(losses),
                 "head": _plain(asdict(head_cfg)), "tune": _plain(asdict(tune_cfg)) if level == 2 else None}
     return _digest(json.dumps(settings, sort_keys=True))[:16]
@@ -1210,16 +1289,22 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
                                   head_cfg, num_workers=num_workers, train_threads=train_threads, progress=progress)
             # Trained on the fit part only (no refit), so its validation features are honest.
             head_train, head_selection = tuned.train_vectors, tuned.train_vectors
+            augmented, augmented_rows = tuned.augmented_vectors, tuned.augmented_rows
         else:
             head_train, head_selection = project(fit.head, frozen[train]), project(fit.selection_head, frozen[train])
+            augmented = augmented_rows = None
         classifier, classifier_table = select_classifier(
             frozen[train], labels[train], fit.val_mask, head_vectors=head_train,
-            head_selection_vectors=head_selection, cs=head_cfg.classifier_c, seed=head_cfg.seed)
+            head_selection_vectors=head_selection, cs=head_cfg.classifier_c, seed=head_cfg.seed,
+            head_augmented=augmented, head_augmented_rows=augmented_rows)
         train_seconds = time.perf_counter() - started
         payload = head_payload(fit, base, head_cfg, train_fingerprint, int(train.sum()), classifier, tuned,
                                tune_cfg if level == 2 else None, train_seconds=train_seconds)
+        payload["embeddings_cache_key"] = embeddings.cache_key   # the runtime that computed the frozen inputs
         payload["selection"] = _plain({
             "loss_comparison": comparison.to_dict(orient="records"),
+            "histories": {name: [{"epoch": h["epoch"], "loss": h["loss"], "val_precision": h.get("val_precision")}
+                                 for h in history] for name, history in fit.histories.items()},
             "classifier_selection": classifier_table.to_dict(orient="records"),
             "not_validated": fit.not_validated,
             "n_validation": int(fit.val_mask.sum()),
@@ -1242,6 +1327,8 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
                        **runtime_arg)
         by_id = dict(zip(headed.metadata["id"], headed.vectors))
         vectors = np.zeros((len(metadata), headed.vectors.shape[1]), np.float32)
+        if tuned is not None:   # train rows: only when just trained (their clean views, tuned blocks + head)
+            vectors[train] = tuned.train_vectors
         for i in np.flatnonzero(evaluated):
             vectors[i] = by_id[metadata["id"].iloc[i]]
     evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,

@@ -82,6 +82,10 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
             lines.append(f"- `{name}`: **skipped** — {entry['reason']}")
     lines += ["", f"## Results (P@{k}, hit@1, mAP@{k}, hit@{k}, recall@{k}; value [95% CI])", "",
               _markdown(_with_intervals(results)), ""]
+    for variant, reason in summary.get("indexes_not_built", {}).items():
+        lines.append(f"- not evaluated: `{variant}`: {reason}")
+    if summary.get("indexes_not_built"):
+        lines.append("")
 
     comparisons = _read_csv(out / "paired_comparisons.csv")
     winners = _read_csv(out / "winners.csv")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from . import config
 from .embed import load_embeddings, save_embeddings
-from .errors import WeightsUnavailable
+from .errors import IndexBuildError, WeightsUnavailable
 from .evaluate import dataset_fingerprint, evaluate_embeddings, software_versions
 from .workflow import PreparedData, embed, prepare
 
@@ -139,9 +139,8 @@ def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "c
             started = time.perf_counter()
             try:
                 built = build_index(gallery, factory=template, metric=metric, seed=seed)
-            except RuntimeError as error:
-                # Typically too few gallery vectors to train the quantizer (PQ needs 256 per codebook).
-                rows.append({**row, "status": f"not built: {str(error).splitlines()[0].split('failed: ')[-1]}"})
+            except IndexBuildError as error:
+                rows.append({**row, "status": f"not built: {error}"})
                 continue
             build_s = time.perf_counter() - started
             started = time.perf_counter()
@@ -168,13 +167,17 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
     """
     prepared = load_prepared(run_name)
     out = run_dir(run_name)
-    records, evaluations, per_category = [], {}, []
+    records, evaluations, per_category, not_built = [], {}, [], {}
     for backbone in available_backbones(run_name):
         vectors, metadata, info = load_run_embeddings(run_name, backbone)
         for index in indexes:
             params = (search_params or {}).get(index, "")
-            evaluation = evaluate_embeddings(vectors, metadata, k=k, index=index, metric=metric,
-                                             search_params=params, seed=prepared.split_seed)
+            try:
+                evaluation = evaluate_embeddings(vectors, metadata, k=k, index=index, metric=metric,
+                                                 search_params=params, seed=prepared.split_seed)
+            except IndexBuildError as error:
+                not_built[f"{backbone} / {index}"] = str(error)
+                continue
             evaluations[(backbone, index)] = evaluation
             record = {"backbone": backbone, "weights_sha256": info["weights_sha256"],
                       "dataset_fingerprint": info["dataset_fingerprint"],
@@ -195,6 +198,7 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
                      "relevance": "same category as the query", "queries": "query split", "ranked": "gallery split"},
         "versions": software_versions(),
         "results": records,
+        "indexes_not_built": not_built,
         "skipped_backbones": {name: entry["reason"] for name, entry in
                               read_json(out / "backbones.json").items() if entry["status"] != "ok"},
     })

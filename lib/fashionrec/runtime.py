@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -229,7 +230,9 @@ class OnnxModel(nn.Module):
 
 
 def onnx_path_for(backbone: Backbone, opset: int = OPSET) -> Path:
-    return onnx_dir() / f"{backbone.name}-{backbone.cache_key[:16]}-opset{opset}.onnx"
+    # Names of fine-tuned backbones carry a file path ("efficientnet_lite0+head:results/x/head.pt").
+    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", backbone.name)
+    return onnx_dir() / f"{stem}-{backbone.cache_key[:16]}-opset{opset}.onnx"
 
 
 def exported_onnx(backbone: Backbone, opset: int = OPSET, progress: bool = False) -> Path:
