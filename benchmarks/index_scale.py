@@ -123,7 +123,7 @@ class Synthesizer:
 
     def fill(self, out: np.ndarray, rng: np.random.Generator) -> None:
         for start in range(0, len(out), GENERATION_CHUNK_ROWS):
-            rows = len(out[start:start + GENERATION_CHUNK_ROWS])
+            rows = min(GENERATION_CHUNK_ROWS, len(out) - start)
             anchors = rng.integers(0, len(self.pool), rows)
             partners = self.neighbours[anchors, rng.integers(0, NEIGHBOURS, rows)]
             weight = rng.uniform(0, self.mix, (rows, 1)).astype(np.float32)
@@ -191,7 +191,7 @@ def run(args) -> dict:
 
     auto = auto_choice(base, queries, exact_ids, rows, args, coarse)
     return {
-        "n": n, "d": d, "original_d": original_dim, "pca_dim": args.pca_dim if explained else None,
+        "n": n, "d": d, "original_d": original_dim, "pca_dim": args.pca_dim if explained is not None else None,
         "pca_explained_variance": explained, "metric": args.metric, "k": args.k,
         "queries": args.queries, "threads": args.threads, "seed": args.seed,
         "source": source, "real_rows": len(real),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,6 +51,14 @@ def test_embeddings_follow_catalog_order_and_rerun_reuses_the_cache(color_folder
     assert np.array_equal(vectors, changed.vectors)
     assert metadata["id"].tolist() == changed.metadata["id"].tolist()
     assert info["n"] == 30 and info["backbone"] == "colorhist"
+
+    headed = dataclasses.replace(changed, backbone="colorhist+head:runs/a b/head.pt")
+    save_embeddings(headed, tmp_path / "out")
+    vectors, _, info = load_embeddings(tmp_path / "out", headed.backbone)
+    assert np.array_equal(vectors, changed.vectors) and info["backbone"] == headed.backbone
+    assert sorted(p.name for p in (tmp_path / "out").glob("colorhist+head*")) == [
+        "colorhist+head_runs_a_b_head.pt.json", "colorhist+head_runs_a_b_head.pt.npy",
+        "colorhist+head_runs_a_b_head.pt.parquet"]
 
 
 def test_an_image_that_fails_to_decode_is_skipped_and_the_rest_embedded(color_folder, colorhist):

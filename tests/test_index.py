@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from fashionrec.errors import FashionRecError
+from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.index import (METRICS, SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index, build_index,
                               choose_index, index_bytes_per_vector, load_index, recall_vs_exact,
                               resolve_factory, save_index, search, train_coarse_centroids)
@@ -183,6 +183,16 @@ def test_small_gallery_of_colour_histograms_builds_every_ivf_variant():
         assert (ids >= 0).all()
 
 
+def test_opq_with_fewer_vectors_than_dimensions_is_refused_not_a_crash():
+    with pytest.raises(IndexBuildError, match="OPQ needs at least as many training vectors"):
+        build_index(blobs(300, 512, seed=16), "OPQ{m},IVF{nlist},PQ{m}")
+
+
+def test_too_few_vectors_for_the_pq_codebooks_is_an_index_build_error():
+    with pytest.raises(IndexBuildError, match="cannot train on 100 vectors"):
+        build_index(blobs(100, 32, seed=17), "IVF{nlist},PQ{m}")
+
+
 def test_search_clamps_k_to_the_index_size():
     vectors = blobs(5, 8, seed=11)
     scores, ids = search(build_index(vectors, "Flat"), vectors[:2], 50)
@@ -225,7 +235,7 @@ def test_benchmark_index_reports_every_measure(small_gallery, small_exact_ids):
     (4.9, 0.95, "IVF4096,PQ64x4fs,RFlat"),
     (2, 0.95, "OPQ64,IVF4096,PQ64,Refine(SQ8)"),
     (0.1, 0.5, "OPQ64,IVF4096,PQ64"),
-    (0.06, 0.5, "IVF4096,PQ64x4fs"),
+    (0.06, 0.1, "IVF4096,PQ64x4fs"),
     (7, 0.999, "Flat"),
 ])
 def test_choose_index_fits_the_budget_at_a_million_vectors(budget_gib, target, factory):
@@ -240,6 +250,12 @@ def test_choose_index_prefers_exact_search_for_small_galleries():
     assert choose_index(5000, 1280, 2**30, 0.99)["factory"] == "Flat"
 
 
+def test_choose_index_warns_when_the_budget_rules_out_the_recall_target():
+    choice = choose_index(1_000_000, 1280, 0.06 * 2**30, 0.9)
+    assert choice["factory"] == "IVF4096,PQ64x4fs"
+    assert "target at risk" in choice["rationale"]
+
+
 def test_choose_index_says_when_nothing_fits():
     with pytest.raises(ValueError, match="fits"):
         choose_index(1_000_000, 1280, 1e6, 0.9)
@@ -247,7 +263,7 @@ def test_choose_index_says_when_nothing_fits():
 
 def test_choose_index_size_estimate_matches_the_built_index():
     vectors = blobs(5000, 32, seed=14)
-    choice = choose_index(len(vectors), 32, 90_000, 0.3)
+    choice = choose_index(len(vectors), 32, 90_000, 0.1)
     assert "PQ8x4fs" in choice["factory"]
     index = build_index(vectors, choice["factory"])
     assert index_bytes_per_vector(index) == pytest.approx(choice["estimated_bytes_per_vector"], rel=0.15)

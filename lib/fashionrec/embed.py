@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -226,12 +227,19 @@ def _display_path(path, root: Path | None) -> str:
     return os.path.relpath(path, root) if root else str(path)
 
 
+def embedding_files(directory, backbone: str) -> dict[str, Path]:
+    """``.npy``, ``.parquet`` and ``.json`` paths for a backbone name, which may hold a path
+    (``efficientnet_lite0+head:runs/x/head.pt``) and so is made safe as a file name."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]", "_", backbone)
+    return {suffix: Path(directory) / f"{stem}.{suffix}" for suffix in ("npy", "parquet", "json")}
+
+
 def save_embeddings(embeddings: Embeddings, directory: Path, extra: dict | None = None) -> Path:
     """Writes ``<backbone>.npy`` + ``<backbone>.parquet`` (same row order) + a JSON of provenance."""
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / embeddings.backbone
-    np.save(stem.with_suffix(".npy"), embeddings.vectors)
-    embeddings.metadata.to_parquet(stem.with_suffix(".parquet"), index=False)
+    files = embedding_files(directory, embeddings.backbone)
+    np.save(files["npy"], embeddings.vectors)
+    embeddings.metadata.to_parquet(files["parquet"], index=False)
     info = {
         "backbone": embeddings.backbone,
         "cache_key": embeddings.cache_key,
@@ -242,15 +250,15 @@ def save_embeddings(embeddings: Embeddings, directory: Path, extra: dict | None 
         "skipped": embeddings.skipped,
         **(extra or {}),
     }
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-    return stem.with_suffix(".npy")
+    files["json"].write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    return files["npy"]
 
 
 def load_embeddings(directory: Path, backbone: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    stem = Path(directory) / backbone
-    vectors = np.load(stem.with_suffix(".npy"))
-    metadata = pd.read_parquet(stem.with_suffix(".parquet"))
-    info = json.loads(stem.with_suffix(".json").read_text())
+    files = embedding_files(directory, backbone)
+    vectors = np.load(files["npy"])
+    metadata = pd.read_parquet(files["parquet"])
+    info = json.loads(files["json"].read_text())
     if len(vectors) != len(metadata):
-        raise ValueError(f"{stem}: {len(vectors)} vectors but {len(metadata)} metadata rows")
+        raise ValueError(f"{files['npy']}: {len(vectors)} vectors but {len(metadata)} metadata rows")
     return vectors, metadata, info

@@ -61,14 +61,15 @@ MIN_PQ_SUBVECTOR_DIM = 4
 # Training on more than this many vectors barely moves k-means / PQ codebooks but costs
 # minutes at a million vectors; the sample is drawn with the build seed.
 MAX_TRAIN_VECTORS = 200_000
-MIN_OPQ_TRAIN_VECTORS = 1_000
 # Adding in batches keeps the normalised (or OPQ-rotated) copy small at millions of vectors.
 ADD_BATCH_ROWS = 65_536
 
 DEFAULT_EF_SEARCH = 64
 DEFAULT_REFINE_K_FACTOR = 4
-# 4-bit fast-scan codes rank candidates coarsely: the true top 10 is often beyond the top 40.
-FAST_SCAN_REFINE_K_FACTOR = 16
+# 4-bit fast-scan codes rank candidates coarsely. On 20k vectors synthesised from
+# efficientnet_lite0 features (IVF512,PQ64x4fs,RFlat), recall@10 was 0.75 / 0.90 / 0.985
+# re-ranking the top 16 / 32 / 64 x k; 8-bit PQ needed 4 x k for 0.92 (SQ8 re-rank).
+FAST_SCAN_REFINE_K_FACTOR = 32
 
 # choose_index: exhaustive search is preferred while one query scans at most this many
 # floats (about 100k vectors of 1280 dimensions: a few ms per query on two cores).
@@ -130,7 +131,8 @@ def build_index(
     ``factory`` is a faiss factory string or a template (see :func:`resolve_factory`).
     Training uses at most ``max_train`` vectors sampled with ``seed``; ``seed`` also seeds
     every k-means (IVF lists, PQ codebooks) and the HNSW level draws, so the same input gives
-    a byte-identical index. (OPQ's rotation starts from faiss's own fixed seed.)
+    a byte-identical index (checked with 1 and 2 threads; HNSW inserts in parallel, so that is
+    observed rather than promised by faiss). OPQ's rotation starts from faiss's fixed seed.
     ``coarse_centroids`` (nlist, d), from :func:`train_coarse_centroids` with the same
     metric, replaces the IVF k-means, so several IVF variants can share one training; the
     result is identical to training here with the same seed, sample and nlist. It cannot be
@@ -139,7 +141,8 @@ def build_index(
 
     PQ codebooks are trained without polysemous re-ordering: it only serves Hamming-threshold
     filtering, which :func:`search` never enables, and costs minutes even on small data.
-    8-bit PQ needs at least 256 vectors to train; faiss raises otherwise.
+    Raises IndexBuildError when the data cannot train the factory: 8-bit PQ needs at least
+    256 vectors, IVF at least nlist, OPQ at least as many vectors as dimensions.
     """
     _check_metric(metric)
     vectors = _as_matrix(vectors, "vectors")
@@ -147,11 +150,8 @@ def build_index(
     if n == 0:
         raise ValueError("cannot build an index from zero vectors")
     concrete = resolve_factory(factory, n, d)
-    if "OPQ" in concrete and n < MIN_OPQ_TRAIN_VECTORS:
-        # faiss aborts the whole process (free(): invalid pointer) training OPQ on a few
-        # hundred vectors; refuse with an error the caller can report instead.
-        raise IndexBuildError(f"{concrete}: OPQ needs at least {MIN_OPQ_TRAIN_VECTORS} vectors to train, got {n}")
     index = faiss.index_factory(d, concrete, _FAISS_METRIC[metric])
+    _refuse_opq_without_enough_vectors(index, min(n, max_train), concrete)
     with _omp_threads(threads):
         _seed_training(index, seed)
         if coarse_centroids is not None:
@@ -300,13 +300,14 @@ def benchmark_index(
     max_train: int = MAX_TRAIN_VECTORS,
     coarse_centroids: np.ndarray | None = None,
 ) -> dict:
-    """Build ``factory`` over ``vectors``, search ``queries`` once in one batch, and measure.
+    """Build ``factory`` over ``vectors``, search all ``queries`` as one batch, and measure.
 
-    Returns name (default: the factory as given), factory (resolved), params (as searched),
-    metric, n, d, k, train_s, build_s (train + add), bytes_per_vector, qps, and
-    recall_at_k / recall_at_10 against ``exact_ids`` (None without them, or recall_at_10 when
-    k < 10). Timings use time.perf_counter; qps is measured over repeated batches until at
-    least 0.2 s have passed so that fast indexes are not timed on a single blip.
+    ``params`` override the defaults of :func:`default_search_params`. Returns name (default:
+    the factory as given), factory (resolved), params (all in effect), metric, n, d, k,
+    build_s (train + add), bytes_per_vector, qps, and recall_at_k / recall_at_10 against
+    ``exact_ids`` (None without them; recall_at_10 also when k < 10). Timings use
+    time.perf_counter; the batch is repeated until 0.2 s have passed (at most 20 times), so
+    fast indexes are not timed on a single blip.
     """
     vectors = _as_matrix(vectors, "vectors")
     n, d = vectors.shape
@@ -316,7 +317,8 @@ def benchmark_index(
     build_s = time.perf_counter() - started
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
-    searched_params = params or default_search_params(index)
+    in_effect = dict(_parse_params(default_search_params(index)))
+    in_effect.update(_parse_params(params))
 
     rounds, elapsed = 0, 0.0
     while rounds == 0 or (elapsed < 0.2 and rounds < 20):
@@ -333,7 +335,7 @@ def benchmark_index(
     return {
         "name": name or factory,
         "factory": resolve_factory(factory, n, d),
-        "params": searched_params,
+        "params": ",".join(f"{key}={value}" for key, value in in_effect.items()),
         "metric": metric,
         "n": n,
         "d": d,
@@ -347,15 +349,17 @@ def benchmark_index(
 
 
 # choose_index candidates, from most memory (fastest / most accurate) to least. Each entry:
-# template, bytes per vector as f(d, m), recall ceiling with generous search parameters (a
-# prior for ~1k-dimensional CNN embeddings; the benchmark measures the real value), and
-# whether it carries a d*d OPQ matrix.
+# template, bytes per vector as f(d, m), recall@10 ceiling with the widest parameters of
+# choose_index, and whether it carries a d*d OPQ matrix. The ceilings are priors from 20k
+# vectors synthesised from efficientnet_lite0 features (1280-d, PQ64): HNSW32 0.99,
+# fast-scan + RFlat 0.999, PQ + SQ8 re-rank 0.98, PQ64 alone 0.55, PQ64x4fs alone 0.16.
+# benchmarks/index_scale.py measures the real value for each N.
 _CHOICE_CANDIDATES = (
     ("HNSW32", lambda d, m: 4 * d + HNSW32_LINK_BYTES, 0.99, False),
     ("IVF{nlist},PQ{m}x4fs,RFlat", lambda d, m: 4 * d + m / 2 + IVF_ID_BYTES, 0.99, False),
     ("OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)", lambda d, m: d + m + IVF_ID_BYTES, 0.97, True),
-    ("OPQ{m},IVF{nlist},PQ{m}", lambda d, m: m + IVF_ID_BYTES, 0.7, True),
-    ("IVF{nlist},PQ{m}x4fs", lambda d, m: m / 2 + IVF_ID_BYTES, 0.5, False),
+    ("OPQ{m},IVF{nlist},PQ{m}", lambda d, m: m + IVF_ID_BYTES, 0.55, True),
+    ("IVF{nlist},PQ{m}x4fs", lambda d, m: m / 2 + IVF_ID_BYTES, 0.15, False),
 )
 
 
@@ -479,6 +483,10 @@ def load_index(path) -> tuple[faiss.Index, dict]:
     return index, info
 
 
+def _parse_params(params: str) -> list[tuple[str, str]]:
+    return [tuple(item.strip().split("=", 1)) for item in params.split(",") if item.strip()]
+
+
 def _info_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -539,6 +547,19 @@ def _seed_training(index: faiss.Index, seed: int) -> None:
             node.pq.cp.seed = seed
         if hasattr(node, "do_polysemous_training"):
             node.do_polysemous_training = False
+
+
+def _refuse_opq_without_enough_vectors(index: faiss.Index, n_train: int, concrete: str) -> None:
+    # With fewer training vectors than dimensions, faiss 1.15's OPQ training corrupts the heap
+    # and aborts the process (measured: d=1280 fails at n=1279, d=512 at n=511) instead of
+    # raising the RuntimeError that build_index turns into IndexBuildError.
+    for node, _ in _components(index):
+        if isinstance(node, faiss.IndexPreTransform):
+            for position in range(node.chain.size()):
+                transform = faiss.downcast_VectorTransform(node.chain.at(position))
+                if isinstance(transform, faiss.OPQMatrix) and n_train < transform.d_in:
+                    raise IndexBuildError(f"{concrete}: OPQ needs at least as many training vectors as "
+                                          f"dimensions ({transform.d_in}), got {n_train}")
 
 
 def _install_coarse_centroids(index: faiss.Index, centroids: np.ndarray) -> None:
