@@ -39,6 +39,12 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _print_metrics(record: dict) -> None:
+    for name in ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"):
+        low, high = record[f"{name}_ci"]
+        print(f"  {name:<15} {record[name]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+
+
 def _print_json(record: dict) -> None:
     json.dump(record, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
@@ -64,9 +70,7 @@ def cmd_evaluate(args) -> int:
         print(f"{record['dataset']} | {record['backbone']} | {record['index']} ({record['metric']}) | "
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
-        for name in ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"):
-            low, high = record[f"{name}_ci"]
-            print(f"  {name:<15} {record[name]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+        _print_metrics(record)
     return 0
 
 
@@ -96,9 +100,7 @@ def _evaluate_finetuned(args, prepared) -> int:
         print(f"{record['dataset']} | {record['backbone']} fine-tuned (level {tuned['level']}, {tuned['loss']}) | "
               f"{record['index']} ({record['metric']}) | k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
-        for name in ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"):
-            low, high = record[f"{name}_ci"]
-            print(f"  {name:<15} {record[name]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+        _print_metrics(record)
         gain = record["precision_at_k_gain"]
         print(f"  frozen backbone precision_at_k {record['baseline_precision_at_k']:.4f}  "
               f"(gain {gain['diff']:+.4f}, 95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
