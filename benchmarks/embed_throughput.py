@@ -35,8 +35,7 @@ from PIL import Image  # noqa: E402
 from fashionrec import config  # noqa: E402
 from fashionrec.backbones import get_backbone  # noqa: E402
 from fashionrec.embed import embed_catalog  # noqa: E402
-from fashionrec.runtime import (RUNTIMES, available_threads, calibration_sample, draft_size_for,  # noqa: E402
-                                with_runtime)
+from fashionrec.runtime import (RUNTIMES, available_threads, calibration_sample, with_runtime)
 
 
 def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:
