@@ -147,7 +147,7 @@ def test_training_sample_is_seeded_when_capped(small_gallery):
 
 def test_shared_coarse_centroids_give_the_same_index(small_gallery):
     vectors, _ = small_gallery
-    nlist = faiss.extract_index_ivf(build_index(vectors, "IVF{nlist},Flat")).nlist
+    nlist = int(resolve_factory("{nlist}", *vectors.shape))
     centroids = train_coarse_centroids(vectors, nlist, "cosine", seed=5)
     shared = build_index(vectors, "IVF{nlist},PQ{m}x4fs", seed=5, coarse_centroids=centroids)
     alone = build_index(vectors, "IVF{nlist},PQ{m}x4fs", seed=5)

@@ -378,7 +378,8 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
     Search parameters grow with the target (efSearch 64/128/256, nprobe x1/x2/x4 the
     default, re-rank factor x1/x2/x4 its default, for targets below 0.9 / below 0.97 / above).
     Estimated size = per-vector bytes * n + centroids (nlist*d floats) + OPQ matrix (d*d
-    floats) + fast-scan block padding.
+    floats) + PQ codebooks (256*d or 16*d floats) + fast-scan block padding: the serialised
+    size. IVF-PQ searched with metric "l2" also precomputes nlist*m*256 floats in RAM.
     Returns factory (resolved), params, rationale, estimated_bytes_per_vector,
     estimated_total_bytes, recall_ceiling.
     """
@@ -390,9 +391,12 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
 
     def option(template, per_vector, ceiling, has_opq):
         fixed = (nlist * d * 4 if "IVF" in template else 0) + (d * d * 4 if has_opq else 0)
-        if "fs" in template:
-            # fast-scan stores each list in blocks of 32 codes: half a block wasted per list
-            fixed += FAST_SCAN_BLOCK / 2 * nlist * m / 2
+        if "x4fs" in template:
+            # 16 centroids per sub-quantizer; lists are stored in blocks of 32 codes, so about
+            # half a block per list is padding
+            fixed += 16 * d * 4 + FAST_SCAN_BLOCK / 2 * nlist * m / 2
+        elif "PQ" in template:
+            fixed += 256 * d * 4
         params = []
         if "IVF" in template:
             params.append(f"nprobe={nprobe}")
