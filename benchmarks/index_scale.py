@@ -85,7 +85,7 @@ def load_real_embeddings(args) -> tuple[np.ndarray, str]:
                        for p in config.RESULTS_DIR.glob("*/embeddings/*.npy"))
         hint = f" Embeddings found: {', '.join(found)}." if found else ""
         what = "no --embeddings given" if args.embeddings is None else f"{args.embeddings} does not exist"
-        sys.exit(f"index_scale: {what}. Run the pipeline first (e.g. `make embed`) and pass "
+        sys.exit(f"index_scale: {what}. Run the pipeline first (make pipeline PARAMS=params/clothing.yaml) and pass "
                  f"--embeddings results/<run>/embeddings/<backbone>.npy, or ask for --synthetic.{hint}")
     real = np.load(args.embeddings).astype(np.float32, copy=False)
     if real.ndim != 2 or len(real) < 2 * (NEIGHBOURS + 1) / QUERY_POOL_FRACTION:
@@ -279,7 +279,8 @@ def print_table(report: dict) -> None:
           f"  estimated {auto['estimated_bytes_per_vector']:.0f} B/vector, measured "
           f"{measured['bytes_per_vector']:.0f} B/vector ({'fits' if auto['fits_budget'] else 'EXCEEDS'} "
           f"the budget), recall@{k} {measured['recall_at_k']:.3f} "
-          f"({'meets' if auto['meets_recall_target'] else 'MISSES'} the target)")
+          f"({'meets' if auto['meets_recall_target'] else 'MISSES'} the target), "
+          f"build {measured['build_s']:.1f} s, {measured['qps']:.0f} qps")
 
 
 def main(argv=None) -> int:
