@@ -87,18 +87,7 @@ def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat"
                        runtime=runtime)
     evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
                                      search_params=search_params, seed=prepared.split_seed)
-    record = {
-        **prepared.describe(),
-        "backbone": backbone,
-        "runtime": runtime,
-        "weights_sha256": embeddings.weights_sha256,
-        "backbone_cache_key": embeddings.cache_key,
-        "dataset_fingerprint": dataset_fingerprint(embeddings.metadata),
-        **evaluation.to_record(bootstrap_seed=prepared.split_seed),
-        "n_skipped": len(prepared.skipped) + len(embeddings.skipped),
-        "versions": software_versions(),
-    }
-    return record, embeddings
+    return _record(prepared, backbone, runtime, embeddings, embeddings.metadata, evaluation), embeddings
 
 
 def evaluate_finetuned(prepared: PreparedData, backbone: str, level: int = 1, index: str = "Flat", k: int = 10,
@@ -121,16 +110,21 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, level: int = 1, in
         threads=threads, model_path=model_path, retrain=retrain, runtime=runtime, progress=progress)
     embeddings = result.extra["embeddings"]
     evaluated = embeddings.metadata["split"].isin(["gallery", "query"]).to_numpy()
-    record = {
+    record = _record(prepared, backbone, runtime, embeddings, embeddings.metadata[evaluated], result.evaluation)
+    return {**record, **result.record}, result
+
+
+def _record(prepared: PreparedData, backbone: str, runtime: str, embeddings: Embeddings,
+            evaluated_metadata: pd.DataFrame, evaluation) -> dict:
+    """Protocol, provenance and metrics of one evaluation, as the CLI prints them."""
+    return {
         **prepared.describe(),
         "backbone": backbone,
         "runtime": runtime,
         "weights_sha256": embeddings.weights_sha256,
         "backbone_cache_key": embeddings.cache_key,
-        "dataset_fingerprint": dataset_fingerprint(embeddings.metadata[evaluated]),
-        **result.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "dataset_fingerprint": dataset_fingerprint(evaluated_metadata),
+        **evaluation.to_record(bootstrap_seed=prepared.split_seed),
         "n_skipped": len(prepared.skipped) + len(embeddings.skipped),
         "versions": software_versions(),
-        **result.record,
     }
-    return record, result
