@@ -3,19 +3,11 @@
     python benchmarks/index_scale.py --n 1000000 --embeddings results/RUN/embeddings/efficientnet_lite0.npy
     python benchmarks/index_scale.py --n 20000 --synthetic --json        # smoke test, no pipeline
 
-Real galleries are a few thousand images, so N vectors are synthesised from the real
-embeddings in a way that keeps their cluster structure:
-
-* the real rows are split, with the seed, into a base pool (90%) and a query pool (10%):
-  queries are built only from query-pool rows, so no query is a perturbed copy of an item
-  that seeded the indexed vectors, and queries are never in the index;
-* each synthetic vector starts from a random pool row (anchor), moves a random fraction
-  lambda ~ U(0, --mix) of the way towards one of the anchor's 10 nearest pool rows (convex
-  combinations of neighbours stay on the real manifold; mixing two arbitrary rows would fill
-  the space between clusters), then gets Gaussian noise scaled per dimension by the
-  standard deviation of the real rows' residuals from their neighbourhood mean, times --noise;
-* when the real features are non-negative (pooled post-activation CNN features), negative
-  values are clipped to zero as the network would.
+N vectors are grown from the real embeddings by ``fashionrec.synthetic.make_vectors`` (its
+docstring says how: queries come from a held-out pool of real rows and are never in the index;
+noise is shaped by the covariance of the real rows' residuals around their neighbourhoods).
+The effective dimension of the real rows and of the grown ones is reported, so that a reader
+can see that the grown vectors are neither easier nor harder to compress than the real ones.
 
 Generation is chunked (1M x 1280 float32 is 5 GB). ``--pca-dim`` first projects the real rows
 onto their principal components (centred), a lever that makes every index cheaper; the
@@ -58,10 +50,10 @@ import faiss  # noqa: E402
 from fashionrec import config  # noqa: E402
 from fashionrec.index import (SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index, build_index,  # noqa: E402
                               choose_index, resolve_factory, search, train_coarse_centroids)
+from fashionrec.synthetic import (NEIGHBOURS, NOISE_MODELS, QUERY_POOL_FRACTION,  # noqa: E402
+                                  effective_dimension, make_vectors)
 
-QUERY_POOL_FRACTION = 0.1
-NEIGHBOURS = 10
-GENERATION_CHUNK_ROWS = 65_536
+FIDELITY_SAMPLE_ROWS = 20_000
 
 
 def log(message: str) -> None:
@@ -111,55 +103,6 @@ def pca_project(real: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(centred @ axes[:dim].T, dtype=np.float32), explained
 
 
-class Synthesizer:
-    """Draws vectors around one pool of real rows (see the module docstring)."""
-
-    def __init__(self, pool: np.ndarray, residual_std: np.ndarray, noise: float, mix: float):
-        self.pool = pool
-        self.neighbours = nearest_neighbours(pool, NEIGHBOURS)
-        self.noise_scale = (noise * residual_std).astype(np.float32)
-        self.mix = mix
-        self.clip_at_zero = bool(pool.min() >= 0)
-
-    def fill(self, out: np.ndarray, rng: np.random.Generator) -> None:
-        for start in range(0, len(out), GENERATION_CHUNK_ROWS):
-            rows = min(GENERATION_CHUNK_ROWS, len(out) - start)
-            anchors = rng.integers(0, len(self.pool), rows)
-            partners = self.neighbours[anchors, rng.integers(0, NEIGHBOURS, rows)]
-            weight = rng.uniform(0, self.mix, (rows, 1)).astype(np.float32)
-            chunk = (1 - weight) * self.pool[anchors] + weight * self.pool[partners]
-            chunk += rng.standard_normal(chunk.shape, dtype=np.float32) * self.noise_scale
-            if self.clip_at_zero:
-                np.maximum(chunk, 0, out=chunk)
-            out[start:start + rows] = chunk
-
-
-def nearest_neighbours(rows: np.ndarray, count: int) -> np.ndarray:
-    """Indices of each row's ``count`` nearest other rows (Euclidean, exact)."""
-    index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(np.ascontiguousarray(rows))
-    _, ids = index.search(np.ascontiguousarray(rows), count + 1)
-    return ids[:, 1:]
-
-
-def residual_std(real: np.ndarray) -> np.ndarray:
-    """Per-dimension spread of real rows around the mean of their nearest neighbours."""
-    neighbours = nearest_neighbours(real, NEIGHBOURS)
-    return (real - real[neighbours].mean(axis=1)).std(axis=0)
-
-
-def make_vectors(real: np.ndarray, n: int, n_queries: int, seed: int, noise: float, mix: float):
-    split_rng, base_rng, query_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    order = split_rng.permutation(len(real))
-    query_pool_size = max(NEIGHBOURS + 1, int(len(real) * QUERY_POOL_FRACTION))
-    spread = residual_std(real)
-    base = np.empty((n, real.shape[1]), np.float32)
-    Synthesizer(real[order[query_pool_size:]], spread, noise, mix).fill(base, base_rng)
-    queries = np.empty((n_queries, real.shape[1]), np.float32)
-    Synthesizer(real[order[:query_pool_size]], spread, noise, mix).fill(queries, query_rng)
-    return base, queries
-
-
 def run(args) -> dict:
     faiss.omp_set_num_threads(args.threads)
     started = time.perf_counter()
@@ -173,8 +116,13 @@ def run(args) -> dict:
         log(f"PCA {original_dim} -> {args.pca_dim} dims keeps {explained:.1%} of the variance")
     log(f"synthesising {args.n} base + {args.queries} query vectors of {real.shape[1]} dims "
         f"from {len(real)} real rows ({source})")
-    base, queries = make_vectors(real, args.n, args.queries, args.seed, args.noise, args.mix)
+    base, queries = make_vectors(real, args.n, args.queries, args.seed, args.noise, args.mix, args.noise_model)
     n, d = base.shape
+    fidelity = {"real": effective_dimension(real),
+                "synthetic_base": effective_dimension(base[:FIDELITY_SAMPLE_ROWS]),
+                "synthetic_queries": effective_dimension(queries)}
+    log("effective dimension: real rows {real:.1f}, synthetic base {synthetic_base:.1f}, "
+        "synthetic queries {synthetic_queries:.1f}".format(**fidelity))
 
     log("exact reference (Flat)")
     exact = build_index(base, "Flat", args.metric, args.seed, threads=args.threads)
@@ -195,8 +143,9 @@ def run(args) -> dict:
         "pca_explained_variance": explained, "metric": args.metric, "k": args.k,
         "queries": args.queries, "threads": args.threads, "seed": args.seed,
         "source": source, "real_rows": len(real),
-        "generation": {"noise": args.noise, "mix": args.mix, "neighbours": NEIGHBOURS,
-                       "query_pool_fraction": QUERY_POOL_FRACTION},
+        "generation": {"noise": args.noise, "mix": args.mix, "noise_model": args.noise_model,
+                       "neighbours": NEIGHBOURS, "query_pool_fraction": QUERY_POOL_FRACTION,
+                       "effective_dimension": fidelity},
         "faiss_version": faiss.__version__, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "indexes": rows, "auto_choice": auto,
@@ -298,6 +247,8 @@ def main(argv=None) -> int:
                         help="factory templates to compare; Flat (the exact reference) is always run")
     parser.add_argument("--pca-dim", type=int, default=None, help="project real rows to this many dims")
     parser.add_argument("--noise", type=float, default=0.5, help="noise, in residual standard deviations")
+    parser.add_argument("--noise-model", default="covariance", choices=NOISE_MODELS,
+                        help="shape of the noise: residual covariance (default) or per-dimension variance only")
     parser.add_argument("--mix", type=float, default=0.5, help="largest step towards a neighbour")
     parser.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("2GiB"),
                         help="memory for the auto choice, e.g. 2GiB, 512MB (default 2GiB)")
