@@ -225,3 +225,32 @@ def test_cli_finetune_on_many_small_categories(tmp_path, capsys):
     saved = finetune.load_model(tmp_path / "run" / "head.pt")
     assert saved["metrics"]["precision_at_k"] == pytest.approx(record["precision_at_k"], abs=1e-6)
     assert saved["train_fingerprint"] == record["finetune"]["train_fingerprint"]
+
+
+def test_finetune_stage_writes_the_model_of_record_and_the_report_section(tmp_path):
+    from fashionrec import report
+    from fashionrec.runs import run_dir, stage_finetune, stage_prepare
+
+    root = _tiny_category_catalog(tmp_path / "shop")
+    stage_prepare("tiny", "catalog", data_dir=root, progress=False)
+    stage = stage_finetune("tiny", "colorhist", k=5, losses=("norm_softmax",), progress=False)
+    out = run_dir("tiny")
+    assert stage.level2 is None and stage.chosen is stage.level1
+    assert stage.headed_name == "colorhist+head:tiny" and get_backbone(stage.headed_name).dim == stage.level1.vectors.shape[1]
+
+    table = pd.read_csv(out / "finetune.csv")
+    assert list(table["level"]) == [0, 1]
+    frozen, tuned = table.iloc[0], table.iloc[1]
+    assert frozen["precision_at_k"] == pytest.approx(stage.level1.record["baseline_precision_at_k"], abs=1e-6)
+    assert tuned["precision_at_k_low"] <= tuned["precision_at_k"] <= tuned["precision_at_k_high"]
+    assert tuned["gain_vs_frozen"] == pytest.approx(tuned["precision_at_k"] - frozen["precision_at_k"], abs=1e-6)
+    assert tuned["category_accuracy"] == stage.level1.record["category_accuracy"]
+    metrics = json.loads((out / "finetune_metrics.json").read_text())
+    assert metrics["chosen_level"] == 1 and metrics["level2"] is None
+    assert "train_seconds" not in (out / "finetune.csv").read_text()
+
+    section = "\n".join(report._finetune_section(out, 5))
+    assert "Model of record: level 1" in section and "colorhist+head:tiny" in section
+    assert f"accuracy {metrics['level1']['classification']['accuracy']:.3f}" in section
+    timings = "\n".join(report._timings_section(out))
+    assert f"{json.loads((out / 'finetune_timing.json').read_text())['level1_train_seconds']:.1f} s" in timings

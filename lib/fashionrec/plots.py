@@ -118,6 +118,26 @@ def confusion_heatmap(confusion: pd.DataFrame, title: str = "", path=None):
     return _save(figure, path)
 
 
+def category_confusion(classification: dict, title: str = "", path=None):
+    """Classifier confusion matrix (``finetune.category_metrics``): counts, coloured by row share."""
+    labels = classification["confusion_matrix"]["labels"]
+    matrix = np.array(classification["confusion_matrix"]["matrix"])
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 0.45 * max(len(labels), 6)
+    figure, axis = plt.subplots(figsize=(size + 2, size))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    if len(labels) <= 20:
+        for i, j in zip(*np.nonzero(matrix)):
+            axis.text(j, i, matrix[i, j], ha="center", va="center", fontsize=6,
+                      color="white" if shares[i, j] > 0.5 else "black")
+    axis.set(xlabel="predicted category", ylabel="true category", title=title)
+    figure.colorbar(image, ax=axis, label="share of the row's queries")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def umap_side_by_side(points: dict, labels: dict, paths: dict | None = None, thumbnails_per_plot: int = 0,
                       seed: int = 0, path=None):
     """One UMAP scatter per backbone, coloured by category, optionally with a few thumbnails."""

@@ -1,8 +1,8 @@
 """``results/<run>/report.md``: protocol, comparison with intervals, verdicts, figures.
 
 The report is assembled only from the files the stages wrote into the run directory, so
-it says nothing that is not on disk next to it, and holds no timings: two runs with the
-same parameters write the same report.
+it says nothing that is not on disk next to it. Timings are machine-dependent and stay in
+its last section, "Timings": two runs with the same parameters write the same report above it.
 """
 from __future__ import annotations
 
@@ -37,6 +37,44 @@ def _with_intervals(results: list[dict]) -> pd.DataFrame:
             row[name] = f"{result[name]:.3f} [{low:.3f}, {high:.3f}]"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _finetune_section(out: Path, k: int) -> list[str]:
+    table = _read_csv(out / "finetune.csv")
+    if table is None or not len(table):
+        return []
+    record = json.loads((out / "finetune_metrics.json").read_text())
+    lines = [f"## Fine-tuning (trained on the train split only; query -> gallery, P@{k} [95% CI])", "",
+             f"Model of record: level {record['chosen_level']} (better validation P@{k}), "
+             f"backbone name `{record['finetuned_backbone']}`; training rows fingerprint "
+             f"`{record['train_fingerprint'][:16]}`.", "", _markdown(table.astype(object).where(table.notna(), "")), ""]
+    for level in ("level1", "level2"):
+        if record.get(level):
+            classification = record[level]["classification"]
+            lines.append(f"- {level}: category classifier ({classification['classifier']['model']} on "
+                         f"{classification['classifier']['features']} features, C={classification['classifier']['C']}) "
+                         f"on {classification['n']} queries: accuracy {classification['accuracy']:.3f}, "
+                         f"macro F1 {classification['macro_f1']:.3f}.")
+    if record.get("level2_skipped"):
+        lines.append(f"- level 2 skipped: {record['level2_skipped']}")
+    aware = pd.DataFrame(record["level1"]["category_aware"])
+    return lines + ["", "Category-aware ranking (level 1; boost added to gallery items of the query's "
+                    "predicted category):", "", _markdown(aware), ""]
+
+
+def _timings_section(out: Path) -> list[str]:
+    lines = ["## Timings", "", "Machine-dependent, so kept apart from the metrics files: "
+             "`throughput.csv`, `index_timings.csv`, `finetune_timing.json`.", ""]
+    timing_file = out / "finetune_timing.json"
+    if timing_file.exists():
+        timing = json.loads(timing_file.read_text())
+        lines.append(f"- Fine-tuning, level 1: {timing['level1_train_seconds']:.1f} s of training.")
+        if timing.get("level2"):
+            level2 = timing["level2"]
+            lines.append(f"- Fine-tuning, level 2: {level2['train_seconds']:.0f} s of training (stopped by "
+                         f"{level2['stopped_by']}) + {level2['feature_seconds']:.0f} s caching trunk features.")
+        lines.append("")
+    return lines
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -111,17 +149,16 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
                   _markdown(pivot.reset_index()), ""]
 
     for title, file_name in (("Index variants (recall against exact search)", "index_variants.csv"),
-                             ("Distance and dimension (exact search)", "distance_dimension.csv"),
-                             ("Fine-tuning", "finetune.csv")):
+                             ("Distance and dimension (exact search)", "distance_dimension.csv")):
         table = _read_csv(out / file_name)
         if table is not None and len(table):
-            table = table.drop(columns=[c for c in ("build_s", "qps", "train_seconds") if c in table.columns])
+            table = table.drop(columns=[c for c in ("build_s", "qps") if c in table.columns])
             lines += [f"## {title}", "", _markdown(table), ""]
+    lines += _finetune_section(out, k)
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     if figures:
         lines += ["## Figures", ""] + [f"- [{figure.stem}](figures/{figure.name})" for figure in figures] + [""]
-    lines += ["Timings (throughput, build time, queries/s) are machine-dependent and kept apart in "
-              "`throughput.csv` and `index_timings.csv`.", ""]
+    lines += _timings_section(out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -7,6 +7,7 @@ Layout of a run directory:
     backbones.json, throughput.csv                   01-embed (availability, speed)
     index_variants.csv                               02-index
     metrics.csv, metrics.json, per_category.csv      03-evaluate (no timings: byte-identical reruns)
+    head.pt, finetune.csv, finetune_metrics.json     04-finetune (finetune_timing.json: its timings)
     figures/*.png, report.md                         plots and the report
 
 Files that hold timings are kept apart from the metrics files, so two runs with the same
@@ -15,6 +16,8 @@ parameters produce byte-identical metrics.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +248,92 @@ def stage_umap(run_name: str, split: str = "gallery", seed: int = 0, thumbnails:
         paths[backbone] = metadata.loc[rows, "path"].to_numpy()
     return plots.umap_side_by_side(points, labels, paths, thumbnails_per_plot=thumbnails, seed=seed,
                                    path=run_dir(run_name) / "figures" / "umap.png")
+
+
+@dataclass
+class FinetuneStage:
+    """Both levels of 04-finetune and the one kept as the run's model of record."""
+
+    level1: object                     # finetune.FinetuneResult
+    level2: object | None
+    chosen: object
+    headed_name: str                   # backbone name of the model of record, e.g. "efficientnet_lite0+head:run"
+    table: pd.DataFrame                # frozen vs fine-tuned, query -> gallery (also finetune.csv)
+    level2_skipped: str | None = None
+
+
+def _finetune_row(model: str, level: int, result, evaluation, seed: int) -> dict:
+    record = evaluation.to_record(bootstrap_seed=seed)
+    row = {"model": model, "level": level, "loss": result.payload["loss"] if level else ""}
+    for name in ("precision_at_k", "hit_rate_at_1", "map_at_k"):
+        row[name] = record[name]
+    row["precision_at_k_low"], row["precision_at_k_high"] = record["precision_at_k_ci"]
+    if level:
+        gain = result.record["precision_at_k_gain"]
+        row.update(category_accuracy=result.record["category_accuracy"], macro_f1=result.record["macro_f1"],
+                   gain_vs_frozen=gain["diff"], gain_low=gain["low"], gain_high=gain["high"],
+                   gain_significant=gain["significant"])
+    return row
+
+
+def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cosine",
+                   losses=("proxy_anchor", "norm_softmax", "supcon"), level2: bool = False,
+                   time_budget_min: float = 10.0, trainable_blocks: int = 2, n_views: int = 2,
+                   progress: bool = True) -> FinetuneStage:
+    """Level 1 (head on frozen embeddings), optionally level 2 (last blocks + head), model of record.
+
+    The level with the better *validation* P@k becomes ``head.pt``. Writes
+    ``finetune_metrics.json`` and ``finetune.csv`` (metrics only: byte-identical on a rerun)
+    and ``finetune_timing.json`` (training seconds, machine-dependent).
+    """
+    from . import finetune
+    from .errors import FashionRecError
+
+    prepared = load_prepared(run_name)
+    out = run_dir(run_name)
+    head_config = finetune.HeadConfig(k=k, seed=prepared.split_seed)
+    first = finetune.run_finetune(prepared, backbone, level=1, head_cfg=head_config, losses=tuple(losses), k=k,
+                                  metric=metric, model_path=out / "head-level1.pt", progress=progress)
+    second, skipped = None, None
+    if level2:
+        tune_config = finetune.BackboneTuneConfig(seed=prepared.split_seed, time_budget_s=time_budget_min * 60,
+                                                  trainable_blocks=trainable_blocks, n_views=n_views)
+        try:
+            second = finetune.run_finetune(prepared, backbone, level=2, head_cfg=head_config, tune_cfg=tune_config,
+                                           losses=(first.payload["loss"],), k=k, metric=metric,
+                                           model_path=out / "head-level2.pt", progress=progress)
+        except FashionRecError as error:  # e.g. a backbone other than efficientnet_lite*
+            skipped = str(error)
+    val_first = max(row["val_precision_at_k"] for row in first.payload["selection"]["loss_comparison"])
+    val_second = second.payload["selection"]["level2"]["best_val_precision"] if second is not None else None
+    chosen = second if val_second is not None and val_second > val_first else first
+    shutil.copyfile(chosen.model_path, out / "head.pt")
+    headed_name = f"{backbone}{finetune.HEAD_SEPARATOR}{run_name}"
+
+    seed = prepared.split_seed
+    rows = [_finetune_row(f"{backbone} (frozen)", 0, first, first.baseline, seed),
+            _finetune_row(f"{backbone} + head (level 1, {first.payload['loss']})", 1, first, first.evaluation, seed)]
+    if second is not None:
+        rows.append(_finetune_row(f"{backbone} tuned + head (level 2)", 2, second, second.evaluation, seed))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "finetune.csv", index=False, float_format="%.6f")
+
+    def summary(result):
+        return {key: result.record[key] for key in ("category_accuracy", "macro_f1", "precision_at_k_gain",
+                                                      "category_aware", "classification")}
+
+    write_json(out / "finetune_metrics.json", {
+        "backbone": backbone, "finetuned_backbone": headed_name, "chosen_level": chosen.payload["level"],
+        "validation_precision_at_k": {"level 1": val_first, "level 2": val_second},
+        "frozen": first.record["baseline"],
+        "level1": summary(first), "level1_metrics": first.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "level2": None if second is None else summary(second),
+        "level2_metrics": None if second is None else second.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "level2_skipped": skipped,
+        "train_fingerprint": chosen.payload["train_fingerprint"],
+    })
+    write_json(out / "finetune_timing.json", {
+        "level1_train_seconds": first.payload["train_seconds"],
+        "level2_train_seconds": None if second is None else second.payload["train_seconds"],
+        "level2": None if second is None else second.payload["selection"]["level2"]})
+    return FinetuneStage(first, second, chosen, headed_name, table, skipped)
