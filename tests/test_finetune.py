@@ -104,6 +104,10 @@ def test_classifier_selection_and_metrics():
     assert len(table) == 2 and classifier.features == "frozen"
     metrics = finetune.category_metrics(labels, classifier.predict(vectors), classifier.categories)
     assert metrics["accuracy"] > 0.9 and 0 < metrics["macro_f1"] <= 1
+    low, high = metrics["accuracy_ci"]
+    assert low < metrics["accuracy"] <= high <= 1.0
+    half = finetune.category_metrics(["a", "b"] * 50, ["a", "a"] * 50)
+    assert half["accuracy"] == 0.5 and half["accuracy_ci"][0] < 0.5 < half["accuracy_ci"][1]
     matrix = np.array(metrics["confusion_matrix"]["matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == len(labels)
     restored = finetune.CategoryClassifier.from_payload(classifier.to_payload())
@@ -254,3 +258,47 @@ def test_finetune_stage_writes_the_model_of_record_and_the_report_section(tmp_pa
     assert f"accuracy {metrics['level1']['classification']['accuracy']:.3f}" in section
     timings = "\n".join(report._timings_section(out))
     assert f"{json.loads((out / 'finetune_timing.json').read_text())['level1_train_seconds']:.1f} s" in timings
+
+
+def test_classifier_views_change_only_the_geometry_of_the_lite_transform():
+    from PIL import Image
+    from torchvision import transforms
+
+    lite = get_backbone("efficientnet_lite0")
+    # A portrait photo: 12-pixel red left edge, blue right edge, grey elsewhere.
+    pixels = np.full((400, 300, 3), 128, np.uint8)
+    pixels[:, :12] = (255, 0, 0)
+    pixels[:, -12:] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+    centre = lite.transform(image)
+    squash = finetune.view_transform(lite.transform, "squash")(image)
+    shorter = finetune.view_transform(lite.transform, "shorter_side")(image)
+    assert centre.shape == squash.shape == shorter.shape == (3, 224, 224)
+    red = lambda x: float(x[0, 112, :4].mean() - x[2, 112, :4].mean())  # noqa: E731  (left edge: red minus blue)
+    # The retrieval view (resize 256, crop 224) cuts the edges; both extra views keep the whole width.
+    assert red(centre) < 0.5 < red(squash) and red(shorter) > 0.5
+    # The squash view also keeps the whole height: the image is not cropped at all.
+    steps = finetune.view_transform(lite.transform, "squash").transforms
+    assert not any(isinstance(step, transforms.CenterCrop) for step in steps)
+    assert isinstance(steps[-1], transforms.Normalize) and steps[-1].mean == lite.transform.transforms[-1].mean
+    view = finetune.view_backbone(lite, "squash")
+    assert view.cache_key != lite.cache_key and view.model is lite.model
+    with pytest.raises(finetune.FashionRecError, match="Resize -> CenterCrop"):
+        finetune.view_transform(get_backbone("colorhist").transform, "squash")
+    with pytest.raises(ValueError, match="unknown classifier view"):
+        finetune.view_transform(lite.transform, "zoom")
+
+
+def test_multi_view_classifier_is_a_candidate_chosen_on_validation():
+    vectors, labels = clusters(n_per_class=50)
+    rng = np.random.default_rng(0)
+    # A second "view" that carries the category cleanly: the multi-view features must win on validation.
+    informative = np.eye(6)[[int(label[-1]) for label in labels]] + rng.normal(0, 0.05, (len(labels), 6))
+    multi = finetune.multi_view_features(vectors, [informative.astype(np.float32)])
+    assert multi.shape == (len(labels), vectors.shape[1] + 6)
+    assert np.allclose(np.linalg.norm(multi[:, :vectors.shape[1]], axis=1), 1, atol=1e-5)
+    val_mask, _ = finetune.validation_split(labels, seed=0)
+    classifier, table = finetune.select_classifier(vectors, labels, val_mask, cs=(1.0,), multi_view=multi)
+    assert set(table["features"]) == {"frozen", finetune.MULTI_VIEW_FEATURES}
+    assert classifier.features == finetune.MULTI_VIEW_FEATURES
+    assert (classifier.predict(multi) == labels).mean() > 0.95

@@ -89,6 +89,9 @@ class HeadConfig:
     norm_softmax_temperature: float = 0.05
     supcon_temperature: float = 0.1
     classifier_c: tuple = (1.0, 10.0, 100.0)
+    # Extra deterministic views of each image whose frozen embeddings the classifier may use
+    # besides the retrieval view (see CLASSIFIER_VIEWS); () = the retrieval view only.
+    classifier_views: tuple = ("squash", "shorter_side")
 
     @classmethod
     def from_dict(cls, values: dict) -> "HeadConfig":
@@ -565,6 +568,72 @@ class CategoryClassifier:
         return cls(list(payload["categories"]), payload["features"], c=float(payload["c"]), **arrays)
 
 
+CLASSIFIER_VIEWS = {
+    "squash": "the whole image resized to the input size, aspect ratio not kept",
+    "shorter_side": "shorter side resized to the input size, centre crop: the whole width of a portrait photo",
+}
+MULTI_VIEW_FEATURES = "frozen+views"
+
+
+def view_transform(transform, view: str):
+    """The backbone's transform with its resize + centre crop replaced by ``view``'s geometry.
+
+    Only for transforms of the form Resize(s) -> CenterCrop(c) -> tensor steps (the
+    EfficientNet-Lite family); anything else raises FashionRecError, so the classifier
+    falls back to the retrieval view alone.
+    """
+    from torchvision import transforms
+
+    steps = list(getattr(transform, "transforms", []))
+    kinds = [type(step) for step in steps]
+    if len(steps) < 2 or kinds[:2] != [transforms.Resize, transforms.CenterCrop]:
+        raise FashionRecError(f"classifier views need a Resize -> CenterCrop transform, not {transform!r}")
+    if view not in CLASSIFIER_VIEWS:
+        raise ValueError(f"unknown classifier view {view!r}; choose from {', '.join(CLASSIFIER_VIEWS)}")
+    resize, crop, rest = steps[0], steps[1], steps[2:]
+    height, width = crop.size
+    if view == "squash":
+        geometry = [transforms.Resize((height, width), interpolation=resize.interpolation, antialias=True)]
+    else:
+        geometry = [transforms.Resize(min(height, width), interpolation=resize.interpolation, antialias=True),
+                    transforms.CenterCrop((height, width))]
+    return transforms.Compose([*geometry, *rest])
+
+
+def view_backbone(backbone, view: str):
+    """The same network seeing another view: its own transform, so its own embedding cache key."""
+    import dataclasses
+
+    return dataclasses.replace(backbone, transform=view_transform(backbone.transform, view))
+
+
+def multi_view_features(frozen: np.ndarray, views: list[np.ndarray]) -> np.ndarray:
+    """Retrieval-view embeddings and the extra views' side by side, each L2-normalised."""
+    return np.hstack([_normalize(frozen), *(_normalize(v) for v in views)]).astype(np.float32)
+
+
+def classifier_view_embeddings(prepared, view, metadata: pd.DataFrame, runtime: str | None, batch_size: int,
+                               num_workers: int, threads: int | None, progress: bool) -> np.ndarray:
+    """Embeddings of ``metadata``'s rows (same order) through the view backbone ``view``; cached like any other."""
+    from .embed import embed_catalog
+    from .runtime import DEFAULT_RUNTIME, calibration_sample, with_runtime
+
+    runtime = runtime or DEFAULT_RUNTIME
+    rows = prepared.catalog[prepared.catalog["id"].isin(metadata["id"])].reset_index(drop=True)
+    calibration = None
+    if runtime == "onnx-int8":
+        calibration = calibration_sample(rows.loc[rows["split"] == "train", "path"].tolist(), seed=prepared.split_seed)
+    model = with_runtime(view, runtime, threads=threads, calibration_paths=calibration, progress=progress)
+    embedded = embed_catalog(rows, model, batch_size=batch_size, num_workers=num_workers, threads=threads,
+                             root=prepared.root, progress=progress)
+    position = {image_id: i for i, image_id in enumerate(embedded.metadata["id"])}
+    missing = [image_id for image_id in metadata["id"] if image_id not in position]
+    if missing:
+        raise FashionRecError(f"{len(missing)} images embedded in the retrieval view failed in another view "
+                              f"(first: {missing[0]})")
+    return embedded.vectors[[position[image_id] for image_id in metadata["id"]]]
+
+
 def train_classifier(vectors: np.ndarray, labels, features: str = "frozen", c: float = 10.0,
                      seed: int = config.DEFAULT_SEED) -> CategoryClassifier:
     """Logistic regression (sklearn, lbfgs, seeded) on L2-normalised features."""
@@ -591,8 +660,12 @@ def train_classifier(vectors: np.ndarray, labels, features: str = "frozen", c: f
 def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vectors: np.ndarray | None = None,
                       head_selection_vectors: np.ndarray | None = None, cs=(1.0, 10.0, 100.0),
                       seed: int = config.DEFAULT_SEED, head_augmented: np.ndarray | None = None,
-                      head_augmented_rows: np.ndarray | None = None) -> tuple[CategoryClassifier, pd.DataFrame]:
-    """Chooses the features (frozen / head) and C on the validation part, then refits on all train rows.
+                      head_augmented_rows: np.ndarray | None = None,
+                      multi_view: np.ndarray | None = None) -> tuple[CategoryClassifier, pd.DataFrame]:
+    """Chooses the features (frozen / frozen+views / head) and C on the validation part, then refits on all train rows.
+
+    ``multi_view`` are :func:`multi_view_features` of the train rows (a frozen function of
+    each image, like ``frozen``).
 
     ``head_selection_vectors`` are the train rows through a head that never saw the
     validation part (the one trained on the fit part); ``head_vectors`` through the final
@@ -603,6 +676,8 @@ def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vec
     """
     labels = np.asarray(labels).astype(str)
     candidates = {"frozen": (frozen, frozen)}
+    if multi_view is not None:
+        candidates[MULTI_VIEW_FEATURES] = (multi_view, multi_view)
     if head_vectors is not None and head_selection_vectors is not None:
         candidates["head"] = (head_selection_vectors, head_vectors)
     extra = {name: (np.zeros((0, vectors[0].shape[1]), np.float32), np.zeros(0, dtype=str))
@@ -629,9 +704,12 @@ def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vec
     return train_classifier(final, np.concatenate([labels, extra[features][1]]), features, c, seed), table
 
 
-def category_metrics(true_labels, predicted_labels, categories: list[str] | None = None) -> dict:
-    """Accuracy, macro F1 (over the categories with queries or predictions) and the confusion matrix."""
+def category_metrics(true_labels, predicted_labels, categories: list[str] | None = None, seed: int = 0) -> dict:
+    """Accuracy with its 95% bootstrap interval over queries (``seed``), macro F1 (over the
+    categories with queries or predictions) and the confusion matrix."""
     from sklearn.metrics import confusion_matrix, f1_score
+
+    from .metrics import bootstrap_ci
 
     true_labels = np.asarray(true_labels).astype(str)
     predicted_labels = np.asarray(predicted_labels).astype(str)
@@ -642,6 +720,7 @@ def category_metrics(true_labels, predicted_labels, categories: list[str] | None
     support = matrix.sum(axis=1)
     return {
         "accuracy": float((true_labels == predicted_labels).mean()) if len(true_labels) else float("nan"),
+        "accuracy_ci": [round(bound, 6) for bound in bootstrap_ci(true_labels == predicted_labels, seed=seed)],
         "macro_f1": float(f1_score(true_labels, predicted_labels, labels=present, average="macro", zero_division=0)),
         "n": int(len(true_labels)),
         "confusion_matrix": {"labels": categories, "rows": "true category", "columns": "predicted category",
@@ -1269,6 +1348,14 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
     key = cache_key(base, train_fingerprint, level, head_cfg, losses, tune_cfg)
     cached = default_model_path(backbone, key)
     eval_meta = metadata[evaluated].reset_index(drop=True)
+    multi_view, views_skipped = None, None
+    if head_cfg.classifier_views:
+        try:
+            views = [classifier_view_embeddings(prepared, view_backbone(base, view), metadata, runtime, batch_size,
+                                                num_workers, threads, progress) for view in head_cfg.classifier_views]
+            multi_view = multi_view_features(frozen, views)
+        except FashionRecError as error:   # e.g. a backbone whose transform has no centre crop
+            views_skipped = str(error)
     baseline = evaluate_embeddings(frozen[evaluated], eval_meta, k=k, index=index, metric=metric,
                                    search_params=search_params, seed=prepared.split_seed)
 
@@ -1296,7 +1383,8 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
         classifier, classifier_table = select_classifier(
             frozen[train], labels[train], fit.val_mask, head_vectors=head_train,
             head_selection_vectors=head_selection, cs=head_cfg.classifier_c, seed=head_cfg.seed,
-            head_augmented=augmented, head_augmented_rows=augmented_rows)
+            head_augmented=augmented, head_augmented_rows=augmented_rows,
+            multi_view=None if multi_view is None else multi_view[train])
         train_seconds = time.perf_counter() - started
         payload = head_payload(fit, base, head_cfg, train_fingerprint, int(train.sum()), classifier, tuned,
                                tune_cfg if level == 2 else None, train_seconds=train_seconds)
@@ -1336,14 +1424,17 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
 
     query = split == "query"
     gallery = split == "gallery"
-    feature_of = {"frozen": frozen, "head": vectors}
+    feature_of = {"frozen": frozen, "head": vectors, MULTI_VIEW_FEATURES: multi_view}
     if classifier is not None:
         predicted = classifier.predict(feature_of[classifier.features])
     else:
         predicted = np.full(len(labels), payload["categories"][0], dtype=object)
-    classification = category_metrics(labels[query], predicted[query], payload["categories"])
-    classification["classifier"] = {"model": "logistic regression", "features": classifier.features if classifier
-                                    else None, "C": classifier.c if classifier else None}
+    classification = category_metrics(labels[query], predicted[query], payload["categories"], seed=prepared.split_seed)
+    classification["classifier"] = {
+        "model": "logistic regression", "features": classifier.features if classifier else None,
+        "C": classifier.c if classifier else None,
+        "views": ["centre_crop", *head_cfg.classifier_views] if multi_view is not None else ["centre_crop"],
+        "views_skipped": views_skipped}
     aware = category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery], predicted[query],
                                   predicted[gallery], k=k)
 
@@ -1385,6 +1476,7 @@ def run_finetune(prepared, backbone: str, level: int = 1, head_cfg: HeadConfig |
             "dim": int(payload["out_dim"]),
         },
         "category_accuracy": round(classification["accuracy"], 6),
+        "category_accuracy_ci": classification["accuracy_ci"],
         "macro_f1": round(classification["macro_f1"], 6),
         "classification": classification,
         "baseline_precision_at_k": round(baseline.summary["precision_at_k"], 6),
