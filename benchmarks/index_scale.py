@@ -15,7 +15,11 @@ explained variance is reported. Ground truth is exact search (Flat) over the sam
 
 Each index is built with ``fashionrec.index.build_index`` (training on at most 200k vectors),
 searched with its default parameters as one batch of queries, and reported with build
-seconds, serialised bytes per vector, queries per second and recall@k against Flat. IVF
+seconds, serialised bytes per vector, queries per second and recall@k against Flat; then
+the same index is searched at each setting of ``fashionrec.index.search_param_grid``
+(nprobe, efSearch, re-ranking depth: "operating_points"), and "targets" names the fastest
+setting that reaches ``--recall-target`` (with its speed-up over Flat) and the best recall
+of an index of at most ``--compact-bytes`` per vector. IVF
 variants without a transform share one coarse k-means (same seed, sample and nlist, so the
 same centroids they would train alone, for IVF_HNSW a better one); its time is added to each
 one's build_s so rows stay comparable (``--no-share-coarse`` trains each alone). Finally
@@ -132,13 +136,14 @@ def run(args) -> dict:
     rows = []
     for template in ["Flat"] + [t for t in args.indexes if t != "Flat"]:
         log(f"{template}: building")
-        rows.append(measure(base, queries, template, exact_ids, args, coarse))
+        rows.append(measure(base, queries, template, exact_ids, args, coarse, sweep=args.sweep))
         row = rows[-1]
         log(f"{template}: build {row['build_s']:.1f} s, {row['bytes_per_vector']:.0f} B/vector, "
             f"{row['qps']:.0f} qps, recall@{args.k} {row['recall_at_k']:.3f}")
 
     auto = auto_choice(base, queries, exact_ids, rows, args, coarse)
     return {
+        "targets": targets(rows, args),
         "n": n, "d": d, "original_d": original_dim, "pca_dim": args.pca_dim if explained is not None else None,
         "pca_explained_variance": explained, "metric": args.metric, "k": args.k,
         "queries": args.queries, "threads": args.threads, "seed": args.seed,
@@ -175,13 +180,37 @@ class SharedCoarse:
 
 
 def measure(base, queries, factory, exact_ids, args, coarse: SharedCoarse | None,
-            params: str = "", name: str | None = None) -> dict:
+            params: str = "", name: str | None = None, sweep: bool = False) -> dict:
     centroids, coarse_s = coarse.for_factory(factory) if coarse else (None, 0.0)
     row = benchmark_index(base, queries, factory, args.metric, args.k, params, exact_ids, name=name,
-                          seed=args.seed, threads=args.threads, coarse_centroids=centroids)
+                          seed=args.seed, threads=args.threads, coarse_centroids=centroids, sweep=sweep)
     row["build_s"] += coarse_s
     row["shared_coarse_s"] = coarse_s if centroids is not None else None
     return row
+
+
+def targets(rows: list[dict], args) -> dict:
+    """The two questions of scale, answered from every measured operating point.
+
+    fastest_at_recall_target: the highest qps with recall@k >= --recall-target, and its
+    speed-up over exact Flat; best_recall_within_bytes: the highest recall@k of an index of
+    at most --compact-bytes per vector (serialised size: codes, ids, centroids, matrices).
+    """
+    flat_qps = next(row["qps"] for row in rows if row["factory"] == "Flat")
+    points = [{"name": row["name"], "factory": row["factory"], "bytes_per_vector": row["bytes_per_vector"],
+               "params": point["params"], "qps": point["qps"], "recall_at_k": point["recall_at_k"]}
+              for row in rows for point in [row, *row.get("operating_points", [])]]
+    fast = [p for p in points if p["recall_at_k"] >= args.recall_target and p["factory"] != "Flat"]
+    compact = [p for p in points if p["bytes_per_vector"] <= args.compact_bytes]
+    fastest = max(fast, key=lambda p: p["qps"], default=None)
+    smallest = max(compact, key=lambda p: (p["recall_at_k"], p["qps"]), default=None)
+    return {
+        "flat_qps": flat_qps,
+        "recall_target": args.recall_target,
+        "fastest_at_recall_target": None if fastest is None else {**fastest, "speedup_vs_flat": fastest["qps"] / flat_qps},
+        "compact_bytes": args.compact_bytes,
+        "best_recall_within_bytes": smallest,
+    }
 
 
 def auto_choice(base, queries, exact_ids, rows, args, coarse: SharedCoarse | None) -> dict:
@@ -218,6 +247,17 @@ def print_table(report: dict) -> None:
     for row in report["indexes"]:
         print(f"{row['name']:38} {row['factory']:34} {row['params']:36} {row['build_s']:8.2f} "
               f"{row['bytes_per_vector']:8.1f} {row['qps']:9.0f} {row['recall_at_k']:6.3f}")
+        for point in row.get("operating_points", []):
+            print(f"{'':38} {'  sweep':34} {point['params']:36} {'':8} {'':8} {point['qps']:9.0f} "
+                  f"{point['recall_at_k']:6.3f}")
+    goals = report["targets"]
+    fastest, compact = goals["fastest_at_recall_target"], goals["best_recall_within_bytes"]
+    print(f"\nfastest at recall@{k} >= {goals['recall_target']}: " + (
+        "none" if fastest is None else f"{fastest['factory']} [{fastest['params']}] {fastest['qps']:.0f} qps = "
+        f"{fastest['speedup_vs_flat']:.1f}x Flat ({goals['flat_qps']:.0f} qps), recall {fastest['recall_at_k']:.3f}"))
+    print(f"best recall@{k} within {goals['compact_bytes']:.0f} B/vector: " + (
+        "no index that small" if compact is None else f"{compact['factory']} [{compact['params']}] "
+        f"{compact['bytes_per_vector']:.1f} B/vector, recall {compact['recall_at_k']:.3f}, {compact['qps']:.0f} qps"))
     auto = report["auto_choice"]
     if "error" in auto:
         print(f"\nauto choice: {auto['error']}")
@@ -253,6 +293,10 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("2GiB"),
                         help="memory for the auto choice, e.g. 2GiB, 512MB (default 2GiB)")
     parser.add_argument("--recall-target", type=float, default=0.95)
+    parser.add_argument("--compact-bytes", type=float, default=64,
+                        help="size limit, in bytes per vector, for the best-recall-of-a-compact-index summary")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="measure each index at its default search parameters only")
     parser.add_argument("--no-share-coarse", dest="share_coarse", action="store_false",
                         help="train every IVF variant's coarse k-means separately")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

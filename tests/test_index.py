@@ -14,6 +14,7 @@ import pytest
 
 from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.index import (METRICS, SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index, build_index,
+                              search_param_grid,
                               choose_index, index_bytes_per_vector, load_index, recall_vs_exact,
                               resolve_factory, save_index, search, train_coarse_centroids)
 
@@ -228,6 +229,28 @@ def test_benchmark_index_reports_every_measure(small_gallery, small_exact_ids):
     assert row["build_s"] > 0 and row["qps"] > 0
     assert row["bytes_per_vector"] == pytest.approx(4 * 32 + 8, rel=0.1)
     assert 0 < row["recall_at_10"] == row["recall_at_k"] <= 1
+    assert "operating_points" not in row
+
+
+def test_sweep_traces_recall_against_search_effort(small_gallery, small_exact_ids):
+    vectors, queries = small_gallery
+    row = benchmark_index(vectors, queries, "IVF{nlist}_HNSW32,PQ8,RFlat", "cosine", 10, "", small_exact_ids,
+                          sweep=True)
+    points = row["operating_points"]
+    settings = [point["params"] for point in points]
+    # nprobe up to nlist=32, crossed with every re-ranking factor; the graph quantizer keeps efSearch >= 2*nprobe.
+    assert len(settings) == 6 * 5 and len(set(settings)) == len(settings)
+    assert "nprobe=32,quantizer_efSearch=64,k_factor_rf=32" in settings
+    by_setting = {point["params"]: point["recall_at_10"] for point in points}
+    # More lists probed and more candidates re-ranked never lose neighbours on the same index.
+    assert by_setting["nprobe=1,quantizer_efSearch=64,k_factor_rf=2"] < by_setting[
+        "nprobe=32,quantizer_efSearch=64,k_factor_rf=32"]
+    for factor in (2, 4, 8, 16, 32):
+        recalls = [by_setting[f"nprobe={p},quantizer_efSearch=64,k_factor_rf={factor}"] for p in (1, 2, 4, 8, 16, 32)]
+        assert recalls == sorted(recalls)
+    assert all(point["qps"] > 0 for point in points)
+    assert search_param_grid(build_index(vectors, "Flat")) == []
+    assert search_param_grid(build_index(vectors, "HNSW16")) == [f"efSearch={ef}" for ef in (16, 32, 64, 128, 256)]
 
 
 @pytest.mark.parametrize("budget_gib, target, factory", [

@@ -299,6 +299,7 @@ def benchmark_index(
     threads: int | None = None,
     max_train: int = MAX_TRAIN_VECTORS,
     coarse_centroids: np.ndarray | None = None,
+    sweep: bool = False,
 ) -> dict:
     """Build ``factory`` over ``vectors``, search all ``queries`` as one batch, and measure.
 
@@ -307,7 +308,9 @@ def benchmark_index(
     build_s (train + add), bytes_per_vector, qps, and recall_at_k / recall_at_10 against
     ``exact_ids`` (None without them; recall_at_10 also when k < 10). Timings use
     time.perf_counter; the batch is repeated until 0.2 s have passed (at most 20 times), so
-    fast indexes are not timed on a single blip.
+    fast indexes are not timed on a single blip. With ``sweep``, the same index is also
+    measured at every setting of :func:`search_param_grid` ("operating_points": params, qps,
+    recall_at_k, recall_at_10).
     """
     vectors = _as_matrix(vectors, "vectors")
     n, d = vectors.shape
@@ -320,19 +323,7 @@ def benchmark_index(
     in_effect = dict(_parse_params(default_search_params(index)))
     in_effect.update(_parse_params(params))
 
-    rounds, elapsed = 0, 0.0
-    while rounds == 0 or (elapsed < 0.2 and rounds < 20):
-        started = time.perf_counter()
-        _, ids = search(index, queries, k, metric, threads=threads)
-        elapsed += time.perf_counter() - started
-        rounds += 1
-
-    recall_at_k = recall_at_10 = None
-    if exact_ids is not None:
-        recall_at_k = recall_vs_exact(ids, exact_ids, k)
-        if k >= 10:
-            recall_at_10 = recall_vs_exact(ids, exact_ids, 10)
-    return {
+    row = {
         "name": name or factory,
         "factory": resolve_factory(factory, n, d),
         "params": ",".join(f"{key}={value}" for key, value in in_effect.items()),
@@ -342,10 +333,63 @@ def benchmark_index(
         "k": k,
         "build_s": build_s,
         "bytes_per_vector": index_bytes_per_vector(index),
-        "qps": rounds * len(ids) / elapsed,
-        "recall_at_k": recall_at_k,
-        "recall_at_10": recall_at_10,
+        **_measure_search(index, queries, k, metric, exact_ids, threads),
     }
+    if sweep:
+        row["operating_points"] = []
+        for setting in search_param_grid(index):
+            faiss.ParameterSpace().set_index_parameters(index, setting)
+            row["operating_points"].append({"params": setting,
+                                            **_measure_search(index, queries, k, metric, exact_ids, threads)})
+    return row
+
+
+def _measure_search(index, queries, k: int, metric: str, exact_ids, threads: int | None) -> dict:
+    """qps of one batch search (repeated until 0.2 s have passed, at most 20 times) and recall."""
+    rounds, elapsed = 0, 0.0
+    while rounds == 0 or (elapsed < 0.2 and rounds < 20):
+        started = time.perf_counter()
+        _, ids = search(index, queries, k, metric, threads=threads)
+        elapsed += time.perf_counter() - started
+        rounds += 1
+    recall_at_k = recall_at_10 = None
+    if exact_ids is not None:
+        recall_at_k = recall_vs_exact(ids, exact_ids, k)
+        if k >= 10:
+            recall_at_10 = recall_vs_exact(ids, exact_ids, 10)
+    return {"qps": rounds * len(ids) / elapsed, "recall_at_k": recall_at_k, "recall_at_10": recall_at_10}
+
+
+SWEEP_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWEEP_EF_SEARCH = (16, 32, 64, 128, 256)
+SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32)
+
+
+def search_param_grid(index: faiss.Index) -> list[str]:
+    """ParameterSpace settings that trace an index's speed/recall curve.
+
+    IVF: nprobe in ``SWEEP_NPROBE`` up to nlist (a graph coarse quantizer gets efSearch
+    >= 2*nprobe, as by default); HNSW: efSearch in ``SWEEP_EF_SEARCH``; re-ranking: every
+    k_factor_rf in ``SWEEP_REFINE_K_FACTOR`` for each nprobe. Empty for indexes without
+    search parameters (Flat, SQ8, PQ).
+    """
+    axes: list[list[str]] = []
+    refine_axis = None
+    for node, _ in _components(index):
+        if isinstance(node, faiss.IndexIVF):
+            graph = isinstance(faiss.downcast_index(node.quantizer), faiss.IndexHNSW)
+            axes.append([f"nprobe={p}" + (f",quantizer_efSearch={max(DEFAULT_EF_SEARCH, 2 * p)}" if graph else "")
+                         for p in SWEEP_NPROBE if p <= node.nlist])
+        elif isinstance(node, faiss.IndexHNSW):
+            axes.append([f"efSearch={ef}" for ef in SWEEP_EF_SEARCH])
+        elif isinstance(node, faiss.IndexRefine):
+            refine_axis = [f"k_factor_rf={f}" for f in SWEEP_REFINE_K_FACTOR]
+    if refine_axis:
+        axes.append(refine_axis)   # varies fastest: "nprobe=4,k_factor_rf=2", "nprobe=4,k_factor_rf=4", ...
+    settings = [""]
+    for axis in axes:
+        settings = [",".join(part for part in (done, value) if part) for done in settings for value in axis]
+    return [setting for setting in settings if setting]
 
 
 # choose_index candidates, from most memory (fastest / most accurate) to least. Each entry:
