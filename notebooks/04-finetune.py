@@ -43,41 +43,44 @@ finetune_n_views = 2
 n_grid_queries = 6
 
 # %%
-import math
-import shutil
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fashionrec import finetune, plots
-from fashionrec.backbones import get_backbone
-from fashionrec.errors import FashionRecError
-from fashionrec.runs import load_prepared, run_dir, write_json
+from fashionrec import plots
+from fashionrec.runs import load_prepared, run_dir, stage_finetune
 
 prepared = load_prepared(run_name)
 out = run_dir(run_name)
 (out / "figures").mkdir(exist_ok=True)
-split_seed = prepared.split_seed
-head_config = finetune.HeadConfig(k=k, seed=split_seed)
-print(f"{prepared.dataset}: {len(prepared.catalog)} images, split seed {split_seed}")
+print(f"{prepared.dataset}: {len(prepared.catalog)} images, split seed {prepared.split_seed}")
 print("categories too small for the split (left out):", [e["label"] for e in prepared.too_small] or "none")
 
 # %% [markdown]
-# ## Level 1: projection head on frozen embeddings
-# Embeddings come from the cache in `data/interim/embeddings` (computed by 01-embed, or now).
-# Each loss trains with the same seed and data order; progress bars show the epochs.
+# ## Training
+# Level 1 always; level 2 when `finetune_level2` is set. Embeddings come from the cache in
+# `data/interim/embeddings` (computed by 01-embed, or now); each loss trains with the same
+# seed and data order, with progress bars. Level 2 starts from the level-1 head with
+# batch-norm statistics frozen; the trunk's feature maps of the clean and
+# `finetune_n_views` augmented views per train image are computed once (cached in
+# `data/interim/finetune-trunk`), and training stops at the earliest of early stopping
+# (validation P@k), the epoch limit and the time budget. The level with the better
+# **validation** P@k becomes the model of record `results/<run>/head.pt`.
 
 # %%
-level1 = finetune.run_finetune(prepared, finetune_backbone, level=1, head_cfg=head_config,
-                               losses=tuple(finetune_losses), k=k, metric=metric,
-                               model_path=out / "head-level1.pt")
+stage = stage_finetune(run_name, finetune_backbone, k=k, metric=metric, losses=finetune_losses,
+                       level2=finetune_level2, time_budget_min=finetune_time_budget_min,
+                       trainable_blocks=finetune_trainable_blocks, n_views=finetune_n_views)
+level1, level2 = stage.level1, stage.level2
 print(f"level 1 trained in {level1.payload['train_seconds']:.1f} s"
       f"{' (reused the cached model)' if level1.reused else ''}")
+if stage.level2_skipped:
+    print(f"level 2 skipped: {stage.level2_skipped}")
 
 # %% [markdown]
-# Loss comparison on the validation part (P@k when each validation image ranks the other
-# validation images); the best one is kept.
+# ## Level 1: loss comparison
+# P@k on the validation part when each validation image ranks the other validation
+# images; the best loss is kept.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -98,22 +101,13 @@ figure.savefig(out / "figures" / "finetune_level1_curves.png", dpi=100, bbox_inc
                metadata={"Software": None});
 
 # %% [markdown]
-# ## Frozen backbone vs fine-tuned head (query → gallery)
-
-# %%
-def summary_row(name, evaluation):
-    return {"model": name, **{m: round(evaluation.summary[m], 4) for m in
-                              ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1")}}
-
-
-rows = [summary_row(f"{finetune_backbone} (frozen)", level1.baseline),
-        summary_row(f"{finetune_backbone} + head (level 1, {level1.payload['loss']})", level1.evaluation)]
+# ## Frozen backbone vs fine-tuned (query → gallery)
+# Point estimates with 95% bootstrap intervals over queries; the gain is a paired bootstrap
+# on the same queries.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(pd.DataFrame(rows).to_string(index=False))
-gain = level1.record["precision_at_k_gain"]
-print(f"P@{k} gain {gain['diff']:+.4f} (paired bootstrap 95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
+print(stage.table.round(4).to_string(index=False))
 
 # %% [markdown]
 # ## Category classifier
@@ -134,40 +128,17 @@ print(f"P@{k} gain {gain['diff']:+.4f} (paired bootstrap 95% CI {gain['low']:+.4
 
 # %%
 # NBVAL_CHECK_OUTPUT
-classification = level1.classification
-print(f"classifier: {classification['classifier']}")
+classification = stage.chosen.classification
+print(f"model of record: level {stage.chosen.payload['level']}; classifier: {classification['classifier']}")
 print(f"query accuracy {classification['accuracy']:.4f}, macro F1 {classification['macro_f1']:.4f} "
       f"({classification['n']} queries)")
 
 # %%
-def confusion_figure(classification, title, path=None):
-    labels = classification["confusion_matrix"]["labels"]
-    matrix = np.array(classification["confusion_matrix"]["matrix"])
-    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = 0.45 * max(len(labels), 6)
-    figure, axis = plt.subplots(figsize=(size + 2, size))
-    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    axis.set_yticks(range(len(labels)), labels, fontsize=7)
-    if len(labels) <= 20:
-        for i, j in zip(*np.nonzero(matrix)):
-            axis.text(j, i, matrix[i, j], ha="center", va="center", fontsize=6,
-                      color="white" if shares[i, j] > 0.5 else "black")
-    axis.set(xlabel="predicted category", ylabel="true category", title=title)
-    figure.colorbar(image, ax=axis, label="share of the row's queries")
-    figure.tight_layout()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return figure
-
-
-confusion_figure(classification, "category classifier on the query split (counts)",
-                 out / "figures" / "finetune_confusion.png");
+plots.category_confusion(classification, "category classifier on the query split (counts)",
+                         out / "figures" / "finetune_confusion.png");
 
 # %%
-per_category = pd.DataFrame(classification["per_category_f1"]).T
-per_category
+pd.DataFrame(classification["per_category_f1"]).T
 
 # %% [markdown]
 # ## Category-aware recommendation
@@ -178,37 +149,22 @@ per_category
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(level1.category_aware.round(4).to_string(index=False))
+print(stage.chosen.category_aware.round(4).to_string(index=False))
 
 # %% [markdown]
 # Top results for a few queries (seeded choice), frozen vs fine-tuned; green = same category.
 
 # %%
-queries = level1.evaluation.sample_queries(n_grid_queries, seed=split_seed)
+queries = level1.evaluation.sample_queries(n_grid_queries, seed=prepared.split_seed)
 plots.recommendation_grid(level1.baseline, queries, title=f"{finetune_backbone} (frozen)",
                           path=out / "figures" / "finetune_grid_frozen.png");
 plots.recommendation_grid(level1.evaluation, queries, title=f"{finetune_backbone} + head (level 1)",
                           path=out / "figures" / "finetune_grid_level1.png");
 
 # %% [markdown]
-# ## Level 2: last block(s) of the backbone + head
-# Starts from the level-1 head; batch-norm statistics stay frozen. The trunk's feature maps
-# of the clean and `finetune_n_views` augmented views per train image are computed once
-# (cached in `data/interim/finetune-trunk`); the training loop then stops at the earliest of
-# early stopping (validation P@k), the epoch limit and the time budget. Because the budget
-# is wall-clock time, how far it gets depends on the machine: its outputs are not checked.
-
-# %%
-level2 = None
-if finetune_level2:
-    tune_config = finetune.BackboneTuneConfig(seed=split_seed, time_budget_s=finetune_time_budget_min * 60,
-                                              trainable_blocks=finetune_trainable_blocks, n_views=finetune_n_views)
-    try:
-        level2 = finetune.run_finetune(prepared, finetune_backbone, level=2, head_cfg=head_config,
-                                       tune_cfg=tune_config, losses=(level1.payload["loss"],), k=k, metric=metric,
-                                       model_path=out / "head-level2.pt")
-    except FashionRecError as error:  # e.g. a backbone other than efficientnet_lite*
-        print(f"level 2 skipped: {error}")
+# ## Level 2
+# Because its time budget is wall-clock time, how far level 2 gets depends on the machine:
+# its outputs are not checked.
 
 # %%
 if level2 is not None:
@@ -219,54 +175,26 @@ if level2 is not None:
     figure, axis = plt.subplots(figsize=(5, 3))
     axis.plot(history["epoch"], history["val_precision"], marker="o")
     axis.set(xlabel="epoch (0 = level-1 head)", ylabel=f"validation P@{k}", title="level 2")
-    rows.append(summary_row(f"{finetune_backbone} tuned + head (level 2)", level2.evaluation))
-    print(pd.DataFrame(rows).to_string(index=False))
     print(f"level 2 query accuracy {level2.classification['accuracy']:.4f}, "
           f"macro F1 {level2.classification['macro_f1']:.4f}")
-    print(level2.category_aware.round(4).to_string(index=False))
 
 # %% [markdown]
 # ## The model of record
-# The level with the better **validation** P@k becomes `results/<run>/head.pt`: parameters,
-# hyper-parameters, the fingerprint of its training rows, base backbone and weights
-# checksum, metrics and training time. Other notebooks take it as the backbone name
-# `<backbone>+head:<run_name>` (or `+head:results/<run>/head.pt`).
-
-# %%
-val_level1 = max(row["val_precision_at_k"] for row in level1.payload["selection"]["loss_comparison"])
-val_level2 = level2.payload["selection"]["level2"]["best_val_precision"] if level2 is not None else -math.inf
-chosen = level2 if level2 is not None and val_level2 > val_level1 else level1
-shutil.copyfile(chosen.model_path, out / "head.pt")
-headed_name = f"{finetune_backbone}{finetune.HEAD_SEPARATOR}{run_name}"
-metrics_record = {
-    "backbone": finetune_backbone, "finetuned_backbone": headed_name, "chosen_level": chosen.payload["level"],
-    "validation_precision_at_k": {"level 1": val_level1, "level 2": None if level2 is None else val_level2},
-    "frozen": level1.record["baseline"],
-    "level1": {key: level1.record[key] for key in ("category_accuracy", "macro_f1", "precision_at_k_gain",
-                                                    "category_aware", "classification")},
-    "level1_metrics": level1.evaluation.to_record(bootstrap_seed=split_seed),
-    "level2_metrics": None if level2 is None else level2.evaluation.to_record(bootstrap_seed=split_seed),
-    "level2": None if level2 is None else {key: level2.record[key] for key in (
-        "category_accuracy", "macro_f1", "precision_at_k_gain", "category_aware")},
-    "train_fingerprint": chosen.payload["train_fingerprint"],
-}
-write_json(out / "finetune_metrics.json", metrics_record)
-write_json(out / "finetune_timing.json", {
-    "level1_train_seconds": level1.payload["train_seconds"],
-    "level2_train_seconds": None if level2 is None else level2.payload["train_seconds"],
-    "level2": None if level2 is None else level2.payload["selection"]["level2"]})
-print(f"model of record: level {chosen.payload['level']} -> {out / 'head.pt'}; backbone name {headed_name!r}")
-
-# %% [markdown]
-# The saved model loads as a backbone, like any other: its embeddings of a few query
-# images equal the ones evaluated above.
+# `results/<run>/head.pt` holds parameters, hyper-parameters, the fingerprint of its
+# training rows, base backbone and weights checksum, metrics and training time. Other
+# notebooks take it as the backbone name `<backbone>+head:<run_name>` (or
+# `+head:results/<run>/head.pt`). It loads as a backbone, like any other: its embeddings of
+# a few query images equal the ones evaluated above.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from fashionrec.images import load_image
 import torch
 
-backbone = get_backbone(headed_name)
+from fashionrec.backbones import get_backbone
+from fashionrec.images import load_image
+
+backbone = get_backbone(stage.headed_name)
+chosen = stage.chosen
 query_rows = np.flatnonzero(chosen.metadata["split"].to_numpy() == "query")[:4]
 with torch.no_grad():
     images = torch.stack([backbone.transform(load_image(p)) for p in chosen.metadata["path"].iloc[query_rows]])

@@ -53,8 +53,10 @@ def _finetune_section(out: Path, k: int) -> list[str]:
             classification = record[level]["classification"]
             lines.append(f"- {level}: category classifier ({classification['classifier']['model']} on "
                          f"{classification['classifier']['features']} features, C={classification['classifier']['C']}) "
-                         f"on {classification['n']} queries: accuracy {classification['accuracy']:.3f}, "
-                         f"macro F1 {classification['macro_f1']:.3f}.")
+                         f"on {classification['n']} queries: accuracy {classification['accuracy']:.3f}"
+                         + (" [{:.3f}, {:.3f}]".format(*classification["accuracy_ci"])
+                            if "accuracy_ci" in classification else "")
+                         + f", macro F1 {classification['macro_f1']:.3f}.")
     if record.get("level2_skipped"):
         lines.append(f"- level 2 skipped: {record['level2_skipped']}")
     aware = pd.DataFrame(record["level1"]["category_aware"])
