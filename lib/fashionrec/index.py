@@ -393,17 +393,21 @@ def search_param_grid(index: faiss.Index) -> list[str]:
 
 
 # choose_index candidates, from most memory (fastest / most accurate) to least. Each entry:
-# template, bytes per vector as f(d, m), recall@10 ceiling with the widest parameters of
-# choose_index, and whether it carries a d*d OPQ matrix. The ceilings are priors from 20k
-# vectors synthesised from efficientnet_lite0 features (1280-d, PQ64): HNSW32 0.99,
-# fast-scan + RFlat 0.999, PQ + SQ8 re-rank 0.98, PQ64 alone 0.55, PQ64x4fs alone 0.16.
-# benchmarks/index_scale.py measures the real value for each N.
+# template, bytes per vector as f(d, m), recall@10 ceiling (the best any search setting of
+# search_param_grid reached), and whether it carries a d*d OPQ matrix. Ceilings were measured
+# by benchmarks/index_scale.py at N = 1,000,000 vectors grown from efficientnet_lite0 features
+# (1280-d, PQ64, nlist 4096, cosine): HNSW32 not built there (0.999 at 20k), PQ64 + exact
+# re-rank 0.979, PQ64x4fs + exact re-rank 0.69 (4-bit codes rank too coarsely for k_factor 32
+# to recover), PQ64 alone 0.36, PQ64x4fs alone 0.12. OPQ variants were not built at 1M: their
+# ceilings are 20k priors, capped by what SQ8 (0.967 at 1M) and PQ64 can give. A ceiling is a
+# prior, not a promise: tune_search_params measures the chosen index on held-out queries.
 _CHOICE_CANDIDATES = (
     ("HNSW32", lambda d, m: 4 * d + HNSW32_LINK_BYTES, 0.99, False),
-    ("IVF{nlist},PQ{m}x4fs,RFlat", lambda d, m: 4 * d + m / 2 + IVF_ID_BYTES, 0.99, False),
-    ("OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)", lambda d, m: d + m + IVF_ID_BYTES, 0.97, True),
-    ("OPQ{m},IVF{nlist},PQ{m}", lambda d, m: m + IVF_ID_BYTES, 0.55, True),
-    ("IVF{nlist},PQ{m}x4fs", lambda d, m: m / 2 + IVF_ID_BYTES, 0.15, False),
+    ("IVF{nlist},PQ{m},RFlat", lambda d, m: 4 * d + m + IVF_ID_BYTES, 0.979, False),
+    ("IVF{nlist},PQ{m}x4fs,RFlat", lambda d, m: 4 * d + m / 2 + IVF_ID_BYTES, 0.69, False),
+    ("OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)", lambda d, m: d + m + IVF_ID_BYTES, 0.96, True),
+    ("OPQ{m},IVF{nlist},PQ{m}", lambda d, m: m + IVF_ID_BYTES, 0.45, True),
+    ("IVF{nlist},PQ{m}x4fs", lambda d, m: m / 2 + IVF_ID_BYTES, 0.12, False),
 )
 
 
@@ -412,8 +416,9 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
 
     1. Flat (exact) when a query scans at most ``EXACT_SCAN_MAX_FLOATS`` floats and the raw
        vectors fit the budget: small galleries need no approximation.
-    2. Otherwise the first candidate, from most to least memory (HNSW32, IVF-PQ fast-scan
-       with exact re-ranking, OPQ IVF-PQ re-ranked from SQ8, OPQ IVF-PQ, IVF-PQ fast-scan),
+    2. Otherwise the first candidate, from most to least memory (HNSW32, IVF-PQ with exact
+       re-ranking, IVF-PQ fast-scan with exact re-ranking, OPQ IVF-PQ re-ranked from SQ8, OPQ
+       IVF-PQ, IVF-PQ fast-scan),
        whose estimated size fits the budget and whose recall ceiling reaches the target.
     3. If none that fits can reach the target, the fitting one with the highest ceiling
        (Flat, when it fits, is exact however slow); the rationale says the target is at risk.
@@ -425,7 +430,8 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
     floats) + PQ codebooks (256*d or 16*d floats) + fast-scan block padding: the serialised
     size. IVF-PQ searched with metric "l2" also precomputes nlist*m*256 floats in RAM.
     Returns factory (resolved), params, rationale, estimated_bytes_per_vector,
-    estimated_total_bytes, recall_ceiling.
+    estimated_total_bytes, recall_ceiling. The params are a starting point: once the index is
+    built, :func:`tune_search_params` finds the cheapest setting that meets the target.
     """
     if n < 1 or d < 1:
         raise ValueError(f"need n >= 1 and d >= 1, got n={n}, d={d}")
@@ -493,6 +499,21 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
         f"nothing that fits is expected to reach recall {recall_target}: taking the highest "
         f"ceiling ({best['recall_ceiling']}), target at risk"])
     return best
+
+
+def tune_search_params(operating_points: list[dict], recall_target: float) -> dict:
+    """The fastest measured setting that reaches ``recall_target``, else the most accurate one.
+
+    ``operating_points`` are dicts with params, qps and recall_at_k, as
+    ``benchmark_index(..., sweep=True)`` measures them on held-out queries against exact
+    search (autofaiss's tuning step). Returns that point plus ``meets_target``.
+    """
+    if not operating_points:
+        raise ValueError("no operating points to tune from")
+    reaching = [point for point in operating_points if point["recall_at_k"] >= recall_target]
+    if reaching:
+        return {**max(reaching, key=lambda point: point["qps"]), "meets_target": True}
+    return {**max(operating_points, key=lambda point: (point["recall_at_k"], point["qps"])), "meets_target": False}
 
 
 def save_index(index: faiss.Index, path, build_info: dict) -> Path:
