@@ -209,7 +209,8 @@ def targets(rows: list[dict], args) -> dict:
     return {
         "flat_qps": flat_qps,
         "recall_target": args.recall_target,
-        "fastest_at_recall_target": None if fastest is None else {**fastest, "speedup_vs_flat": fastest["qps"] / flat_qps},
+        "fastest_at_recall_target": (None if fastest is None
+                                     else {**fastest, "speedup_vs_flat": fastest["qps"] / flat_qps}),
         "compact_bytes": args.compact_bytes,
         "best_recall_within_bytes": smallest,
     }
