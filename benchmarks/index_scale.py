@@ -57,7 +57,7 @@ from fashionrec.index import (SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index,
                               choose_index, resolve_factory, search, train_coarse_centroids,
                               tune_search_params)
 from fashionrec.synthetic import (NEIGHBOURS, NOISE_MODELS, QUERY_POOL_FRACTION,  # noqa: E402
-                                  effective_dimension, make_vectors)
+                                  compressibility, effective_dimension, make_vectors)
 
 FIDELITY_SAMPLE_ROWS = 20_000
 
@@ -124,11 +124,16 @@ def run(args) -> dict:
         f"from {len(real)} real rows ({source})")
     base, queries = make_vectors(real, args.n, args.queries, args.seed, args.noise, args.mix, args.noise_model)
     n, d = base.shape
-    fidelity = {"real": effective_dimension(real),
-                "synthetic_base": effective_dimension(base[:FIDELITY_SAMPLE_ROWS]),
-                "synthetic_queries": effective_dimension(queries)}
+    fidelity = {"effective_dimension": {"real": effective_dimension(real),
+                                        "synthetic_base": effective_dimension(base[:FIDELITY_SAMPLE_ROWS]),
+                                        "synthetic_queries": effective_dimension(queries)}}
     log("effective dimension: real rows {real:.1f}, synthetic base {synthetic_base:.1f}, "
-        "synthetic queries {synthetic_queries:.1f}".format(**fidelity))
+        "synthetic queries {synthetic_queries:.1f}".format(**fidelity["effective_dimension"]))
+    if args.fidelity:
+        fidelity["compressibility"] = compressibility(real, seed=args.seed, noise=args.noise, mix=args.mix,
+                                                      noise_model=args.noise_model)
+        log("exhaustive {factory} recall@10 at {n} rows: real {recall_at_10_real:.3f}, "
+            "grown {recall_at_10_grown:.3f}".format(**fidelity["compressibility"]))
 
     log("exact reference (Flat)")
     exact = build_index(base, "Flat", args.metric, args.seed, threads=args.threads)
@@ -152,7 +157,7 @@ def run(args) -> dict:
         "source": source, "real_rows": len(real),
         "generation": {"noise": args.noise, "mix": args.mix, "noise_model": args.noise_model,
                        "neighbours": NEIGHBOURS, "query_pool_fraction": QUERY_POOL_FRACTION,
-                       "effective_dimension": fidelity},
+                       "fidelity": fidelity},
         "faiss_version": faiss.__version__, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "indexes": rows, "auto_choice": auto,
@@ -304,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--compact-bytes", type=float, default=64,
                         help="size limit, in bytes per vector, for the best-recall-of-a-compact-index summary")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="also compare exhaustive PQ40 recall on the real rows and on as many grown ones")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="measure each index at its default search parameters only")
     parser.add_argument("--no-share-coarse", dest="share_coarse", action="store_false",

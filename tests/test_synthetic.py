@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashionrec.synthetic import ResidualNoise, effective_dimension, make_vectors
+from fashionrec.synthetic import ResidualNoise, compressibility, effective_dimension, make_vectors
 
 
 def correlated_rows(n=600, d=16, seed=0):
@@ -63,3 +63,14 @@ def test_growing_is_seeded_and_keeps_non_negative_features_non_negative():
         make_vectors(real[:50], 10, 5, seed=0)
     with pytest.raises(ValueError, match="noise model"):
         make_vectors(real, 10, 5, seed=0, noise_model="isotropic")
+
+
+def test_compressibility_compares_real_and_grown_rows_of_equal_size():
+    real = correlated_rows(n=1200, d=32)
+    result = compressibility(real, factory="PQ4", seed=0)
+    assert result["n"] == 1080 and result["queries"] == 120
+    for name in ("real", "grown"):
+        assert 0.0 < result[f"recall_at_10_{name}"] <= 1.0
+    # Exact codes recall everything, on both sets.
+    exact = compressibility(real, factory="Flat", seed=0)
+    assert exact["recall_at_10_real"] == exact["recall_at_10_grown"] == 1.0

@@ -115,3 +115,25 @@ def make_vectors(real: np.ndarray, n: int, n_queries: int, seed: int, noise: flo
     queries = np.empty((n_queries, real.shape[1]), np.float32)
     Synthesizer(real[order[:query_pool_size]], shaped_noise, mix).fill(queries, query_rng)
     return base, queries
+
+
+def compressibility(real: np.ndarray, factory: str = "PQ40", seed: int = 0, noise: float = 0.5, mix: float = 0.5,
+                    noise_model: str = "covariance") -> dict:
+    """Recall@10 of exhaustive ``factory`` codes on the real rows and on as many grown ones.
+
+    The real rows are split into base and queries as :func:`make_vectors` splits its pools;
+    the grown set has the same sizes. If the grown vectors were much easier to compress than
+    the real ones, an index benchmark on them would flatter compact indexes.
+    """
+    from .index import build_index, recall_vs_exact, search
+
+    order = np.random.default_rng(seed).permutation(len(real))
+    n_queries = max(NEIGHBOURS + 1, int(len(real) * QUERY_POOL_FRACTION))
+    sets = {"real": (real[order[n_queries:]], real[order[:n_queries]]),
+            "grown": make_vectors(real, len(real) - n_queries, n_queries, seed, noise, mix, noise_model)}
+    result = {"factory": factory, "n": len(real) - n_queries, "queries": n_queries}
+    for name, (base, queries) in sets.items():
+        _, exact = search(build_index(base, "Flat", "cosine", seed), queries, 10, "cosine")
+        _, found = search(build_index(base, factory, "cosine", seed), queries, 10, "cosine")
+        result[f"recall_at_10_{name}"] = recall_vs_exact(found, exact, 10)
+    return result
