@@ -149,8 +149,9 @@ def run(args) -> dict:
             f"{row['qps']:.0f} qps, recall@{args.k} {row['recall_at_k']:.3f}")
 
     auto = auto_choice(base, queries, exact_ids, rows, args, coarse)
+    measured = rows + ([auto["measured"]] if "measured" in auto and auto["measured"] not in rows else [])
     return {
-        "targets": targets(rows, args),
+        "targets": targets(measured, args),
         "n": n, "d": d, "original_d": original_dim, "pca_dim": args.pca_dim if explained is not None else None,
         "pca_explained_variance": explained, "metric": args.metric, "k": args.k,
         "queries": args.queries, "threads": args.threads, "seed": args.seed,
