@@ -283,8 +283,9 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
     """Level 1 (head on frozen embeddings), optionally level 2 (last blocks + head), model of record.
 
     The level with the better *validation* P@k becomes ``head.pt``. Writes
-    ``finetune_metrics.json`` and ``finetune.csv`` (metrics only: byte-identical on a rerun)
-    and ``finetune_timing.json`` (training seconds, machine-dependent).
+    ``finetune_metrics.json`` and ``finetune.csv`` (metrics only) and ``finetune_timing.json``
+    (training seconds, machine-dependent). A rerun reuses the cached models, so its metrics
+    are byte-identical; a fresh level 2 that stops on its wall-clock budget may differ.
     """
     from . import finetune
     from .errors import FashionRecError
@@ -326,9 +327,9 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
         "backbone": backbone, "finetuned_backbone": headed_name, "chosen_level": chosen.payload["level"],
         "validation_precision_at_k": {"level 1": val_first, "level 2": val_second},
         "frozen": first.record["baseline"],
-        "level1": summary(first), "level1_metrics": first.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "level1": summary(first), "level1_metrics": first.evaluation.to_record(bootstrap_seed=seed),
         "level2": None if second is None else summary(second),
-        "level2_metrics": None if second is None else second.evaluation.to_record(bootstrap_seed=prepared.split_seed),
+        "level2_metrics": None if second is None else second.evaluation.to_record(bootstrap_seed=seed),
         "level2_skipped": skipped,
         "train_fingerprint": chosen.payload["train_fingerprint"],
     })
