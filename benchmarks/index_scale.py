@@ -130,8 +130,8 @@ def run(args) -> dict:
     log("effective dimension: real rows {real:.1f}, synthetic base {synthetic_base:.1f}, "
         "synthetic queries {synthetic_queries:.1f}".format(**fidelity["effective_dimension"]))
     if args.fidelity:
-        fidelity["compressibility"] = compressibility(real, seed=args.seed, noise=args.noise, mix=args.mix,
-                                                      noise_model=args.noise_model)
+        fidelity["compressibility"] = compressibility(real, args.fidelity_factory, seed=args.seed, noise=args.noise,
+                                                      mix=args.mix, noise_model=args.noise_model)
         log("exhaustive {factory} recall@10 at {n} rows: real {recall_at_10_real:.3f}, "
             "grown {recall_at_10_grown:.3f}".format(**fidelity["compressibility"]))
 
@@ -311,7 +311,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compact-bytes", type=float, default=64,
                         help="size limit, in bytes per vector, for the best-recall-of-a-compact-index summary")
     parser.add_argument("--fidelity", action="store_true",
-                        help="also compare exhaustive PQ40 recall on the real rows and on as many grown ones")
+                        help="also compare the recall of exhaustive --fidelity-factory codes on the real rows "
+                             "and on as many grown ones")
+    parser.add_argument("--fidelity-factory", default="PQ40", help="codes for --fidelity (default PQ40)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="measure each index at its default search parameters only")
     parser.add_argument("--no-share-coarse", dest="share_coarse", action="store_false",
