@@ -112,17 +112,11 @@ def multi_view_features(frozen: np.ndarray, views: list[np.ndarray]) -> np.ndarr
 def classifier_view_embeddings(prepared, view, metadata: pd.DataFrame, runtime: str | None, batch_size: int,
                                num_workers: int, threads: int | None, progress: bool) -> np.ndarray:
     """Embeddings of ``metadata``'s rows (same order) through the view backbone ``view``; cached like any other."""
-    from .embed import embed_catalog
-    from .runtime import DEFAULT_RUNTIME, calibration_sample, with_runtime
+    from .runtime import DEFAULT_RUNTIME
+    from .workflow import embed_with
 
-    runtime = runtime or DEFAULT_RUNTIME
-    rows = prepared.catalog[prepared.catalog["id"].isin(metadata["id"])].reset_index(drop=True)
-    calibration = None
-    if runtime == "onnx-int8":
-        calibration = calibration_sample(rows.loc[rows["split"] == "train", "path"].tolist(), seed=prepared.split_seed)
-    model = with_runtime(view, runtime, threads=threads, calibration_paths=calibration, progress=progress)
-    embedded = embed_catalog(rows, model, batch_size=batch_size, num_workers=num_workers, threads=threads,
-                             root=prepared.root, progress=progress)
+    embedded = embed_with(prepared, view, sorted(set(metadata["split"])), batch_size, num_workers, threads, progress,
+                          runtime or DEFAULT_RUNTIME)
     position = {image_id: i for i, image_id in enumerate(embedded.metadata["id"])}
     missing = [image_id for image_id in metadata["id"] if image_id not in position]
     if missing:

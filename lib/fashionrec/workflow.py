@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import config
-from .backbones import get_backbone
+from .backbones import Backbone, get_backbone
 from .datasets import load_dataset, split_catalog
 from .embed import Embeddings, embed_catalog
 from .evaluate import dataset_fingerprint, evaluate_embeddings, software_versions
@@ -62,7 +62,14 @@ def embed(prepared: PreparedData, backbone: str, splits=("train", "gallery", "qu
     ``runtime`` is one of fashionrec.runtime.RUNTIMES; "onnx-int8" calibrates on a seeded
     sample of the training split.
     """
-    model = get_backbone(backbone, weights_file=weights_file)
+    return embed_with(prepared, get_backbone(backbone, weights_file=weights_file), splits, batch_size, num_workers,
+                      threads, progress, runtime)
+
+
+def embed_with(prepared: PreparedData, model: Backbone, splits=("train", "gallery", "query"), batch_size: int = 32,
+               num_workers: int = 2, threads: int | None = None, progress: bool = True,
+               runtime: str = DEFAULT_RUNTIME) -> Embeddings:
+    """:func:`embed` for a backbone already built (e.g. a view of one, see fashionrec.classify)."""
     calibration = None
     if runtime == "onnx-int8":
         train = prepared.catalog[prepared.catalog["split"] == "train"]
