@@ -262,8 +262,8 @@ class FinetuneStage:
     level2_skipped: str | None = None
 
 
-def _finetune_row(model: str, level: int, result, evaluation, seed: int) -> dict:
-    record = evaluation.to_record(bootstrap_seed=seed)
+def _finetune_row(model: str, level: int, result, record: dict) -> dict:
+    """One row of finetune.csv from ``record``, an Evaluation.to_record of that model."""
     row = {"model": model, "level": level, "loss": result.payload["loss"] if level else ""}
     for name in ("precision_at_k", "hit_rate_at_1", "map_at_k"):
         row[name] = record[name]
@@ -312,10 +312,12 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
     headed_name = f"{backbone}{finetune.HEAD_SEPARATOR}{run_name}"
 
     seed = prepared.split_seed
-    rows = [_finetune_row(f"{backbone} (frozen)", 0, first, first.baseline, seed),
-            _finetune_row(f"{backbone} + head (level 1, {first.payload['loss']})", 1, first, first.evaluation, seed)]
+    first_metrics = first.evaluation.to_record(bootstrap_seed=seed)
+    second_metrics = None if second is None else second.evaluation.to_record(bootstrap_seed=seed)
+    rows = [_finetune_row(f"{backbone} (frozen)", 0, first, first.record["baseline"]),
+            _finetune_row(f"{backbone} + head (level 1, {first.payload['loss']})", 1, first, first_metrics)]
     if second is not None:
-        rows.append(_finetune_row(f"{backbone} tuned + head (level 2)", 2, second, second.evaluation, seed))
+        rows.append(_finetune_row(f"{backbone} tuned + head (level 2)", 2, second, second_metrics))
     table = pd.DataFrame(rows)
     table.to_csv(out / "finetune.csv", index=False, float_format="%.6f")
 
@@ -327,9 +329,8 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
         "backbone": backbone, "finetuned_backbone": headed_name, "chosen_level": chosen.payload["level"],
         "validation_precision_at_k": {"level 1": val_first, "level 2": val_second},
         "frozen": first.record["baseline"],
-        "level1": summary(first), "level1_metrics": first.evaluation.to_record(bootstrap_seed=seed),
-        "level2": None if second is None else summary(second),
-        "level2_metrics": None if second is None else second.evaluation.to_record(bootstrap_seed=seed),
+        "level1": summary(first), "level1_metrics": first_metrics,
+        "level2": None if second is None else summary(second), "level2_metrics": second_metrics,
         "level2_skipped": skipped,
         "train_fingerprint": chosen.payload["train_fingerprint"],
     })
