@@ -197,6 +197,13 @@ def measure(base, queries, factory, exact_ids, args, coarse: SharedCoarse | None
     return row
 
 
+def all_settings(row: dict) -> list[dict]:
+    """A measured index at its default setting and at each swept one, as flat points."""
+    return [{"name": row["name"], "factory": row["factory"], "bytes_per_vector": row["bytes_per_vector"],
+             "params": point["params"], "qps": point["qps"], "recall_at_k": point["recall_at_k"]}
+            for point in [row, *row.get("operating_points", [])]]
+
+
 def targets(rows: list[dict], args) -> dict:
     """The two questions of scale, answered from every measured operating point.
 
@@ -205,9 +212,7 @@ def targets(rows: list[dict], args) -> dict:
     at most --compact-bytes per vector (serialised size: codes, ids, centroids, matrices).
     """
     flat_qps = next(row["qps"] for row in rows if row["factory"] == "Flat")
-    points = [{"name": row["name"], "factory": row["factory"], "bytes_per_vector": row["bytes_per_vector"],
-               "params": point["params"], "qps": point["qps"], "recall_at_k": point["recall_at_k"]}
-              for row in rows for point in [row, *row.get("operating_points", [])]]
+    points = [point for row in rows for point in all_settings(row)]
     fast = [p for p in points if p["recall_at_k"] >= args.recall_target and p["factory"] != "Flat"]
     compact = [p for p in points if p["bytes_per_vector"] <= args.compact_bytes]
     fastest = max(fast, key=lambda p: p["qps"], default=None)
@@ -235,9 +240,7 @@ def auto_choice(base, queries, exact_ids, rows, args, coarse: SharedCoarse | Non
     if measured is None:
         measured = measure(base, queries, choice["factory"], exact_ids, args, coarse, params=choice["params"],
                            name="auto", sweep=True)
-    points = [{key: point[key] for key in ("params", "qps", "recall_at_k")}
-              for point in [measured, *measured.get("operating_points", [])]]
-    tuned = tune_search_params(points, args.recall_target)
+    tuned = tune_search_params(all_settings(measured), args.recall_target)
     log(f"auto choice tuned: {tuned['params']} {tuned['qps']:.0f} qps, recall@{args.k} {tuned['recall_at_k']:.3f}")
     return {
         **choice,
