@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
-CLOTHING_ARCHIVE_URL ?= https://github.com/alexeygrigorev/clothing-dataset/archive/7ed86a9.tar.gz
 SETUP_STAMP := $(VENV)/.setup-complete
 
 .PHONY: help setup data pipeline test test-unit test-notebooks notebooks lab clean clean-cache
@@ -24,32 +23,29 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 
 setup: $(SETUP_STAMP) ## virtual environment with the pinned packages (.venv)
 
-data: ## fetch what is missing: Fashion-MNIST (Debian package or torchvision) and the clothing photos
-	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist: /usr/share/datasets/fashion-mnist"; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get install -y -qq dataset-fashion-mnist; \
-	else echo "fashion-mnist: not installed system-wide; the loader downloads it into data/raw with torchvision"; fi
-	@if $(PY) -c "from fashionrec.datasets import find_clothing_dir; print('clothing:', find_clothing_dir())" 2>/dev/null; then :; \
-	else mkdir -p data/raw && curl -fL --retry 3 -o data/raw/clothing-dataset.tar.gz $(CLOTHING_ARCHIVE_URL) \
-	  && mkdir -p data/raw/clothing-dataset && tar -xzf data/raw/clothing-dataset.tar.gz -C data/raw/clothing-dataset --strip-components=1 \
-	  && rm data/raw/clothing-dataset.tar.gz; fi
+data: $(SETUP_STAMP) ## find or fetch each dataset on its own: Fashion-MNIST, the clothing photos
+	$(PY) -m fashionrec data
 
-pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill: make pipeline PARAMS=params/clothing.yaml
+pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill (fetches the data its PARAMS file needs)
 	$(PY) -m fashionrec pipeline --params $(PARAMS)
 
-test: $(SETUP_STAMP) ## unit, integration and notebook (nbval) tests
+test: $(SETUP_STAMP) ## import layers, unit, integration and notebook (nbval) tests
+	$(VENV)/bin/lint-imports
+	$(PY) -m fashionrec data --dataset fashion-mnist
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
 test-unit: $(SETUP_STAMP) ## unit tests only (fast)
 	$(PY) -m pytest tests -m "not integration" -p no:cacheprovider
 
 test-notebooks: $(SETUP_STAMP) ## nbval over every notebook
+	$(PY) -m fashionrec data --dataset fashion-mnist
 	$(PY) -m pytest notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
 notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sources, execute, keep checked outputs
 	cd notebooks && for source in [0-9][0-9]-*.py; do notebook="$${source%.py}.ipynb"; \
 	  ../$(PY) -m jupytext --quiet --to ipynb "$$source" && \
 	  ../$(PY) -m jupyter nbconvert --to notebook --execute --inplace "$$notebook" && \
-	  ../$(PY) -c "import sys; from fashionrec.pipeline import keep_checked_outputs; keep_checked_outputs(sys.argv[1])" "$$notebook" \
+	  ../$(PY) -c "import sys; from fashionrec.pipeline.notebooks import keep_checked_outputs; keep_checked_outputs(sys.argv[1])" "$$notebook" \
 	  || exit 1; done
 
 lab: $(SETUP_STAMP) ## open JupyterLab on the notebooks

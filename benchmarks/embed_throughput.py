@@ -5,7 +5,7 @@
 
 naive     what a tutorial does: eager PyTorch, batches of 32, ``Image.open(p).convert("RGB")``
           and the transform in the main process, torch's default threads.
-pipeline  fashionrec.embed.embed_catalog from file to embedding (file digests and cache shard
+pipeline  fashionrec.features.embed.embed_catalog from file to embedding (file digests and cache shard
           writes included, into a fresh cache directory): the chosen runtime (ONNX Runtime by
           default), JPEG draft decoding, decoding in worker processes overlapped with inference.
 
@@ -33,9 +33,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fashionrec import config  # noqa: E402
-from fashionrec.backbones import get_backbone  # noqa: E402
-from fashionrec.embed import embed_catalog  # noqa: E402
-from fashionrec.runtime import (RUNTIMES, available_threads, calibration_sample, with_runtime)
+from fashionrec.data.catalog import load_dataset  # noqa: E402
+from fashionrec.data.split import split_catalog  # noqa: E402
+from fashionrec.evaluation.protocol import evaluate_embeddings  # noqa: E402
+from fashionrec.features.embed import embed_catalog  # noqa: E402
+from fashionrec.models.registry import get_backbone  # noqa: E402
+from fashionrec.models.runtime import available_threads, calibration_sample, with_runtime  # noqa: E402
+from fashionrec.settings import RUNTIMES, InferenceSettings  # noqa: E402
 
 
 def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:
@@ -50,26 +54,14 @@ def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:
 
 def pipeline_embed(rows, backbone, batch_size: int, workers: int, threads: int):
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as cache:
-        result = embed_catalog(rows, backbone, batch_size=batch_size, num_workers=workers, threads=threads,
-                               cache_dir=Path(cache), progress=False)
+        result = embed_catalog(rows, backbone, InferenceSettings(batch_size=batch_size, workers=workers,
+                                                                 threads=threads, progress=False), cache_dir=Path(cache))
     return result.vectors
 
 
 def precision_at_10(vectors: np.ndarray, rows) -> float:
     """Query -> gallery P@10 within ``rows`` (exact cosine), via the workbench's evaluation."""
-    try:
-        from fashionrec.evaluate import evaluate_embeddings
-    except ImportError:  # fashionrec.index not available: same exact search in numpy
-        return _numpy_precision_at_10(vectors, rows)
     return float(evaluate_embeddings(vectors, rows, k=10).summary["precision_at_k"])
-
-
-def _numpy_precision_at_10(vectors, rows) -> float:
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    split, labels = rows["split"].to_numpy(), rows["label"].to_numpy()
-    queries, gallery = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")
-    top = np.argsort(-(unit[queries] @ unit[gallery].T), axis=1, kind="stable")[:, :10]
-    return float((labels[gallery][top] == labels[queries][:, None]).mean())
 
 
 def draft_reduction(paths, draft_size: int | None) -> float:
@@ -104,7 +96,7 @@ def interleaved(rows, contenders: dict, rounds: int) -> tuple[dict, dict]:
 def full_precision(catalog, args, threads: int, calibration) -> dict:
     """P@10 of the full query -> gallery protocol for each runtime (the embedding cache is reused).
 
-    Builds each backbone as fashionrec.workflow.embed does, plus a variant without draft
+    Builds each backbone as fashionrec.experiment.evaluate.embed does, plus a variant without draft
     decoding, so the effect of draft mode is reported on its own.
     """
     variants = [("eager", "eager", None), (args.runtime, args.runtime, None),
@@ -117,8 +109,8 @@ def full_precision(catalog, args, threads: int, calibration) -> dict:
     for label, runtime, draft in variants:
         backbone = with_runtime(eager, runtime, threads=threads, draft=draft, progress=not args.json,
                                 calibration_paths=calibration if runtime == "onnx-int8" else None)
-        embeddings = embed_catalog(rows, backbone, batch_size=args.batch_size, num_workers=args.workers,
-                                   threads=threads, progress=not args.json)
+        embeddings = embed_catalog(rows, backbone, InferenceSettings(batch_size=args.batch_size, workers=args.workers,
+                                                                     threads=threads, progress=not args.json))
         results[label] = round(precision_at_10(embeddings.vectors, embeddings.metadata), 6)
     results["n_queries"] = int((rows["split"] == "query").sum())
     results["n_gallery"] = int((rows["split"] == "gallery").sum())
@@ -147,9 +139,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     threads = args.threads or available_threads()
-    from fashionrec.datasets import load_dataset, split_catalog
-
-    # What fashionrec.workflow.prepare does: load, then the seeded stratified split.
+    # What fashionrec.experiment.evaluate.prepare does: load, then the seeded stratified split.
     catalog, _ = split_catalog(load_dataset(args.dataset, args.data_dir, progress=False).catalog, seed=args.seed)
     evaluated = catalog[catalog["split"].isin(["gallery", "query"])]
     rng = np.random.default_rng(args.seed)

@@ -3,7 +3,7 @@
     python benchmarks/index_scale.py --n 1000000 --embeddings results/RUN/embeddings/efficientnet_lite0.npy
     python benchmarks/index_scale.py --n 20000 --synthetic --json        # smoke test, no pipeline
 
-N vectors are grown from the real embeddings by ``fashionrec.synthetic.make_vectors`` (its
+N vectors are grown from the real embeddings by ``fashionrec.indexing.synthetic.make_vectors`` (its
 docstring says how: queries come from a held-out pool of real rows and are never in the index;
 noise is shaped by the covariance of the real rows' residuals around their neighbourhoods).
 The effective dimension of the real rows and of the grown ones is reported, so that a reader
@@ -13,10 +13,10 @@ Generation is chunked (1M x 1280 float32 is 5 GB). ``--pca-dim`` first projects 
 onto their principal components (centred), a lever that makes every index cheaper; the
 explained variance is reported. Ground truth is exact search (Flat) over the same vectors.
 
-Each index is built with ``fashionrec.index.build_index`` (training on at most 200k vectors),
+Each index is built with ``fashionrec.indexing.faiss_index.build_index`` (training on at most 200k vectors),
 searched with its default parameters as one batch of queries, and reported with build
 seconds, serialised bytes per vector, queries per second and recall@k against Flat; then
-the same index is searched at each setting of ``fashionrec.index.search_param_grid``
+the same index is searched at each setting of ``fashionrec.indexing.measure.search_param_grid``
 (nprobe, efSearch, re-ranking depth: "operating_points"), and "targets" names the fastest
 setting that reaches ``--recall-target`` (with its speed-up over Flat) and the best recall
 of an index of at most ``--compact-bytes`` per vector. IVF
@@ -25,7 +25,7 @@ same centroids they would train alone, for IVF_HNSW a better one); its time is a
 one's build_s so rows stay comparable (``--no-share-coarse`` trains each alone). Finally
 ``choose_index`` picks an index for this N under ``--memory-budget`` and ``--recall-target``;
 that choice is built, measured at every search setting and tuned with
-``fashionrec.index.tune_search_params`` to the fastest setting that meets the target ("auto_choice").
+``fashionrec.indexing.measure.tune_search_params`` to the fastest setting that meets the target ("auto_choice").
 
 Progress goes to stderr; stdout gets a table, or with ``--json`` one JSON object.
 """
@@ -53,10 +53,11 @@ except ImportError:
 import faiss  # noqa: E402
 
 from fashionrec import config  # noqa: E402
-from fashionrec.index import (SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index, build_index,  # noqa: E402
-                              choose_index, resolve_factory, search, train_coarse_centroids,
-                              tune_search_params)
-from fashionrec.synthetic import (NEIGHBOURS, NOISE_MODELS, QUERY_POOL_FRACTION,  # noqa: E402
+from fashionrec.indexing.choose import choose_index  # noqa: E402
+from fashionrec.indexing.faiss_index import (SCALE_FACTORIES, SPINE_FACTORIES, build_index,  # noqa: E402
+                                             resolve_factory, search, train_coarse_centroids)
+from fashionrec.indexing.measure import benchmark_index, tune_search_params  # noqa: E402
+from fashionrec.indexing.synthetic import (NEIGHBOURS, NOISE_MODELS, QUERY_POOL_FRACTION,  # noqa: E402
                                   compressibility, effective_dimension, make_vectors)
 
 FIDELITY_SAMPLE_ROWS = 20_000

@@ -23,36 +23,23 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fashionrec import config  # noqa: E402
-from fashionrec.backbones import get_backbone  # noqa: E402
-from fashionrec.datasets import load_dataset, split_catalog  # noqa: E402
-from fashionrec.embed import embed_catalog  # noqa: E402
-from fashionrec.images import load_image  # noqa: E402
-from fashionrec.runtime import (RUNTIMES, available_threads, calibration_sample, runtime_of,  # noqa: E402
-                                with_runtime)
+from fashionrec.data.catalog import load_dataset  # noqa: E402
+from fashionrec.data.images import load_image  # noqa: E402
+from fashionrec.data.split import split_catalog  # noqa: E402
+from fashionrec.features.embed import embed_catalog  # noqa: E402
+from fashionrec.indexing.faiss_index import build_index, search  # noqa: E402
+from fashionrec.models.registry import get_backbone  # noqa: E402
+from fashionrec.models.runtime import available_threads, calibration_sample, runtime_of, with_runtime  # noqa: E402
+from fashionrec.settings import RUNTIMES, InferenceSettings  # noqa: E402
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
 PERCENTILES = (50, 95, 99)
 
 
 def cosine_index(vectors: np.ndarray):
-    """The gallery index: the workbench's Flat cosine index, or the same in plain FAISS."""
-    try:
-        from fashionrec.index import build_index, search
-
-        index = build_index(vectors, factory="Flat", metric="cosine")
-        return lambda query, k: search(index, query, k, metric="cosine")
-    except ImportError:
-        import faiss
-
-        unit = np.ascontiguousarray(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), dtype=np.float32)
-        index = faiss.IndexFlatIP(unit.shape[1])
-        index.add(unit)
-
-        def search(query, k):
-            query = np.ascontiguousarray(query / np.linalg.norm(query, axis=1, keepdims=True), dtype=np.float32)
-            return index.search(query, k)
-
-        return search
+    """The gallery index: the workbench's Flat cosine index."""
+    index = build_index(vectors, factory="Flat", metric="cosine")
+    return lambda query, k: search(index, query, k, metric="cosine")
 
 
 def measure(backbone, search, paths: list[str], k: int, warmup: int) -> dict[str, np.ndarray]:
@@ -112,7 +99,8 @@ def main(argv=None) -> int:
     for name in runtimes:
         calibration = calibration_sample(train_paths, seed=args.seed) if name == "onnx-int8" else None
         backbone = with_runtime(eager, name, threads=threads, calibration_paths=calibration, progress=not args.json)
-        embedded = embed_catalog(gallery, backbone, num_workers=args.workers, threads=threads, progress=not args.json)
+        embedded = embed_catalog(gallery, backbone, InferenceSettings(workers=args.workers, threads=threads,
+                                                                     progress=not args.json))
         search = cosine_index(embedded.vectors)
         # Threads set deliberately: with an ONNX model, torch only runs the preprocessing of one
         # image, where a second OpenMP thread costs more in synchronisation than it saves

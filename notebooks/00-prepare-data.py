@@ -21,9 +21,9 @@ split_seed = 0
 category_map = None
 
 # %%
-from fashionrec import plots
-from fashionrec.datasets import split_counts
-from fashionrec.runs import run_dir, stage_prepare
+from fashionrec.pipeline import plots
+from fashionrec.data.split import split_counts
+from fashionrec.pipeline.stages import run_dir, stage_prepare
 
 prepared = stage_prepare(run_name, dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
                          category_map=category_map)

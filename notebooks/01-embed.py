@@ -21,9 +21,11 @@ num_workers = 2
 threads = None
 
 # %%
-from fashionrec.runs import stage_embed
+from fashionrec.pipeline.stages import stage_embed
+from fashionrec.settings import InferenceSettings
 
-table = stage_embed(run_name, backbones, batch_size=batch_size, num_workers=num_workers, threads=threads)
+settings = InferenceSettings(batch_size=batch_size, workers=num_workers, threads=threads)
+table = stage_embed(run_name, backbones, settings=settings)
 
 # %% [markdown]
 # Availability of each backbone (skipped ones name the missing weights):

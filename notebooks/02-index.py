@@ -19,8 +19,8 @@ metric = "cosine"
 threads = 2
 
 # %%
-from fashionrec import plots
-from fashionrec.runs import run_dir, stage_index
+from fashionrec.pipeline import plots
+from fashionrec.pipeline.stages import run_dir, stage_index
 
 table = stage_index(run_name, indexes, k=k, metric=metric, threads=threads)
 out = run_dir(run_name)

@@ -21,21 +21,26 @@ metric = "cosine"
 n_grid_queries = 6
 
 # %%
-from fashionrec import plots
-from fashionrec.analysis import hardest_queries
-from fashionrec.metrics import retrieval_confusion
-from fashionrec.runs import METRIC_COLUMNS, run_dir, stage_compare, stage_evaluate
+from fashionrec.pipeline import plots
+from fashionrec.evaluation.analysis import hardest_queries
+from fashionrec.evaluation.metrics import retrieval_confusion
+from fashionrec.pipeline.stages import METRIC_COLUMNS, run_dir, stage_compare, stage_evaluate
 
 table, evaluations = stage_evaluate(run_name, indexes, k=k, metric=metric)
 out = run_dir(run_name)
 primary = indexes[0]
 
 # %% [markdown]
-# Metrics per backbone and index (query split -> gallery split), point estimates:
+# Metrics per backbone and index (query split -> gallery split), point estimates. Two
+# decimals are checked: the third depends on near-tied neighbours, which the machine's BLAS
+# and ONNX Runtime kernels may order differently.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(table[["backbone", "index", "n_queries", "n_gallery", *METRIC_COLUMNS]].round(3).to_string(index=False))
+print(table[["backbone", "index", "n_queries", "n_gallery", *METRIC_COLUMNS]].round(2).to_string(index=False))
+
+# %%
+table[["backbone", "index", *METRIC_COLUMNS]].round(4)
 
 # %% [markdown]
 # The same with 95% bootstrap intervals (resampling queries):
@@ -51,8 +56,12 @@ plots.metrics_with_intervals(table, ["precision_at_k", "hit_rate_at_1", "map_at_
 # %%
 # NBVAL_CHECK_OUTPUT
 comparisons, winners = stage_compare(run_name, table, evaluations)
-print(comparisons.round(3).to_string(index=False) if len(comparisons) else "one backbone: nothing to compare")
-print(winners.round(3).to_string(index=False))
+print(comparisons[["index", "metric", "a", "b", "verdict"]].to_string(index=False) if len(comparisons)
+      else "one backbone: nothing to compare")
+print(winners[["index", "metric", "best", "significant_over_all_others"]].to_string(index=False))
+
+# %%
+comparisons.round(3)
 
 # %% [markdown]
 # Per category (P@k, hit rate, mAP with the number of queries):

@@ -17,8 +17,10 @@ from PIL import Image, ImageOps
 from torch import nn
 from torchvision import transforms
 
-from fashionrec import backbones, config
-from fashionrec.backbones import BACKBONES, get_backbone, imagenet_class_names, list_backbones
+from fashionrec import config
+from fashionrec.models.backbone import Backbone
+from fashionrec.models.builtin import imagenet_class_names
+from fashionrec.models.registry import BACKBONES, get_backbone, list_backbones
 from fashionrec.errors import WeightsUnavailable
 
 torch.set_num_threads(2)
@@ -53,7 +55,7 @@ TORCHVISION_BACKBONES = {
 
 
 @functools.cache
-def cached_backbone(name: str) -> backbones.Backbone:
+def cached_backbone(name: str) -> Backbone:
     return get_backbone(name)
 
 

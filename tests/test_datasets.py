@@ -5,10 +5,9 @@ import pandas as pd
 import pytest
 
 from fashionrec import config
-from fashionrec.datasets import (
-    FASHION_MNIST_CLASSES, apply_category_map, load_catalog_csv, load_clothing, load_dataset, load_fashion_mnist,
-    load_folder, split_catalog, split_counts, subsample,
-)
+from fashionrec.data.catalog import (FASHION_MNIST_CLASSES, apply_category_map, load_catalog_csv, load_clothing,
+                                     load_dataset, load_fashion_mnist, load_folder)
+from fashionrec.data.split import split_catalog, split_counts, subsample
 from fashionrec.errors import DatasetError
 
 from conftest import write_color_image

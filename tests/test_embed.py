@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashionrec.backbones import get_backbone
-from fashionrec.datasets import load_folder
-from fashionrec.embed import embed_catalog, load_embeddings, save_embeddings
+from fashionrec.data.catalog import load_folder
+from fashionrec.models.registry import get_backbone
+from fashionrec.features.embed import embed_catalog
+from fashionrec.features.files import load_embeddings, save_embeddings
+from fashionrec.settings import InferenceSettings
 
 from conftest import REPO, write_color_image
+
+QUIET_SERIAL = InferenceSettings(batch_size=8, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def colorhist():
 
 def test_embeddings_follow_catalog_order_and_rerun_reuses_the_cache(color_folder, colorhist, tmp_path):
     catalog = load_folder(color_folder, progress=False).catalog
-    first = embed_catalog(catalog, colorhist, batch_size=8, num_workers=0, progress=False)
+    first = embed_catalog(catalog, colorhist, QUIET_SERIAL)
     assert first.vectors.shape == (30, colorhist.dim)
     assert (first.n_computed, first.n_reused) == (30, 0)
     assert first.metadata["id"].tolist() == catalog["id"].tolist()
@@ -36,12 +40,12 @@ def test_embeddings_follow_catalog_order_and_rerun_reuses_the_cache(color_folder
     nearest = first.metadata["label"].to_numpy()[similarity.argmax(axis=1)]
     assert (nearest == first.metadata["label"].to_numpy()).all()
 
-    again = embed_catalog(catalog, colorhist, batch_size=8, num_workers=0, progress=False)
+    again = embed_catalog(catalog, colorhist, QUIET_SERIAL)
     assert (again.n_computed, again.n_reused) == (0, 30)
     assert np.array_equal(again.vectors, first.vectors)
 
     write_color_image(color_folder / "red" / "red-03.jpg", (250, 250, 0))
-    changed = embed_catalog(catalog, colorhist, batch_size=8, num_workers=0, progress=False)
+    changed = embed_catalog(catalog, colorhist, QUIET_SERIAL)
     assert (changed.n_computed, changed.n_reused) == (1, 29)
     row = catalog.index[catalog["id"] == "red/red-03.jpg"][0]
     assert not np.array_equal(changed.vectors[row], first.vectors[row])
@@ -68,7 +72,7 @@ def test_an_image_that_fails_to_decode_is_skipped_and_the_rest_embedded(color_fo
     (color_folder / "blue" / "blue-cut.jpg").write_bytes(good[: len(good) // 2])
     loaded = load_folder(color_folder, progress=False)
     assert loaded.skipped == []
-    result = embed_catalog(loaded.catalog, colorhist, num_workers=2, root=color_folder, progress=False)
+    result = embed_catalog(loaded.catalog, colorhist, InferenceSettings(workers=2, progress=False), root=color_folder)
     assert len(result.vectors) == 30
     assert [entry["path"] for entry in result.skipped] == ["blue/blue-cut.jpg"]
     assert "truncated" in result.skipped[0]["reason"] or "corrupt" in result.skipped[0]["reason"]

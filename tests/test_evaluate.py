@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashionrec.analysis import distance_and_dimension, hardest_queries, paired_comparisons, pca_reduce, winners
-from fashionrec.evaluate import dataset_fingerprint, evaluate_embeddings
+from fashionrec.evaluation.analysis import distance_and_dimension, hardest_queries, pca_reduce
+from fashionrec.evaluation.compare import paired_comparisons, winners
+from fashionrec.evaluation.protocol import dataset_fingerprint, evaluate_embeddings
 
 
 def _toy():
@@ -78,27 +79,53 @@ def test_fingerprint_changes_with_content_and_split_not_with_row_order():
 def test_pca_reduce_with_and_without_whitening_on_exact_values():
     fit = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.5], [0.0, -0.5]])
     point = np.array([[2.0, 0.0]])
-    # First axis is x (variance 2/3 with n-1); the projection of (2, 0) on it is +-2,
-    # and +-2 / sqrt(2/3) = +-2.449490 once whitened.
+    # First axis is x (variance 2/3 with n-1); the projection of (2, 0) on it is +-2, and
+    # +-2 / sqrt(2/3 + 0.1 * 2/3) = +-2.335497 once whitened (the floor is 0.1 x the mean variance).
     assert abs(pca_reduce(fit, point, 1, whiten=False)[0, 0]) == pytest.approx(2.0, abs=1e-6)
-    assert abs(pca_reduce(fit, point, 1, whiten=True)[0, 0]) == pytest.approx(2.0 / np.sqrt(2 / 3), abs=1e-5)
+    assert abs(pca_reduce(fit, point, 1, whiten=True)[0, 0]) == pytest.approx(2.0 / np.sqrt(1.1 * 2 / 3), abs=1e-5)
+    # Two axes: variances 2/3 and 1/6; each is floored by 0.1 x their mean (5/12) before dividing.
+    both = pca_reduce(fit, np.array([[2.0, 1.0]]), 2, whiten=True)[0]
+    assert np.abs(both) == pytest.approx([2 / np.sqrt(2 / 3 + 5 / 120), 1 / np.sqrt(1 / 6 + 5 / 120)], abs=1e-5)
     with pytest.raises(ValueError, match="dim must be between"):
         pca_reduce(fit, point, 3)
 
 
-def test_distance_and_dimension_lists_each_distance_and_each_pca_size():
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(4, 32)) * 3
-    labels = np.repeat(np.arange(4), 30)
-    vectors = (centres[labels] + rng.normal(size=(120, 32))).astype(np.float32)
-    metadata = pd.DataFrame({"id": [f"i{i}" for i in range(120)], "label": labels.astype(str),
-                             "split": np.tile(["train", "train", "train", "gallery", "query"], 24)})
-    table = distance_and_dimension(vectors, metadata, k=5, dims=(4, 8, 64))
+def _clusters_with_a_loud_nuisance_axis(nuisance: float, seed: int = 0):
+    """Four categories in 32-d; one extra axis of large category-free noise when ``nuisance`` > 0."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), 60)
+    vectors = rng.normal(size=(4, 32))[labels] * 1.5 + rng.normal(size=(240, 32))
+    vectors[:, 0] += rng.normal(size=240) * nuisance
+    metadata = pd.DataFrame({"id": [f"i{i}" for i in range(240)], "label": labels.astype(str),
+                             "split": np.tile(["train", "train", "train", "gallery", "query"], 48)})
+    return vectors.astype(np.float32), metadata
+
+
+def test_distance_and_dimension_scores_every_variant_on_validation_only():
+    vectors, metadata = _clusters_with_a_loud_nuisance_axis(nuisance=0)
+    table, summary = distance_and_dimension(vectors, metadata, k=5, dims=(4, 8, 64))
     assert table[table["variant"] == "raw"]["distance"].tolist() == ["cosine", "l2", "ip"]
     assert sorted(set(table.loc[table["variant"] != "raw", "dim"])) == [4, 8]  # 64 >= d is left out
     assert set(table["variant"]) == {"raw", "PCA", "PCA+whitening"}
     assert (table["bytes_per_vector_float32"] == 4 * table["dim"]).all()
-    assert table["precision_at_k"].between(0.9, 1.0).all()  # well-separated clusters
+    assert "precision_at_k" not in table.columns and table["val_precision_at_k"].between(0.7, 1.0).all()
+    assert table["chosen"].sum() == 1
+    # Validation: 20% of the 144 train images rank the other 80%; the queries are never used to choose.
+    assert summary["chosen_on"] == "validation part of the train split (28 images ranking 116)"
+    assert summary["query"]["reference"]["n_queries"] == 48
+    assert summary["query"]["chosen"]["precision_at_k_ci"][0] <= summary["query"]["chosen"]["precision_at_k"]
+
+
+def test_distance_and_dimension_keeps_raw_cosine_unless_another_setting_wins_significantly():
+    # Nothing to gain: the clusters are isotropic, so raw cosine stays, whatever variant tops the table by chance.
+    _, plain = distance_and_dimension(*_clusters_with_a_loud_nuisance_axis(nuisance=0), k=5, dims=(8,))
+    assert plain["chosen"] == {"variant": "raw", "distance": "cosine", "dim": 32}
+    assert plain["query_gain_over_reference"]["diff"] == 0
+    # One loud axis without category information: whitening it down is a large, significant gain.
+    _, loud = distance_and_dimension(*_clusters_with_a_loud_nuisance_axis(nuisance=30), k=5, dims=(8,))
+    assert loud["chosen"] == {"variant": "PCA+whitening", "distance": "cosine", "dim": 8}
+    assert loud["validation_gain_over_reference"]["low"] > 0
+    assert loud["query_gain_over_reference"]["low"] > 0   # and it holds on the unseen queries
 
 
 def test_paired_comparison_finds_a_real_difference_and_names_the_winner():

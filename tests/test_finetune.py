@@ -10,11 +10,20 @@ import pytest
 import torch
 
 from conftest import write_color_image
-from fashionrec import config, finetune
-from fashionrec.backbones import get_backbone
+from fashionrec import config
+from fashionrec.errors import FashionRecError
+from fashionrec.models.classifier import CategoryClassifier
+from fashionrec.models.finetuned import head_from_payload, load_model, save_model
+from fashionrec.models.projection import project
+from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone, view_transform
+from fashionrec.training.classify import category_aware_effect, category_metrics, select_classifier, train_classifier
+from fashionrec.training.finetune import head_payload
+from fashionrec.training.heads import (LOSSES, HeadConfig, fit_head, leave_one_out_precision, train_head,
+                                       validation_precision, validation_split, validation_uses_fit_rows)
+from fashionrec.models.registry import get_backbone
 from fashionrec.errors import WeightsUnavailable
 
-SMALL = finetune.HeadConfig(hidden_dim=64, out_dim=32, epochs=40, patience=8, batch_size=64, k=10,
+SMALL = HeadConfig(hidden_dim=64, out_dim=32, epochs=40, patience=8, batch_size=64, k=10,
                             classifier_c=(0.1,))
 
 
@@ -46,16 +55,16 @@ def clusters(n_per_class=60, n_classes=6, dim=48, seed=0):
 
 def test_validation_split_is_stratified_and_reports_small_categories():
     labels = np.array(["a"] * 20 + ["b"] * 10 + ["c"] * 2 + ["d"])
-    val, not_validated = finetune.validation_split(labels, 0.2, seed=0)
+    val, not_validated = validation_split(labels, 0.2, seed=0)
     assert val[labels == "a"].sum() == 4 and val[labels == "b"].sum() == 2
     assert not val[np.isin(labels, ["c", "d"])].any()
     assert [entry["label"] for entry in not_validated] == ["c", "d"]
-    again, _ = finetune.validation_split(labels, 0.2, seed=0)
+    again, _ = validation_split(labels, 0.2, seed=0)
     assert np.array_equal(val, again)
     # Validation images rank each other, unless most have no other image of their category.
-    assert not finetune.validation_uses_fit_rows(labels[val])
-    assert finetune.validation_uses_fit_rows(["a", "b", "c", "c"]) is False
-    assert finetune.validation_uses_fit_rows(["a", "b", "c", "d", "d"]) is True
+    assert not validation_uses_fit_rows(labels[val])
+    assert validation_uses_fit_rows(["a", "b", "c", "c"]) is False
+    assert validation_uses_fit_rows(["a", "b", "c", "d", "d"]) is True
 
 
 def test_validation_precision_with_one_image_per_category_ranks_the_fit_rows():
@@ -63,32 +72,32 @@ def test_validation_precision_with_one_image_per_category_ranks_the_fit_rows():
     val = np.zeros(len(labels), dtype=bool)
     for label in set(labels):
         val[np.flatnonzero(labels == label)[0]] = True
-    within = finetune.leave_one_out_precision(vectors[val], labels[val], k=3)
-    ranked = finetune.validation_precision(vectors[val], labels[val], vectors[~val], labels[~val], k=3)
+    within = leave_one_out_precision(vectors[val], labels[val], k=3)
+    ranked = validation_precision(vectors[val], labels[val], vectors[~val], labels[~val], k=3)
     assert within == 0.0 < ranked
 
 
 def test_head_improves_precision_on_held_out_clusters():
     vectors, labels = clusters()
     train, test = slice(0, 240), slice(240, None)
-    raw = finetune.leave_one_out_precision(vectors[test], labels[test], k=10)
-    fit = finetune.fit_head(vectors[train], labels[train], SMALL, losses=("norm_softmax", "supcon"), progress=False)
-    trained = finetune.leave_one_out_precision(finetune.project(fit.head, vectors[test]), labels[test], k=10)
+    raw = leave_one_out_precision(vectors[test], labels[test], k=10)
+    fit = fit_head(vectors[train], labels[train], SMALL, losses=("norm_softmax", "supcon"), progress=False)
+    trained = leave_one_out_precision(project(fit.head, vectors[test]), labels[test], k=10)
     assert set(fit.comparison["loss"]) == {"norm_softmax", "supcon"}
     assert fit.loss_name == fit.comparison.sort_values("val_precision_at_k").iloc[-1]["loss"]
     assert trained > raw + 0.15, (raw, trained)
-    out = finetune.project(fit.head, vectors[:5])
+    out = project(fit.head, vectors[:5])
     assert out.shape == (5, 32) and np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss", finetune.LOSSES)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_trains_and_is_deterministic(loss):
     vectors, labels = clusters(n_per_class=30, n_classes=4, dim=24)
     categories = sorted(set(labels))
-    cfg = finetune.HeadConfig(hidden_dim=32, out_dim=16, epochs=4, batch_size=32, seed=3)
-    first = finetune.train_head(vectors, labels, categories, loss, cfg, progress=False)
-    second = finetune.train_head(vectors, labels, categories, loss, cfg, progress=False)
-    other = finetune.train_head(vectors, labels, categories, loss, finetune.HeadConfig(
+    cfg = HeadConfig(hidden_dim=32, out_dim=16, epochs=4, batch_size=32, seed=3)
+    first = train_head(vectors, labels, categories, loss, cfg, progress=False)
+    second = train_head(vectors, labels, categories, loss, cfg, progress=False)
+    other = train_head(vectors, labels, categories, loss, HeadConfig(
         hidden_dim=32, out_dim=16, epochs=4, batch_size=32, seed=4), progress=False)
     for key, value in first.head.state_dict().items():
         assert torch.equal(value, second.head.state_dict()[key]), key
@@ -99,30 +108,30 @@ def test_every_loss_trains_and_is_deterministic(loss):
 
 def test_classifier_selection_and_metrics():
     vectors, labels = clusters(n_per_class=40, n_classes=3)
-    val, _ = finetune.validation_split(labels, 0.2)
-    classifier, table = finetune.select_classifier(vectors, labels, val, cs=(0.1, 1.0))
+    val, _ = validation_split(labels, 0.2)
+    classifier, table = select_classifier(vectors, labels, val, cs=(0.1, 1.0))
     assert len(table) == 2 and classifier.features == "frozen"
-    metrics = finetune.category_metrics(labels, classifier.predict(vectors), classifier.categories)
+    metrics = category_metrics(labels, classifier.predict(vectors), classifier.categories)
     assert metrics["accuracy"] > 0.9 and 0 < metrics["macro_f1"] <= 1
     low, high = metrics["accuracy_ci"]
     assert low < metrics["accuracy"] <= high <= 1.0
-    half = finetune.category_metrics(["a", "b"] * 50, ["a", "a"] * 50)
+    half = category_metrics(["a", "b"] * 50, ["a", "a"] * 50)
     assert half["accuracy"] == 0.5 and half["accuracy_ci"][0] < 0.5 < half["accuracy_ci"][1]
     matrix = np.array(metrics["confusion_matrix"]["matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == len(labels)
-    restored = finetune.CategoryClassifier.from_payload(classifier.to_payload())
+    restored = CategoryClassifier.from_payload(classifier.to_payload())
     assert np.array_equal(restored.predict(vectors), classifier.predict(vectors))
     # Two categories and one category still give a usable classifier.
-    two = finetune.train_classifier(vectors[labels != "cat2"], labels[labels != "cat2"])
+    two = train_classifier(vectors[labels != "cat2"], labels[labels != "cat2"])
     assert set(two.predict(vectors)) <= {"cat0", "cat1"}
-    one = finetune.train_classifier(vectors[:5], ["only"] * 5)
+    one = train_classifier(vectors[:5], ["only"] * 5)
     assert set(one.predict(vectors)) == {"only"}
 
 
 def test_category_aware_ranking_with_a_perfect_classifier_is_perfect():
     vectors, labels = clusters(n_per_class=30, n_classes=4)
     query, gallery = slice(0, 40), slice(40, None)
-    table = finetune.category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery],
+    table = category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery],
                                            labels[query], labels[gallery], k=10)
     plain = table[table["boost"] == 0].iloc[0]
     within = table[(table["boost"] == np.inf) & (table["gallery_category"] == "known")].iloc[0]
@@ -132,44 +141,44 @@ def test_category_aware_ranking_with_a_perfect_classifier_is_perfect():
 def _colorhist_head(tmp_path, folder):
     """A tiny head on colour histograms of the conftest colour folder, saved as a model file."""
     base = get_backbone("colorhist")
-    from fashionrec.images import load_image
+    from fashionrec.data.images import load_image
 
     paths = sorted(folder.rglob("*.jpg"))
     labels = np.array([p.parent.name for p in paths])
     with torch.no_grad():
         frozen = base.model(torch.stack([base.transform(load_image(p)) for p in paths])).numpy()
-    cfg = finetune.HeadConfig(hidden_dim=16, out_dim=8, epochs=3, batch_size=16, refit=False)
-    fit = finetune.fit_head(frozen, labels, cfg, losses=("norm_softmax",), progress=False)
-    payload = finetune.head_payload(fit, base, cfg, "fingerprint", len(labels), metrics={"precision_at_k": 1.0})
+    cfg = HeadConfig(hidden_dim=16, out_dim=8, epochs=3, batch_size=16, refit=False)
+    fit = fit_head(frozen, labels, cfg, losses=("norm_softmax",), progress=False)
+    payload = head_payload(fit, base, cfg, "fingerprint", len(labels), metrics={"precision_at_k": 1.0})
     return base, paths, frozen, fit, payload
 
 
 def test_model_file_round_trip_and_head_backbone_name(tmp_path, color_folder, monkeypatch):
     base, paths, frozen, fit, payload = _colorhist_head(tmp_path, color_folder)
-    path = finetune.save_model(payload, tmp_path / "head.pt")
-    loaded = finetune.load_model(path)
+    path = save_model(payload, tmp_path / "head.pt")
+    loaded = load_model(path)
     assert loaded["train_fingerprint"] == "fingerprint" and loaded["metrics"]["precision_at_k"] == 1.0
     assert loaded["backbone"] == "colorhist" and loaded["level"] == 1
-    head = finetune.head_from_payload(loaded)
-    assert np.allclose(finetune.project(head, frozen), finetune.project(fit.head, frozen), atol=1e-6)
+    head = head_from_payload(loaded)
+    assert np.allclose(project(head, frozen), project(fit.head, frozen), atol=1e-6)
 
     headed = get_backbone(f"colorhist+head:{path}")
     assert headed.dim == 8 and headed.cache_key != base.cache_key
     assert headed.weights_sha256 != base.weights_sha256
-    from fashionrec.images import load_image
+    from fashionrec.data.images import load_image
 
     with torch.no_grad():
         out = headed.model(torch.stack([headed.transform(load_image(p)) for p in paths[:4]])).numpy()
-    assert np.allclose(out, finetune.project(fit.head, frozen[:4]), atol=1e-5)
+    assert np.allclose(out, project(fit.head, frozen[:4]), atol=1e-5)
 
     # A run name resolves to results/<run>/head.pt; the name stays a valid file name.
-    finetune.save_model(payload, config.RESULTS_DIR / "my-run" / "head.pt")
+    save_model(payload, config.RESULTS_DIR / "my-run" / "head.pt")
     assert get_backbone("colorhist+head:my-run").dim == 8
     # Other parameters -> another cache key; metadata alone (metrics) leaves it unchanged.
-    finetune.save_model(dict(payload, metrics={"precision_at_k": 0.5}), path)
+    save_model(dict(payload, metrics={"precision_at_k": 0.5}), path)
     assert get_backbone(f"colorhist+head:{path}").cache_key == headed.cache_key
     changed = {k: v + 1 if k.endswith("bias") else v for k, v in payload["state_dict"].items()}
-    finetune.save_model(dict(payload, state_dict=changed), path)
+    save_model(dict(payload, state_dict=changed), path)
     assert get_backbone(f"colorhist+head:{path}").cache_key != headed.cache_key
 
     with pytest.raises(WeightsUnavailable, match="not found"):
@@ -198,7 +207,7 @@ def _tiny_category_catalog(root):
 
 
 def test_cli_finetune_on_many_small_categories(tmp_path, capsys):
-    from fashionrec.__main__ import main
+    from fashionrec.cli import main
 
     root = _tiny_category_catalog(tmp_path / "shop")
     argv = ["evaluate", "--dataset", "catalog", "--data-dir", str(root), "--backbone", "colorhist", "--index",
@@ -226,14 +235,14 @@ def test_cli_finetune_on_many_small_categories(tmp_path, capsys):
     assert again["finetune"]["reused_cached_model"] is True
     assert again["precision_at_k"] == record["precision_at_k"]
     assert again["category_accuracy"] == record["category_accuracy"]
-    saved = finetune.load_model(tmp_path / "run" / "head.pt")
+    saved = load_model(tmp_path / "run" / "head.pt")
     assert saved["metrics"]["precision_at_k"] == pytest.approx(record["precision_at_k"], abs=1e-6)
     assert saved["train_fingerprint"] == record["finetune"]["train_fingerprint"]
 
 
 def test_finetune_stage_writes_the_model_of_record_and_the_report_section(tmp_path):
-    from fashionrec import report
-    from fashionrec.runs import run_dir, stage_finetune, stage_prepare
+    from fashionrec.pipeline import report
+    from fashionrec.pipeline.stages import run_dir, stage_finetune, stage_prepare
 
     root = _tiny_category_catalog(tmp_path / "shop")
     stage_prepare("tiny", "catalog", data_dir=root, progress=False)
@@ -271,22 +280,22 @@ def test_classifier_views_change_only_the_geometry_of_the_lite_transform():
     pixels[:, -12:] = (0, 0, 255)
     image = Image.fromarray(pixels)
     centre = lite.transform(image)
-    squash = finetune.view_transform(lite.transform, "squash")(image)
-    shorter = finetune.view_transform(lite.transform, "shorter_side")(image)
+    squash = view_transform(lite.transform, "squash")(image)
+    shorter = view_transform(lite.transform, "shorter_side")(image)
     assert centre.shape == squash.shape == shorter.shape == (3, 224, 224)
     red = lambda x: float(x[0, 112, :4].mean() - x[2, 112, :4].mean())  # noqa: E731  (left edge: red minus blue)
     # The retrieval view (resize 256, crop 224) cuts the edges; both extra views keep the whole width.
     assert red(centre) < 0.5 < red(squash) and red(shorter) > 0.5
     # The squash view also keeps the whole height: the image is not cropped at all.
-    steps = finetune.view_transform(lite.transform, "squash").transforms
+    steps = view_transform(lite.transform, "squash").transforms
     assert not any(isinstance(step, transforms.CenterCrop) for step in steps)
     assert isinstance(steps[-1], transforms.Normalize) and steps[-1].mean == lite.transform.transforms[-1].mean
-    view = finetune.view_backbone(lite, "squash")
+    view = view_backbone(lite, "squash")
     assert view.cache_key != lite.cache_key and view.model is lite.model
-    with pytest.raises(finetune.FashionRecError, match="Resize -> CenterCrop"):
-        finetune.view_transform(get_backbone("colorhist").transform, "squash")
+    with pytest.raises(FashionRecError, match="Resize -> CenterCrop"):
+        view_transform(get_backbone("colorhist").transform, "squash")
     with pytest.raises(ValueError, match="unknown classifier view"):
-        finetune.view_transform(lite.transform, "zoom")
+        view_transform(lite.transform, "zoom")
 
 
 def test_multi_view_classifier_is_a_candidate_chosen_on_validation():
@@ -294,11 +303,11 @@ def test_multi_view_classifier_is_a_candidate_chosen_on_validation():
     rng = np.random.default_rng(0)
     # A second "view" that carries the category cleanly: the multi-view features must win on validation.
     informative = np.eye(6)[[int(label[-1]) for label in labels]] + rng.normal(0, 0.05, (len(labels), 6))
-    multi = finetune.multi_view_features(vectors, [informative.astype(np.float32)])
+    multi = multi_view_features(vectors, [informative.astype(np.float32)])
     assert multi.shape == (len(labels), vectors.shape[1] + 6)
     assert np.allclose(np.linalg.norm(multi[:, :vectors.shape[1]], axis=1), 1, atol=1e-5)
-    val_mask, _ = finetune.validation_split(labels, seed=0)
-    classifier, table = finetune.select_classifier(vectors, labels, val_mask, cs=(1.0,), multi_view=multi)
-    assert set(table["features"]) == {"frozen", finetune.MULTI_VIEW_FEATURES}
-    assert classifier.features == finetune.MULTI_VIEW_FEATURES
+    val_mask, _ = validation_split(labels, seed=0)
+    classifier, table = select_classifier(vectors, labels, val_mask, cs=(1.0,), multi_view=multi)
+    assert set(table["features"]) == {"frozen", MULTI_VIEW_FEATURES}
+    assert classifier.features == MULTI_VIEW_FEATURES
     assert (classifier.predict(multi) == labels).mean() > 0.95

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
-from fashionrec import images
+from fashionrec.data import images
 from fashionrec.errors import ImageError
-from fashionrec.images import ImageInfo, ensure_rgb, load_image, open_image_bytes, probe_image
+from fashionrec.data.images import ImageInfo, ensure_rgb, load_image, open_image_bytes, probe_image
 
 WHITE = (255, 255, 255)
 RED = (255, 0, 0)

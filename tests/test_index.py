@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from fashionrec.errors import FashionRecError, IndexBuildError
-from fashionrec.index import (METRICS, SCALE_FACTORIES, SPINE_FACTORIES, benchmark_index, build_index,
-                              search_param_grid, tune_search_params,
-                              choose_index, index_bytes_per_vector, load_index, recall_vs_exact,
-                              resolve_factory, save_index, search, train_coarse_centroids)
+from fashionrec.indexing.choose import choose_index
+from fashionrec.indexing.faiss_index import (METRICS, SCALE_FACTORIES, SPINE_FACTORIES, build_index,
+                                             index_bytes_per_vector, load_index, resolve_factory, save_index, search,
+                                             train_coarse_centroids)
+from fashionrec.indexing.measure import benchmark_index, recall_vs_exact, search_param_grid, tune_search_params
 
 
 def blobs(n: int, d: int, seed: int, clusters: int = 20, rank: int = 8) -> np.ndarray:

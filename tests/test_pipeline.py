@@ -5,7 +5,8 @@ import json
 import nbformat
 import pytest
 
-from fashionrec import config, pipeline
+from fashionrec import config
+from fashionrec.pipeline import notebooks as pipeline
 from fashionrec.errors import FashionRecError
 
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fashionrec import config, runtime
-from fashionrec.__main__ import build_parser
-from fashionrec.backbones import get_backbone
-from fashionrec.embed import SHARD_SIZE, _shard_batches, cache_dir_for, embed_catalog
-from fashionrec.images import load_image
+from fashionrec import config
+from fashionrec.models import runtime
+from fashionrec.settings import InferenceSettings
+from fashionrec.cli import build_parser
+from fashionrec.models.registry import get_backbone
+from fashionrec.features.embed import SHARD_SIZE, _shard_batches, cache_dir_for, embed_catalog
+from fashionrec.data.images import load_image
 
 N_PHOTOS = 8
 
@@ -69,8 +71,8 @@ def test_onnx_lite0_equals_eager_on_real_photos(lite0, lite0_onnx, photos):
 def test_the_fast_path_end_to_end_equals_eager_on_real_photos(lite0, lite0_onnx, photos, tmp_path):
     fast = lite0_onnx
     catalog = pd.DataFrame({"id": photos, "path": photos, "label": "x"})
-    eager = embed_catalog(catalog, lite0, batch_size=4, num_workers=1, progress=False)
-    onnx = embed_catalog(catalog, fast, batch_size=4, num_workers=1, progress=False)
+    eager = embed_catalog(catalog, lite0, InferenceSettings(batch_size=4, workers=1, progress=False))
+    onnx = embed_catalog(catalog, fast, InferenceSettings(batch_size=4, workers=1, progress=False))
     assert _relative_error(onnx.vectors, eager.vectors) < 1e-4
     assert onnx.cache_key != eager.cache_key
     assert cache_dir_for(fast) != cache_dir_for(lite0)
@@ -113,11 +115,8 @@ def test_the_export_is_cached_and_reused(lite0, lite0_onnx, interim, monkeypatch
 
 
 def test_int8_is_never_the_default(lite0):
-    from fashionrec import workflow
-
-    assert runtime.DEFAULT_RUNTIME == "onnx"
-    for function in (runtime.with_runtime, workflow.embed, workflow.evaluate_backbone):
-        assert inspect.signature(function).parameters["runtime"].default != "onnx-int8"
+    assert runtime.DEFAULT_RUNTIME == "onnx" and InferenceSettings().runtime == "onnx"
+    assert inspect.signature(runtime.with_runtime).parameters["runtime"].default != "onnx-int8"
     parser = build_parser()
     for command in ("evaluate", "embed"):
         args = parser.parse_args([command, "--dataset", "folder", "--backbone", "efficientnet_lite0"])

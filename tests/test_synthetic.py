@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fashionrec.synthetic import ResidualNoise, compressibility, effective_dimension, make_vectors
+from fashionrec.indexing.synthetic import ResidualNoise, compressibility, effective_dimension, make_vectors
 
 
 def correlated_rows(n=600, d=16, seed=0):

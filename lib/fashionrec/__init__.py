@@ -6,16 +6,32 @@ One plain function per stage, each callable from a notebook or the command line:
     prepared = prepare("clothing", split_seed=0)                 # load, validate, split
     record, embeddings = evaluate_backbone(prepared, "efficientnet_lite0", index="Flat", k=10)
 
+The package is layered; each layer imports only from the ones below it (``make test``
+checks this with import-linter):
+
+    cli                      the command line
+    pipeline                 the notebooks' stages, report and plots, the papermill runner
+    experiment               prepare -> embed -> evaluate, frozen or fine-tuned
+    training                 fine-tuning: heads, last blocks, category classifier
+    evaluation               the protocol of record, metrics, comparisons
+    features | indexing      embedding and its cache | FAISS indexes and their measurement
+    models                   backbones, runtimes, the fine-tuned model file
+    data                     image decoding, catalog loaders, the split
+    settings, console, config, errors
+
 The names below load on first use, so ``import fashionrec.config`` stays free of torch.
+None of them is also the name of a submodule, so each always is the function it says.
 """
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "prepare": "workflow", "embed": "workflow", "evaluate_backbone": "workflow", "PreparedData": "workflow",
-    "load_dataset": "datasets", "split_catalog": "datasets",
-    "get_backbone": "backbones", "list_backbones": "backbones",
-    "embed_catalog": "embed", "build_index": "index", "search": "index",
-    "evaluate_embeddings": "evaluate", "load_image": "images",
+    "prepare": "experiment.evaluate", "embed": "experiment.evaluate", "evaluate_backbone": "experiment.evaluate",
+    "PreparedData": "experiment.evaluate", "evaluate_finetuned": "experiment.finetune",
+    "load_dataset": "data.catalog", "split_catalog": "data.split", "load_image": "data.images",
+    "get_backbone": "models.registry", "list_backbones": "models.registry", "register_backbone": "models.registry",
+    "BuiltBackbone": "models.backbone", "InferenceSettings": "settings",
+    "embed_catalog": "features.embed", "build_index": "indexing.faiss_index", "search": "indexing.faiss_index",
+    "evaluate_embeddings": "evaluation.protocol",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -25,4 +41,6 @@ def __getattr__(name):
         raise AttributeError(f"module 'fashionrec' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value

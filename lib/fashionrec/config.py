@@ -15,13 +15,8 @@ INTERIM_DIR = DATA_DIR / "interim"
 PROCESSED_DIR = DATA_DIR / "processed"
 RESULTS_DIR = Path(os.environ.get("FASHIONREC_RESULTS", PROJECT_ROOT / "results"))
 
-# Where each named dataset is looked for when no --data-dir is given.
+# Where Debian puts Fashion-MNIST (fashionrec.data.fetch lists every place a dataset is looked for).
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLOTHING_DEFAULT_DIRS = (
-    Path(os.environ["FASHIONREC_CLOTHING_DIR"]) if os.environ.get("FASHIONREC_CLOTHING_DIR") else None,
-    RAW_DIR / "clothing-dataset",
-    PROJECT_ROOT.parent / "shared" / "data" / "clothing-dataset",
-)
 
 # Local weight files for torchvision backbones (file names as torchvision publishes them).
 WEIGHTS_DIR = Path(os.environ.get("FASHIONREC_WEIGHTS_DIR", DATA_DIR / "weights"))

@@ -24,3 +24,7 @@ class DatasetError(FashionRecError):
 
 class IndexBuildError(FashionRecError, ValueError):
     """An index variant cannot be built on this data (e.g. too few vectors to train it)."""
+
+
+class UnknownBackbone(FashionRecError, ValueError):
+    """No backbone is registered under this name."""

@@ -1,0 +1,47 @@
+"""Arguments and output shared by the commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import config
+from ..settings import DEFAULT_RUNTIME, RUNTIMES, InferenceSettings
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="fashion-mnist, clothing, folder or catalog")
+    parser.add_argument("--data-dir", default=None, help="where the dataset lies (default: the dataset's usual place)")
+    parser.add_argument("--max-per-class", type=int, default=None, help="cap images per category (seeded sample)")
+    parser.add_argument("--category-map", default=None, help="YAML mapping old label -> new label (null drops)")
+    parser.add_argument("--split-seed", type=int, default=config.DEFAULT_SEED)
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="a name from `python -m fashionrec backbones`")
+    parser.add_argument("--weights-file", default=None, help="explicit local weights file for torchvision backbones")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of the inference runtime (default: torch's choice / all CPUs for ONNX)")
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
+                        help="inference runtime: onnx (default; equals eager within 1e-4), eager (reference "
+                             "PyTorch), onnx-int8 (quantised, changes embeddings; only when asked)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def inference_settings(args) -> InferenceSettings:
+    return InferenceSettings(batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                             runtime=args.runtime, progress=not args.quiet, weights_file=args.weights_file)
+
+
+def print_metrics(record: dict) -> None:
+    for name in ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"):
+        low, high = record[f"{name}_ci"]
+        print(f"  {name:<15} {record[name]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+
+
+def print_json(record: dict) -> None:
+    json.dump(record, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")

@@ -1,0 +1,15 @@
+"""``pipeline``: run the numbered notebooks with papermill from a parameter file."""
+from __future__ import annotations
+
+from ..pipeline.notebooks import run_pipeline
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("pipeline", help="run the numbered notebooks with papermill")
+    parser.add_argument("--params", default="params/default.yaml")
+    parser.add_argument("--run-name", default=None)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    return run_pipeline(args.params, run_name=args.run_name)

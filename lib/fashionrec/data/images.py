@@ -1,0 +1,286 @@
+"""Safe image decoding for catalogs that contain junk next to real photos.
+
+Every entry point either returns a usable image or raises
+:class:`~fashionrec.errors.ImageError` whose ``reason`` says what is wrong, so a
+catalog run can skip the file, report it, and carry on.
+
+Accepted (returned as an upright 8-bit RGB image):
+
+* any raster format Pillow decodes (JPEG, PNG, GIF, WebP, BMP, TIFF, ...),
+  recognised by content, never by extension: a JPEG named ``.png`` loads;
+* alpha (RGBA, LA, PA, palette or colour-key transparency) composited on white,
+  since catalog product shots sit on white backgrounds;
+* CMYK, 1-bit, 8-bit and 16-bit grayscale; 16-bit samples (modes ``I;16*`` and
+  ``I``, which Pillow also uses for 16-bit data) are scaled by 255/65535 rather
+  than clipped, which would turn almost every pixel white;
+* photos carrying an EXIF Orientation tag are rotated upright first; when the
+  EXIF block itself is unreadable the pixels are still returned, un-rotated;
+* animated GIF/WebP and multi-page TIFF: the first frame only;
+* tiny (1x1) and extreme-aspect (e.g. 4000x10) images. They are real images and
+  the backbone transform resizes whatever it is given, so rejecting them would
+  drop data; whether they are useful is a dataset-curation decision, not a
+  decoding one.
+
+Rejected, with a distinct reason: missing files, dangling symlinks, anything
+that is not a regular file (checked before opening, so a FIFO cannot block),
+empty files, HTML/text/SVG/PDF/HEIC/EPS/WMF content, truncated or corrupt pixel
+data (a full decode is forced; ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays
+False), PNG chunks with a wrong CRC (Pillow skips the IDAT checksums itself),
+and decompression bombs: anything over :data:`MAX_PIXELS` is rejected from the
+header before a single pixel is allocated.
+
+Known blind spot: a PNG whose compressed stream is intact but holds fewer rows
+than its header declares decodes without complaint in Pillow (missing rows come
+back black), and is not detected here either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import stat
+import struct
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageError
+
+__all__ = [
+    "MAX_PIXELS",
+    "ImageInfo",
+    "ensure_rgb",
+    "load_image",
+    "open_image_bytes",
+    "probe_image",
+]
+
+MAX_PIXELS = 64_000_000
+
+log = logging.getLogger(__name__)
+
+_SNIFF_BYTES = 4096
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CRC_READ_BLOCK = 1 << 16
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Pillow reads these headers but decodes them through external programs
+# (Ghostscript, a Windows-only WMF handler); refuse before any of that runs.
+_DELEGATED_FORMATS = frozenset({"EPS", "WMF"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_FILE_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+# Bytes of the BLAKE2b digest that identifies an image file's content in every cache.
+DIGEST_BYTES = 16
+
+
+def file_digest(path) -> str:
+    """BLAKE2b digest of a file's bytes: the identity of an image in every cache."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says: Pillow format name, pixel size and mode."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def probe_image(path: str | os.PathLike) -> ImageInfo:
+    """Check ``path`` from its header alone (no pixel decoding) and describe it."""
+    with _open_regular_file(path) as fp, _open_checked(fp, path) as image:
+        return ImageInfo(image.format, image.width, image.height, image.mode)
+
+
+def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
+    """Fully decode ``path`` into an upright RGB image, or raise ImageError.
+
+    ``draft_size``: for a JPEG at least twice that size on both sides, let the decoder
+    scale by 1/2, 1/4 or 1/8 in the DCT domain (much cheaper than a full decode) while
+    keeping both sides >= ``draft_size``. Pass the size a later resize shrinks the image
+    to, so that resize still downsamples; other formats are decoded in full.
+    """
+    with _open_regular_file(path) as fp:
+        return _decode(fp, path, draft_size)
+
+
+def open_image_bytes(data: bytes, name: str = "<bytes>", *, draft_size: int | None = None) -> Image.Image:
+    """Like :func:`load_image` for in-memory data (an upload); ``name`` labels errors."""
+    return _decode(io.BytesIO(data), name, draft_size)
+
+
+def ensure_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; an opaque RGB image is returned as is.
+
+    Transparency is composited on white and 16-bit grayscale is rescaled.
+    """
+    if image.mode in _SIXTEEN_BIT_GRAY_MODES:
+        image = _sixteen_bit_gray_to_l(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        on_white = Image.new("RGB", rgba.size, (255, 255, 255))
+        on_white.paste(rgba, mask=rgba.getchannel("A"))
+        return on_white
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def _sixteen_bit_gray_to_l(image: Image.Image) -> Image.Image:
+    samples = np.asarray(image)
+    if image.mode == "I":  # 32-bit container; anything outside 16 bits is clipped
+        samples = samples.clip(0, 65535)
+    # The high byte is round(v * 255 / 65535) to within one level, without a wide temporary.
+    return Image.fromarray((samples >> 8).astype(np.uint8))
+
+
+def _open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        reason = "dangling symlink" if os.path.islink(path) else "file not found"
+        raise ImageError(path, reason) from None
+    except OSError as error:  # symlink loop, permission on a parent directory, ...
+        raise ImageError(path, f"cannot access file: {error.strerror.lower()}") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(status.st_mode)), "special file")
+        raise ImageError(path, f"not a regular file ({kind})")
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise ImageError(path, f"cannot read file: {error.strerror.lower()}") from None
+
+
+@contextmanager
+def _open_checked(fp: BinaryIO, name: str | os.PathLike) -> Iterator[Image.Image]:
+    """Open ``fp`` with Pillow and run every header-level check; pixels are not decoded."""
+    head = fp.read(_SNIFF_BYTES)
+    if not head:
+        raise ImageError(name, "empty file")
+    fp.seek(0)
+    try:
+        image = Image.open(fp)
+    except UnidentifiedImageError:
+        raise ImageError(name, _unidentified_reason(fp, head)) from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(name, _pil_bomb_reason(error)) from None
+    except Exception as error:  # Pillow plugins raise assorted types on malformed headers
+        raise ImageError(name, f"truncated or corrupt image header: {error}") from error
+    with image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(
+                name,
+                f"decompression bomb: {image.width}x{image.height} pixels "
+                f"exceeds limit of {MAX_PIXELS}",
+            )
+        if image.format in _DELEGATED_FORMATS:
+            raise ImageError(name, f"unsupported format: {image.format}")
+        yield image
+
+
+def _decode(fp: BinaryIO, name: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    if fp.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+        problem = _png_chunk_problem(fp)
+        if problem:
+            raise ImageError(name, problem)
+    fp.seek(0)
+    with _open_checked(fp, name) as image:
+        try:
+            if draft_size and image.format == "JPEG":
+                # Scale is the largest power of two (<= 8) keeping both sides >= draft_size;
+                # the mode is left as decoded (no colour conversion here).
+                image.draft(image.mode, (draft_size, draft_size))
+            image.load()
+        except Image.DecompressionBombError as error:
+            raise ImageError(name, _pil_bomb_reason(error)) from None
+        except Exception as error:  # Pillow decoders raise assorted types on bad data
+            raise ImageError(name, f"truncated or corrupt image data: {error}") from error
+        upright = _exif_upright(image, name)
+    return ensure_rgb(upright)
+
+
+def _exif_upright(image: Image.Image, name: str | os.PathLike) -> Image.Image:
+    """Return a detached copy of ``image`` rotated as its EXIF Orientation asks."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # malformed EXIF tags surface as TypeError, struct.error, ...
+        # The pixels decoded fine; an un-rotated image beats dropping a real photo.
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, error)
+        return image.copy()
+
+
+def _png_chunk_problem(fp: BinaryIO) -> str | None:
+    """Verify every chunk CRC after the signature; return a reason, or None if intact.
+
+    Pillow checks header chunk CRCs but skips the ones on IDAT, so a damaged
+    file can otherwise decode silently. Reads in blocks to keep memory bounded.
+    """
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:  # no IEND: let the decoder judge whether the pixels are complete
+            return None
+        length, chunk_type = struct.unpack(">I4s", header)
+        checksum = zlib.crc32(chunk_type)
+        remaining = length
+        while remaining:
+            block = fp.read(min(remaining, _CRC_READ_BLOCK))
+            if not block:
+                break
+            checksum = zlib.crc32(block, checksum)
+            remaining -= len(block)
+        stored = fp.read(4)
+        if remaining or len(stored) < 4:
+            chunk_name = chunk_type.decode("latin-1")
+            return f"truncated or corrupt image data: PNG ends inside its {chunk_name!r} chunk"
+        if int.from_bytes(stored, "big") != checksum:
+            return "corrupt PNG checksum"
+        if chunk_type == b"IEND":
+            return None
+
+
+def _pil_bomb_reason(error: Image.DecompressionBombError) -> str:
+    # Pillow refuses huge images before returning them, so only its message knows the size.
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    if pixels is None:
+        return f"decompression bomb: {error}"
+    return f"decompression bomb: {pixels.group(1)} pixels exceeds limit of {MAX_PIXELS}"
+
+
+def _unidentified_reason(fp: BinaryIO, head: bytes) -> str:
+    """Say what a file Pillow cannot identify looks like instead."""
+    if head.startswith(_PNG_SIGNATURE):
+        fp.seek(len(_PNG_SIGNATURE))
+        return _png_chunk_problem(fp) or "corrupt PNG header"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "unsupported format: HEIC/HEIF"
+    if head.startswith(b"%PDF"):
+        return "unsupported format: PDF"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in text:
+        return "unsupported format: SVG"
+    if text.startswith(b"<!doctype html") or b"<html" in text:
+        return "not an image (looks like HTML)"
+    if not any(byte < 9 or 13 < byte < 32 for byte in head):
+        return "not an image (looks like text)"
+    return "not an image (unrecognised format)"

@@ -1,0 +1,1 @@
+"""The protocol of record and its metrics, with intervals and paired comparisons."""

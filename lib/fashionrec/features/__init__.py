@@ -1,0 +1,1 @@
+"""Embedding catalogs with a backbone, and the crash-safe, content-addressed cache."""

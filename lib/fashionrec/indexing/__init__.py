@@ -1,0 +1,1 @@
+"""FAISS indexes (build, search, save), choosing one, and measuring them apart from the index code."""

@@ -1,0 +1,152 @@
+"""Measuring indexes: recall against exact search, speed, and the operating points of a sweep.
+
+Kept apart from the index code (as faiss keeps ``contrib/evaluation.py`` apart from its
+indexes): nothing here changes how an index is built or searched.
+"""
+from __future__ import annotations
+
+import time
+
+import faiss
+import numpy as np
+
+from .faiss_index import (DEFAULT_EF_SEARCH, MAX_TRAIN_VECTORS, _as_matrix, _components, _parse_params,
+                          build_index, default_search_params, index_bytes_per_vector, resolve_factory, search)
+
+
+def recall_vs_exact(ids, exact_ids, k: int) -> float:
+    """Mean over queries of |top-k found ∩ exact top-k| / k (padding ids -1 never count).
+
+    When the exact lists are shorter than k (k was clamped to a small index), k is their length.
+    """
+    exact_ids = np.asarray(exact_ids)[:, :k]
+    k = exact_ids.shape[1]
+    ids = np.asarray(ids)[:, :k]
+    if ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError(f"{ids.shape[0]} result rows vs {exact_ids.shape[0]} exact rows")
+    hits = [len(np.intersect1d(found[found >= 0], exact)) for found, exact in zip(ids, exact_ids)]
+    return float(np.mean(hits)) / k
+
+
+def benchmark_index(
+    vectors,
+    queries,
+    factory: str,
+    metric: str = "cosine",
+    k: int = 10,
+    params: str = "",
+    exact_ids=None,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    max_train: int = MAX_TRAIN_VECTORS,
+    coarse_centroids: np.ndarray | None = None,
+    sweep: bool = False,
+) -> dict:
+    """Build ``factory`` over ``vectors``, search all ``queries`` as one batch, and measure.
+
+    ``params`` override the defaults of :func:`default_search_params`. Returns name (default:
+    the factory as given), factory (resolved), params (all in effect), metric, n, d, k,
+    build_s (train + add), bytes_per_vector, qps, and recall_at_k / recall_at_10 against
+    ``exact_ids`` (None without them; recall_at_10 also when k < 10). Timings use
+    time.perf_counter; the batch is repeated until 0.2 s have passed (at most 20 times), so
+    fast indexes are not timed on a single blip. With ``sweep``, the same index is also
+    measured at every setting of :func:`search_param_grid` ("operating_points": params, qps,
+    recall_at_k, recall_at_10).
+    """
+    vectors = _as_matrix(vectors, "vectors")
+    n, d = vectors.shape
+    started = time.perf_counter()
+    index = build_index(vectors, factory, metric, seed, threads=threads, max_train=max_train,
+                        coarse_centroids=coarse_centroids)
+    build_s = time.perf_counter() - started
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    in_effect = dict(_parse_params(default_search_params(index)))
+    in_effect.update(_parse_params(params))
+
+    row = {
+        "name": name or factory,
+        "factory": resolve_factory(factory, n, d),
+        "params": ",".join(f"{key}={value}" for key, value in in_effect.items()),
+        "metric": metric,
+        "n": n,
+        "d": d,
+        "k": k,
+        "build_s": build_s,
+        "bytes_per_vector": index_bytes_per_vector(index),
+        **_measure_search(index, queries, k, metric, exact_ids, threads),
+    }
+    if sweep:
+        row["operating_points"] = []
+        for setting in search_param_grid(index):
+            faiss.ParameterSpace().set_index_parameters(index, setting)
+            row["operating_points"].append({"params": setting,
+                                            **_measure_search(index, queries, k, metric, exact_ids, threads)})
+    return row
+
+
+def _measure_search(index, queries, k: int, metric: str, exact_ids, threads: int | None) -> dict:
+    """qps of one batch search (repeated until 0.2 s have passed, at most 20 times) and recall."""
+    rounds, elapsed = 0, 0.0
+    while rounds == 0 or (elapsed < 0.2 and rounds < 20):
+        started = time.perf_counter()
+        _, ids = search(index, queries, k, metric, threads=threads)
+        elapsed += time.perf_counter() - started
+        rounds += 1
+    recall_at_k = recall_at_10 = None
+    if exact_ids is not None:
+        recall_at_k = recall_vs_exact(ids, exact_ids, k)
+        if k >= 10:
+            recall_at_10 = recall_vs_exact(ids, exact_ids, 10)
+    return {"qps": rounds * len(ids) / elapsed, "recall_at_k": recall_at_k, "recall_at_10": recall_at_10}
+
+
+SWEEP_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWEEP_EF_SEARCH = (16, 32, 64, 128, 256)
+SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32)
+
+
+def search_param_grid(index: faiss.Index) -> list[str]:
+    """ParameterSpace settings that trace an index's speed/recall curve.
+
+    IVF: nprobe in ``SWEEP_NPROBE`` up to nlist (a graph coarse quantizer gets efSearch
+    >= 2*nprobe, as by default); HNSW: efSearch in ``SWEEP_EF_SEARCH``; re-ranking: every
+    k_factor_rf in ``SWEEP_REFINE_K_FACTOR`` for each nprobe. Empty for indexes without
+    search parameters (Flat, SQ8, PQ).
+    """
+    axes: list[list[str]] = []
+    refine_axis = None
+    for node, _ in _components(index):
+        if isinstance(node, faiss.IndexIVF):
+            graph = isinstance(faiss.downcast_index(node.quantizer), faiss.IndexHNSW)
+            axes.append([f"nprobe={p}" + (f",quantizer_efSearch={max(DEFAULT_EF_SEARCH, 2 * p)}" if graph else "")
+                         for p in SWEEP_NPROBE if p <= node.nlist])
+        elif isinstance(node, faiss.IndexHNSW):
+            axes.append([f"efSearch={ef}" for ef in SWEEP_EF_SEARCH])
+        elif isinstance(node, faiss.IndexRefine):
+            refine_axis = [f"k_factor_rf={f}" for f in SWEEP_REFINE_K_FACTOR]
+    if refine_axis:
+        axes.append(refine_axis)   # varies fastest: "nprobe=4,k_factor_rf=2", "nprobe=4,k_factor_rf=4", ...
+    settings = [""]
+    for axis in axes:
+        settings = [",".join(part for part in (done, value) if part) for done in settings for value in axis]
+    return [setting for setting in settings if setting]
+
+
+def tune_search_params(operating_points: list[dict], recall_target: float) -> dict:
+    """The fastest measured setting that reaches ``recall_target``, else the most accurate one.
+
+    ``operating_points`` are dicts with params, qps and recall_at_k, as
+    ``benchmark_index(..., sweep=True)`` measures them on held-out queries against exact
+    search (autofaiss's tuning step). Returns that point plus ``meets_target``.
+    """
+    if not operating_points:
+        raise ValueError("no operating points to tune from")
+    reaching = [point for point in operating_points if point["recall_at_k"] >= recall_target]
+    if reaching:
+        return {**max(reaching, key=lambda point: point["qps"]), "meets_target": True}
+    return {**max(operating_points, key=lambda point: (point["recall_at_k"], point["qps"])), "meets_target": False}
+
+

@@ -1,0 +1,56 @@
+"""Other views of the same image through the same network: another geometry, another cache key.
+
+The retrieval view is the backbone's own centre crop. A product photo often holds more than
+that crop shows (the whole width of a portrait photo, a full-length dress), so the category
+classifier may also look at the whole image squashed to the input size and at the shorter
+side resized with a centre crop. Each view is a backbone of its own (``dataclasses.replace``
+of the transform), so its embeddings are cached like any other backbone's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from torchvision import transforms
+
+from ..errors import FashionRecError
+from .projection import l2_normalize
+
+CLASSIFIER_VIEWS = {
+    "squash": "the whole image resized to the input size, aspect ratio not kept",
+    "shorter_side": "shorter side resized to the input size, centre crop: the whole width of a portrait photo",
+}
+MULTI_VIEW_FEATURES = "frozen+views"
+
+
+def view_transform(transform, view: str):
+    """The backbone's transform with its resize + centre crop replaced by ``view``'s geometry.
+
+    Only for transforms of the form Resize(s) -> CenterCrop(c) -> tensor steps (the
+    EfficientNet-Lite family); anything else raises FashionRecError, so the classifier
+    falls back to the retrieval view alone.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    kinds = [type(step) for step in steps]
+    if len(steps) < 2 or kinds[:2] != [transforms.Resize, transforms.CenterCrop]:
+        raise FashionRecError(f"classifier views need a Resize -> CenterCrop transform, not {transform!r}")
+    if view not in CLASSIFIER_VIEWS:
+        raise ValueError(f"unknown classifier view {view!r}; choose from {', '.join(CLASSIFIER_VIEWS)}")
+    resize, crop, rest = steps[0], steps[1], steps[2:]
+    height, width = crop.size
+    if view == "squash":
+        geometry = [transforms.Resize((height, width), interpolation=resize.interpolation, antialias=True)]
+    else:
+        geometry = [transforms.Resize(min(height, width), interpolation=resize.interpolation, antialias=True),
+                    transforms.CenterCrop((height, width))]
+    return transforms.Compose([*geometry, *rest])
+
+
+def view_backbone(backbone, view: str):
+    """The same network seeing another view: its own transform, so its own embedding cache key."""
+    return dataclasses.replace(backbone, transform=view_transform(backbone.transform, view))
+
+
+def multi_view_features(frozen: np.ndarray, views: list[np.ndarray]) -> np.ndarray:
+    """Retrieval-view embeddings and the extra views' side by side, each L2-normalised."""
+    return np.hstack([l2_normalize(frozen), *(l2_normalize(v) for v in views)]).astype(np.float32)

@@ -1,0 +1,183 @@
+"""Figures of a run: sample grids, recommendation grids, index trade-offs.
+
+Each function returns a matplotlib Figure and, given ``path``, also saves it (PNG), so a
+notebook shows it inline and the report links the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+if matplotlib.get_backend().lower().startswith(("qt", "tk", "gtk", "wx", "macosx")):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..data.images import load_image
+from ..errors import ImageError
+
+THUMBNAIL = 160
+RIGHT, WRONG = "#1a9850", "#d73027"
+
+
+def _save(figure, path: Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Fixed metadata so that the same figure gives the same bytes on a rerun.
+        figure.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return figure
+
+
+def _show_image(axis, path, title: str, color: str | None = None, fontsize: int = 7):
+    try:
+        image = load_image(path)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        axis.imshow(np.asarray(image))
+    except ImageError as error:
+        axis.text(0.5, 0.5, error.reason, ha="center", va="center", fontsize=6, wrap=True)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(title, fontsize=fontsize, color=color or "black")
+    if color:
+        for spine in axis.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+
+
+def sample_grid(catalog: pd.DataFrame, per_category: int = 4, seed: int = 0, path=None):
+    """A few images of every category, one row per category."""
+    categories = sorted(catalog["label"].unique())
+    rng = np.random.default_rng(seed)
+    figure, axes = plt.subplots(len(categories), per_category,
+                                figsize=(1.4 * per_category, 1.4 * len(categories)), squeeze=False)
+    for row, category in enumerate(categories):
+        members = catalog[catalog["label"] == category]
+        chosen = members.iloc[rng.permutation(len(members))[:per_category]]
+        for column in range(per_category):
+            axis = axes[row, column]
+            if column < len(chosen):
+                _show_image(axis, chosen["path"].iloc[column], category if column == 0 else "")
+            else:
+                axis.axis("off")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def recommendation_grid(evaluation, query_positions, n_results: int | None = None, title: str = "", path=None):
+    """Each row: a query, then its top results with category and score, right ones in green."""
+    n_results = n_results or evaluation.result_positions.shape[1]
+    figure, axes = plt.subplots(len(query_positions), n_results + 1,
+                                figsize=(1.35 * (n_results + 1), 1.6 * len(query_positions)), squeeze=False)
+    for row, query in enumerate(query_positions):
+        query_row = evaluation.queries.iloc[query]
+        _show_image(axes[row, 0], query_row["path"], f"query: {query_row['label']}")
+        for column in range(n_results):
+            position = evaluation.result_positions[query, column]
+            axis = axes[row, column + 1]
+            if position < 0:
+                axis.axis("off")
+                continue
+            result = evaluation.gallery.iloc[position]
+            right = result["label"] == query_row["label"]
+            _show_image(axis, result["path"], f"{result['label']}\n{evaluation.result_scores[query, column]:.3f}",
+                        RIGHT if right else WRONG)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def index_tradeoff(table: pd.DataFrame, path=None):
+    """Recall@k against exact search versus queries per second and bytes per vector, per backbone."""
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for backbone, rows in table[table["status"] == "ok"].groupby("backbone", sort=True):
+        speed.scatter(rows["qps"], rows["recall_vs_exact"], label=backbone)
+        memory.scatter(rows["bytes_per_vector"], rows["recall_vs_exact"], label=backbone)
+        for _, row in rows.iterrows():
+            speed.annotate(row["index"], (row["qps"], row["recall_vs_exact"]), fontsize=6)
+            memory.annotate(row["index"], (row["bytes_per_vector"], row["recall_vs_exact"]), fontsize=6)
+    speed.set(xscale="log", xlabel="queries / s (log)", ylabel="recall@k vs exact search")
+    memory.set(xscale="log", xlabel="bytes per vector (log)", ylabel="recall@k vs exact search")
+    speed.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def confusion_heatmap(confusion: pd.DataFrame, title: str = "", path=None):
+    """Share of the top-k results of each category (columns) for queries of each category (rows)."""
+    import seaborn as sns
+
+    size = 0.45 * max(len(confusion.columns), 6)
+    figure, axis = plt.subplots(figsize=(size + 2, size))
+    sns.heatmap(confusion, annot=len(confusion.columns) <= 20, fmt=".2f", cmap="Blues", vmin=0, vmax=1,
+                annot_kws={"fontsize": 6}, cbar_kws={"label": "share of top-k results"}, ax=axis)
+    axis.set(xlabel="retrieved category", ylabel="query category", title=title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def category_confusion(classification: dict, title: str = "", path=None):
+    """Classifier confusion matrix (``finetune.category_metrics``): counts, coloured by row share."""
+    labels = classification["confusion_matrix"]["labels"]
+    matrix = np.array(classification["confusion_matrix"]["matrix"])
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 0.45 * max(len(labels), 6)
+    figure, axis = plt.subplots(figsize=(size + 2, size))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    if len(labels) <= 20:
+        for i, j in zip(*np.nonzero(matrix)):
+            axis.text(j, i, matrix[i, j], ha="center", va="center", fontsize=6,
+                      color="white" if shares[i, j] > 0.5 else "black")
+    axis.set(xlabel="predicted category", ylabel="true category", title=title)
+    figure.colorbar(image, ax=axis, label="share of the row's queries")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def umap_side_by_side(points: dict, labels: dict, paths: dict | None = None, thumbnails_per_plot: int = 0,
+                      seed: int = 0, path=None):
+    """One UMAP scatter per backbone, coloured by category, optionally with a few thumbnails."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    names = list(points)
+    categories = sorted(set(np.concatenate([np.asarray(labels[name]) for name in names])))
+    palette = plt.get_cmap("tab20", max(len(categories), 1))
+    colour = {category: palette(i) for i, category in enumerate(categories)}
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 5), squeeze=False)
+    rng = np.random.default_rng(seed)
+    for axis, name in zip(axes[0], names):
+        xy, point_labels = points[name], np.asarray(labels[name])
+        for category in categories:
+            mask = point_labels == category
+            axis.scatter(xy[mask, 0], xy[mask, 1], s=5, color=colour[category], label=category)
+        if paths is not None and thumbnails_per_plot:
+            for position in rng.choice(len(xy), size=min(thumbnails_per_plot, len(xy)), replace=False):
+                try:
+                    image = load_image(paths[name][position])
+                except ImageError:
+                    continue
+                image.thumbnail((40, 40))
+                axis.add_artist(AnnotationBbox(OffsetImage(np.asarray(image), zoom=1), xy[position], frameon=False))
+        axis.set(title=name, xticks=[], yticks=[])
+    axes[0, -1].legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def metrics_with_intervals(table: pd.DataFrame, metric_names, index: str, path=None):
+    """Point estimates with 95% bootstrap intervals, one panel per metric, backbones side by side."""
+    rows = table[table["index"] == index].sort_values("backbone")
+    figure, axes = plt.subplots(1, len(metric_names), figsize=(3.6 * len(metric_names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], metric_names):
+        low = rows[f"{name}_ci"].str[0].to_numpy()
+        high = rows[f"{name}_ci"].str[1].to_numpy()
+        values = rows[name].to_numpy()
+        axis.errorbar(values, np.arange(len(rows)), xerr=[values - low, high - values], fmt="o", capsize=3)
+        axis.set(yticks=np.arange(len(rows)), yticklabels=rows["backbone"], title=f"{name} (95% CI)", xlim=(0, 1))
+    figure.suptitle(f"index {index}", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,0 +1,189 @@
+"""``results/<run>/report.md``: protocol, comparison with intervals, verdicts, figures.
+
+The report is assembled only from the files the stages wrote into the run directory, so
+it says nothing that is not on disk next to it. Timings are machine-dependent and stay in
+its last section, "Timings": two runs with the same parameters write the same report above it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .. import config
+
+PRIMARY_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k", "hit_rate_at_k", "recall_at_k")
+
+
+def _markdown(table: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _with_intervals(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for result in results:
+        row = {"backbone": result["backbone"], "index": result["index"]}
+        for name in PRIMARY_METRICS:
+            low, high = result[f"{name}_ci"]
+            row[name] = f"{result[name]:.3f} [{low:.3f}, {high:.3f}]"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _finetune_section(out: Path, k: int) -> list[str]:
+    table = _read_csv(out / "finetune.csv")
+    if table is None or not len(table):
+        return []
+    record = json.loads((out / "finetune_metrics.json").read_text())
+    lines = [f"## Fine-tuning (trained on the train split only; query -> gallery, P@{k} [95% CI])", "",
+             f"Model of record: level {record['chosen_level']} (better validation P@{k}), "
+             f"backbone name `{record['finetuned_backbone']}`; training rows fingerprint "
+             f"`{record['train_fingerprint'][:16]}`.", "", _markdown(table.astype(object).where(table.notna(), "")), ""]
+    for level in ("level1", "level2"):
+        if record.get(level):
+            classification = record[level]["classification"]
+            lines.append(f"- {level}: category classifier ({classification['classifier']['model']} on "
+                         f"{classification['classifier']['features']} features, C={classification['classifier']['C']}) "
+                         f"on {classification['n']} queries: accuracy {classification['accuracy']:.3f}"
+                         + (" [{:.3f}, {:.3f}]".format(*classification["accuracy_ci"])
+                            if "accuracy_ci" in classification else "")
+                         + f", macro F1 {classification['macro_f1']:.3f}.")
+    if record.get("level2_skipped"):
+        lines.append(f"- level 2 skipped: {record['level2_skipped']}")
+    aware = pd.DataFrame(record["level1"]["category_aware"])
+    return lines + ["", "Category-aware ranking (level 1; boost added to gallery items of the query's "
+                    "predicted category):", "", _markdown(aware), ""]
+
+
+def _distance_dimension_section(out: Path, k: int) -> list[str]:
+    summary_file = out / "distance_dimension.json"
+    if not summary_file.exists():
+        return []
+    lines = [f"## Distance and dimension (exact search, chosen on validation; P@{k} [95% CI] on the queries)", "",
+             "Each variant is scored on a validation part of the train split (its images rank the rest of the "
+             "train split, which also fits the PCA); the best replaces the reference (raw features, cosine) only "
+             "when its paired validation gain is significant. Only the chosen setting is scored on the queries.", ""]
+    for backbone, summary in json.loads(summary_file.read_text()).items():
+        chosen, query = summary["chosen"], summary["query"]
+        setting = f"{chosen['variant']}, {chosen['distance']}, {chosen['dim']}-d"
+        reference, picked = query["reference"], query["chosen"]
+        line = (f"- `{backbone}`: chosen **{setting}** ({summary['chosen_on']}); on the queries P@{k} "
+                f"{picked['precision_at_k']:.3f} [{picked['precision_at_k_ci'][0]:.3f}, "
+                f"{picked['precision_at_k_ci'][1]:.3f}]")
+        if (chosen["variant"], chosen["distance"]) != ("raw", "cosine"):
+            gain = summary["query_gain_over_reference"]
+            line += (f" vs raw cosine {reference['precision_at_k']:.3f}, paired difference {gain['diff']:+.3f} "
+                     f"[{gain['low']:+.3f}, {gain['high']:+.3f}]")
+        lines.append(line + ".")
+    table = _read_csv(out / "distance_dimension.csv")
+    lines += ["", "Every variant on the validation part (not the queries):", "", _markdown(table), ""]
+    return lines
+
+
+def _timings_section(out: Path) -> list[str]:
+    lines = ["## Timings", "", "Machine-dependent, so kept apart from the metrics files: "
+             "`throughput.csv`, `index_timings.csv`, `finetune_timing.json`.", ""]
+    timing_file = out / "finetune_timing.json"
+    if timing_file.exists():
+        timing = json.loads(timing_file.read_text())
+        lines.append(f"- Fine-tuning, level 1: {timing['level1_train_seconds']:.1f} s of training.")
+        if timing.get("level2"):
+            level2 = timing["level2"]
+            lines.append(f"- Fine-tuning, level 2: {level2['train_seconds']:.0f} s of training (stopped by "
+                         f"{level2['stopped_by']}) + {level2['feature_seconds']:.0f} s caching trunk features.")
+        lines.append("")
+    return lines
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.exists() else None
+
+
+def write_report(run_name: str, params_file: str | None = None) -> Path:
+    out = config.RESULTS_DIR / run_name
+    summary = json.loads((out / "metrics.json").read_text())
+    protocol, results = summary["protocol"], summary["results"]
+    k = protocol["k"]
+    lines = [f"# Run `{run_name}`: {protocol['dataset']}, query -> gallery retrieval at k={k}", ""]
+    if params_file:
+        lines += [f"Reproduce with `make pipeline PARAMS={params_file}`.", ""]
+    counts = _read_csv(out / "split_counts.csv")
+    fingerprints = sorted({result["dataset_fingerprint"] for result in results})
+    lines += [
+        "## Protocol", "",
+        f"- Dataset: `{protocol['dataset']}` from `{protocol['data_dir']}`; {protocol['n_images']} images used, "
+        f"{protocol['n_skipped']} files skipped (listed in `skipped.json`); "
+        f"max per category: {protocol['max_per_class']}; category map: {protocol['category_map']}.",
+        f"- Fingerprint of the evaluated images (id, label, split, content digest): `{', '.join(f[:16] for f in fingerprints)}`.",
+        f"- Split: stratified per category, train/gallery/query = 60/20/20 %, seed {protocol['split_seed']}. "
+        "Each query ranks the gallery; a result is relevant when its category equals the query's.",
+        f"- Metrics at k={k}, distance `{protocol['metric']}`; 95% intervals: percentile bootstrap over queries "
+        f"({results[0]['bootstrap']['n_boot']} resamples, seed {results[0]['bootstrap']['seed']})." if results else "",
+        "- hit_rate = at least one relevant result in the top k (the metric-learning 'Recall@k'); "
+        "recall = share of all relevant gallery images found in the top k; map = mean AP@k normalised by min(k, #relevant).",
+        f"- Indexes: {', '.join(f'`{name}`' for name in protocol['indexes'])}.",
+        "- Software: " + ", ".join(f"{name} {version}" for name, version in summary["versions"].items()) + ".",
+        "",
+    ]
+    if counts is not None:
+        lines += ["Images per category and split:", "", _markdown(counts), ""]
+    lines += ["## Backbones", ""]
+    backbones = json.loads((out / "backbones.json").read_text())
+    for name, entry in backbones.items():
+        if entry["status"] == "ok":
+            sha = entry["weights_sha256"]
+            lines.append(f"- `{name}`: {entry['dim']}-d, {entry['n']} images embedded; weights sha256 "
+                         f"{sha[:16] + '…' if sha else 'none (no learnt weights)'}")
+        else:
+            lines.append(f"- `{name}`: **skipped** — {entry['reason']}")
+    lines += ["", f"## Results (P@{k}, hit@1, mAP@{k}, hit@{k}, recall@{k}; value [95% CI])", "",
+              _markdown(_with_intervals(results)), ""]
+    for variant, reason in summary.get("indexes_not_built", {}).items():
+        lines.append(f"- not evaluated: `{variant}`: {reason}")
+    if summary.get("indexes_not_built"):
+        lines.append("")
+
+    comparisons = _read_csv(out / "paired_comparisons.csv")
+    winners = _read_csv(out / "winners.csv")
+    if winners is not None and len(winners):
+        lines += ["## Verdicts", "", "Best backbone per metric; 'significant' means its paired 95% interval "
+                  "against every other backbone excludes zero.", ""]
+        for row in winners.itertuples(index=False):
+            verdict = "significantly better than all others" if row.significant_over_all_others else \
+                "not significantly better than every other backbone"
+            lines.append(f"- `{row.index}` {row.metric}: **{row.best}** ({row.value:.3f}), {verdict}")
+        lines.append("")
+    if comparisons is not None and len(comparisons):
+        lines += ["Paired differences (a - b, same queries):", "", _markdown(comparisons), ""]
+
+    per_category = _read_csv(out / "per_category.csv")
+    if per_category is not None and len(per_category):
+        primary_index = protocol["indexes"][0]
+        table = per_category[per_category["index"] == primary_index]
+        pivot = table.pivot(index="category", columns="backbone", values="precision_at_k")
+        support = table.groupby("category")["support"].first()
+        pivot.insert(0, "queries", support)
+        lines += [f"## Per category (P@{k}, index `{primary_index}`)", "",
+                  _markdown(pivot.reset_index()), ""]
+
+    table = _read_csv(out / "index_variants.csv")
+    if table is not None and len(table):
+        lines += ["## Index variants (recall against exact search)", "", _markdown(table), ""]
+    lines += _distance_dimension_section(out, k)
+    lines += _finetune_section(out, k)
+    figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
+    if figures:
+        lines += ["## Figures", ""] + [f"- [{figure.stem}](figures/{figure.name})" for figure in figures] + [""]
+    lines += _timings_section(out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,346 @@
+"""The pipeline's stages over a run directory ``results/<run>/``: what each notebook calls.
+
+Layout of a run directory:
+
+    prepare.json, catalog.parquet, skipped.json     00-prepare-data
+    embeddings/<backbone>.{npy,parquet,json}         01-embed (row i of .npy = row i of .parquet)
+    backbones.json, throughput.csv                   01-embed (availability, speed)
+    index_variants.csv                               02-index
+    metrics.csv, metrics.json, per_category.csv      03-evaluate (no timings: byte-identical reruns)
+    head.pt, finetune.csv, finetune_metrics.json     04-finetune (finetune_timing.json: its timings)
+    figures/*.png, report.md                         plots and the report
+
+Files that hold timings are kept apart from the metrics files, so two runs with the same
+parameters produce byte-identical metrics.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from .. import config
+from ..errors import FashionRecError, IndexBuildError, WeightsUnavailable
+from ..evaluation.analysis import distance_and_dimension, umap_2d
+from ..evaluation.compare import paired_comparisons, winners
+from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
+from ..experiment.evaluate import PreparedData, embed, prepare
+from ..experiment.finetune import FinetunedEvaluation, evaluate_finetuned
+from ..features.files import load_embeddings, save_embeddings
+from ..indexing.faiss_index import build_index, index_bytes_per_vector, resolve_factory, search
+from ..indexing.measure import recall_vs_exact
+from ..models.finetuned import HEAD_SEPARATOR
+from ..settings import InferenceSettings
+from ..training.finetune import FinetuneConfig
+from ..training.heads import HeadConfig
+from ..training.trunk import BackboneTuneConfig
+from . import plots
+
+
+def run_dir(run_name: str) -> Path:
+    path = config.RESULTS_DIR / run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def stage_prepare(run_name: str, dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED,
+                  max_per_class: int | None = None, category_map=None, progress: bool = True) -> PreparedData:
+    prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
+                       category_map=category_map, progress=progress)
+    out = run_dir(run_name)
+    prepared.catalog.to_parquet(out / "catalog.parquet", index=False)
+    write_json(out / "skipped.json", prepared.skipped)
+    write_json(out / "prepare.json", prepared.describe())
+    return prepared
+
+
+def load_prepared(run_name: str) -> PreparedData:
+    out = config.RESULTS_DIR / run_name
+    if not (out / "catalog.parquet").exists():
+        raise FileNotFoundError(f"{out / 'catalog.parquet'}: run 00-prepare-data for run {run_name!r} first")
+    described = read_json(out / "prepare.json")
+    return PreparedData(
+        dataset=described["dataset"], root=Path(described["data_dir"]),
+        catalog=pd.read_parquet(out / "catalog.parquet"), split_seed=described["split_seed"],
+        skipped=read_json(out / "skipped.json"), too_small=described["skipped_categories"],
+        max_per_class=described["max_per_class"], category_map=described["category_map"],
+    )
+
+
+def stage_embed(run_name: str, backbones: list[str], splits=("train", "gallery", "query"), weights_files=None,
+                settings: InferenceSettings = InferenceSettings()) -> pd.DataFrame:
+    """Embeds the run's catalog with each backbone; an unavailable one is a reported skip.
+
+    Returns one row per backbone: status (``ok``/``skipped``), the reason, and speed.
+    """
+    prepared = load_prepared(run_name)
+    out = run_dir(run_name)
+    rows, status = [], {}
+    for name in backbones:
+        try:
+            embeddings = embed(prepared, name, splits=splits,
+                               settings=settings.but(weights_file=(weights_files or {}).get(name)))
+        except WeightsUnavailable as error:
+            status[name] = {"status": "skipped", "reason": str(error)}
+            rows.append({"backbone": name, "status": "skipped", "reason": str(error)})
+            continue
+        save_embeddings(embeddings, out / "embeddings", extra={"dataset_fingerprint": dataset_fingerprint(embeddings.metadata)})
+        status[name] = {"status": "ok", "dim": int(embeddings.vectors.shape[1]), "n": int(len(embeddings.vectors)),
+                        "weights_sha256": embeddings.weights_sha256, "n_skipped_images": len(embeddings.skipped)}
+        rows.append({
+            "backbone": name, "status": "ok", "reason": "", "dim": embeddings.vectors.shape[1],
+            "n_images": len(embeddings.vectors), "computed": embeddings.n_computed, "reused": embeddings.n_reused,
+            "seconds": round(embeddings.seconds, 2),
+            "images_per_s": round(embeddings.images_per_second, 1) if embeddings.n_computed else None,
+        })
+    write_json(out / "backbones.json", status)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "throughput.csv", index=False)
+    return table
+
+
+def available_backbones(run_name: str) -> list[str]:
+    status = read_json(config.RESULTS_DIR / run_name / "backbones.json")
+    return [name for name, entry in status.items() if entry["status"] == "ok"]
+
+
+def load_run_embeddings(run_name: str, backbone: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    return load_embeddings(config.RESULTS_DIR / run_name / "embeddings", backbone)
+
+
+def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "cosine",
+                search_params: dict | None = None, threads: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Each index variant over each backbone's gallery, queried with the query split.
+
+    Writes ``index_variants.csv`` (bytes per vector, recall@k against exact search: stable
+    across reruns) and ``index_timings.csv`` (the same rows with build seconds and queries/s).
+    """
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    out = run_dir(run_name)
+    rows = []
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        split = metadata["split"].to_numpy()
+        gallery, queries = vectors[split == "gallery"], vectors[split == "query"]
+        exact = build_index(gallery, factory="Flat", metric=metric, seed=seed)
+        _, exact_ids = search(exact, queries, k, metric=metric)
+        for template in indexes:
+            params = (search_params or {}).get(template, "")
+            row = {"backbone": backbone, "index": template,
+                   "factory": resolve_factory(template, len(gallery), gallery.shape[1]), "search_params": params,
+                   "n_gallery": len(gallery), "dim": gallery.shape[1], "status": "ok"}
+            started = time.perf_counter()
+            try:
+                built = build_index(gallery, factory=template, metric=metric, seed=seed)
+            except IndexBuildError as error:
+                rows.append({**row, "status": f"not built: {error}"})
+                continue
+            build_s = time.perf_counter() - started
+            started = time.perf_counter()
+            _, ids = search(built, queries, k, metric=metric, params=params)
+            search_s = time.perf_counter() - started
+            rows.append({**row, "bytes_per_vector": round(index_bytes_per_vector(built), 1),
+                         "recall_vs_exact": round(recall_vs_exact(ids, exact_ids, k), 4),
+                         "build_s": round(build_s, 4), "qps": round(len(queries) / search_s, 1)})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "index_timings.csv", index=False)
+    table.drop(columns=["build_s", "qps"]).to_csv(out / "index_variants.csv", index=False)
+    return table
+
+
+METRIC_COLUMNS = ["precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"]
+
+
+def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str = "cosine",
+                   search_params: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Scores every available backbone with every index; writes metrics.{csv,json}, per_category.csv.
+
+    Returns the metrics table (one row per backbone x index, with 95% intervals) and the
+    per-query evaluations keyed by (backbone, index) for plots and paired comparisons.
+    """
+    prepared = load_prepared(run_name)
+    out = run_dir(run_name)
+    records, evaluations, per_category, not_built = [], {}, [], {}
+    for backbone in available_backbones(run_name):
+        vectors, metadata, info = load_run_embeddings(run_name, backbone)
+        for index in indexes:
+            params = (search_params or {}).get(index, "")
+            try:
+                evaluation = evaluate_embeddings(vectors, metadata, k=k, index=index, metric=metric,
+                                                 search_params=params, seed=prepared.split_seed)
+            except IndexBuildError as error:
+                not_built[f"{backbone} / {index}"] = str(error)
+                continue
+            evaluations[(backbone, index)] = evaluation
+            record = {"backbone": backbone, "weights_sha256": info["weights_sha256"],
+                      "dataset_fingerprint": info["dataset_fingerprint"],
+                      **evaluation.to_record(bootstrap_seed=prepared.split_seed)}
+            for category, values in record.pop("per_category").items():
+                per_category.append({"backbone": backbone, "index": index, "category": category, **values})
+            records.append(record)
+    table = pd.DataFrame(records)
+    flat = table.copy()
+    for column in [c for c in flat.columns if c.endswith("_ci")]:
+        flat[column.replace("_ci", "_low")] = flat[column].str[0]
+        flat[column.replace("_ci", "_high")] = flat[column].str[1]
+    flat.drop(columns=[c for c in flat.columns if c.endswith("_ci") or c == "bootstrap"]).to_csv(
+        out / "metrics.csv", index=False, float_format="%.6f")
+    pd.DataFrame(per_category).to_csv(out / "per_category.csv", index=False, float_format="%.6f")
+    write_json(out / "metrics.json", {
+        "protocol": {**prepared.describe(), "k": k, "metric": metric, "indexes": indexes,
+                     "relevance": "same category as the query", "queries": "query split", "ranked": "gallery split"},
+        "versions": software_versions(),
+        "results": records,
+        "indexes_not_built": not_built,
+        "skipped_backbones": {name: entry["reason"] for name, entry in
+                              read_json(out / "backbones.json").items() if entry["status"] != "ok"},
+    })
+    return table, evaluations
+
+
+def stage_compare(run_name: str, table: pd.DataFrame, evaluations: dict, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paired bootstrap differences between backbones and the winner per metric."""
+    comparisons = paired_comparisons(evaluations, seed=seed)
+    best = winners(table, comparisons)
+    out = run_dir(run_name)
+    comparisons.to_csv(out / "paired_comparisons.csv", index=False, float_format="%.6f")
+    best.to_csv(out / "winners.csv", index=False, float_format="%.6f")
+    return comparisons, best
+
+
+def stage_distance_dimension(run_name: str, k: int = 10, dims=(64, 128, 256), seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Distance and PCA dimension per backbone, chosen on validation and scored once on the queries.
+
+    Writes ``distance_dimension.csv`` (every variant on the validation part of the train
+    split) and ``distance_dimension.json`` (per backbone: the chosen setting and, on
+    query -> gallery, it and the reference with intervals and their paired difference).
+    """
+    tables, summaries = [], {}
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        table, summaries[backbone] = distance_and_dimension(vectors, metadata, k=k, dims=dims, seed=seed)
+        tables.append(table.assign(backbone=backbone))
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["backbone", *[c for c in table.columns if c != "backbone"]]]
+    out = run_dir(run_name)
+    table.to_csv(out / "distance_dimension.csv", index=False, float_format="%.6f")
+    write_json(out / "distance_dimension.json", summaries)
+    return table, summaries
+
+
+def stage_umap(run_name: str, split: str = "gallery", seed: int = 0, thumbnails: int = 12):
+    """Side-by-side 2-D UMAP of each backbone's ``split`` embeddings, coloured by category."""
+    points, labels, paths = {}, {}, {}
+    for backbone in available_backbones(run_name):
+        vectors, metadata, _ = load_run_embeddings(run_name, backbone)
+        rows = metadata["split"].to_numpy() == split
+        points[backbone] = umap_2d(vectors[rows], seed=seed)
+        labels[backbone] = metadata.loc[rows, "label"].to_numpy()
+        paths[backbone] = metadata.loc[rows, "path"].to_numpy()
+    return plots.umap_side_by_side(points, labels, paths, thumbnails_per_plot=thumbnails, seed=seed,
+                                   path=run_dir(run_name) / "figures" / "umap.png")
+
+
+@dataclass
+class FinetuneStage:
+    """Both levels of 04-finetune and the one kept as the run's model of record."""
+
+    level1: FinetunedEvaluation
+    level2: FinetunedEvaluation | None
+    chosen: FinetunedEvaluation
+    headed_name: str                   # backbone name of the model of record, e.g. "efficientnet_lite0+head:run"
+    table: pd.DataFrame                # frozen vs fine-tuned, query -> gallery (also finetune.csv)
+    level2_skipped: str | None = None
+
+
+def _finetune_row(model: str, level: int, result, record: dict) -> dict:
+    """One row of finetune.csv from ``record``, an Evaluation.to_record of that model."""
+    row = {"model": model, "level": level, "loss": result.payload["loss"] if level else ""}
+    for name in ("precision_at_k", "hit_rate_at_1", "map_at_k"):
+        row[name] = record[name]
+    row["precision_at_k_low"], row["precision_at_k_high"] = record["precision_at_k_ci"]
+    if level:
+        gain = result.record["precision_at_k_gain"]
+        row.update(category_accuracy=result.record["category_accuracy"], macro_f1=result.record["macro_f1"],
+                   gain_vs_frozen=gain["diff"], gain_low=gain["low"], gain_high=gain["high"],
+                   gain_significant=gain["significant"])
+    return row
+
+
+def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cosine",
+                   losses=("proxy_anchor", "norm_softmax", "supcon"), level2: bool = False,
+                   time_budget_min: float = 10.0, trainable_blocks: int = 2, n_views: int = 2,
+                   progress: bool = True) -> FinetuneStage:
+    """Level 1 (head on frozen embeddings), optionally level 2 (last blocks + head), model of record.
+
+    The level with the better *validation* P@k becomes ``head.pt``. Writes
+    ``finetune_metrics.json`` and ``finetune.csv`` (metrics only) and ``finetune_timing.json``
+    (training seconds, machine-dependent). A rerun reuses the cached models, so its metrics
+    are byte-identical; a fresh level 2 that stops on its wall-clock budget may differ.
+    """
+    prepared = load_prepared(run_name)
+    out = run_dir(run_name)
+    settings = InferenceSettings(progress=progress)
+    head_config = HeadConfig(k=k, seed=prepared.split_seed)
+    first = evaluate_finetuned(prepared, backbone, FinetuneConfig(level=1, head=head_config, losses=tuple(losses)),
+                               k=k, metric=metric, settings=settings, model_path=out / "head-level1.pt")
+    second, skipped = None, None
+    if level2:
+        tune_config = BackboneTuneConfig(seed=prepared.split_seed, time_budget_s=time_budget_min * 60,
+                                         trainable_blocks=trainable_blocks, n_views=n_views)
+        try:
+            second = evaluate_finetuned(prepared, backbone, FinetuneConfig(level=2, head=head_config, tune=tune_config,
+                                                                           losses=(first.payload["loss"],)),
+                                        k=k, metric=metric, settings=settings, model_path=out / "head-level2.pt")
+        except FashionRecError as error:  # e.g. a backbone other than efficientnet_lite*
+            skipped = str(error)
+    val_first = max(row["val_precision_at_k"] for row in first.payload["selection"]["loss_comparison"])
+    val_second = second.payload["selection"]["level2"]["best_val_precision"] if second is not None else None
+    chosen = second if val_second is not None and val_second > val_first else first
+    shutil.copyfile(chosen.model_path, out / "head.pt")
+    headed_name = f"{backbone}{HEAD_SEPARATOR}{run_name}"
+
+    seed = prepared.split_seed
+    first_metrics = first.evaluation.to_record(bootstrap_seed=seed)
+    second_metrics = None if second is None else second.evaluation.to_record(bootstrap_seed=seed)
+    rows = [_finetune_row(f"{backbone} (frozen)", 0, first, first.record["baseline"]),
+            _finetune_row(f"{backbone} + head (level 1, {first.payload['loss']})", 1, first, first_metrics)]
+    if second is not None:
+        rows.append(_finetune_row(f"{backbone} tuned + head (level 2)", 2, second, second_metrics))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "finetune.csv", index=False, float_format="%.6f")
+
+    def summary(result):
+        return {key: result.record[key] for key in ("category_accuracy", "macro_f1", "precision_at_k_gain",
+                                                      "category_aware", "classification")}
+
+    write_json(out / "finetune_metrics.json", {
+        "backbone": backbone, "finetuned_backbone": headed_name, "chosen_level": chosen.payload["level"],
+        "validation_precision_at_k": {"level 1": val_first, "level 2": val_second},
+        "frozen": first.record["baseline"],
+        "level1": summary(first), "level1_metrics": first_metrics,
+        "level2": None if second is None else summary(second), "level2_metrics": second_metrics,
+        "level2_skipped": skipped,
+        "train_fingerprint": chosen.payload["train_fingerprint"],
+    })
+    write_json(out / "finetune_timing.json", {
+        "level1_train_seconds": first.payload["train_seconds"],
+        "level2_train_seconds": None if second is None else second.payload["train_seconds"],
+        "level2": None if second is None else second.payload["selection"]["level2"]})
+    return FinetuneStage(first, second, chosen, headed_name, table, skipped)

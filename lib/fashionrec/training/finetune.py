@@ -1,0 +1,158 @@
+"""Training a fine-tuned model on the catalog's own categories, from the train split only.
+
+Frozen ImageNet features know more about the catalog's categories than a raw cosine
+ranking uses: a linear classifier on them is right far more often than the nearest
+neighbours share the query's category. Two levels close that gap:
+
+* **Level 1** - a projection head on the cached frozen embeddings (:mod:`.heads`).
+* **Level 2** - the last MBConv block(s) of an EfficientNet-Lite trained together with
+  the head (:mod:`.trunk`).
+
+Then a category classifier is chosen on the validation part (:mod:`.classify`).
+:func:`train_model` returns a :class:`TrainedModel` whose ``payload`` is the content of a
+model file (:mod:`fashionrec.models.finetuned`); scoring it on query -> gallery is
+:mod:`fashionrec.experiment.finetune`'s business.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import config
+from ..models.backbone import Backbone
+from ..models.classifier import CategoryClassifier
+from ..models.finetuned import FORMAT, plain_values
+from ..models.projection import project
+from .classify import select_classifier
+from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads
+from .trunk import BackboneTuneConfig, TunedBackbone, _digest, tune_backbone
+
+# Part of the model cache key: bump when training changes, so no stale model is reused.
+TRAINING_VERSION = 3
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to train: the level, the settings of each level, the losses to choose from."""
+
+    level: int = 1
+    head: HeadConfig = field(default_factory=HeadConfig)
+    tune: BackboneTuneConfig = field(default_factory=BackboneTuneConfig)
+    losses: tuple[str, ...] = LOSSES
+    # Training threads: the head's matrices are small, and extra threads only spin (see torch_threads).
+    train_threads: int | None = 1
+
+    def __post_init__(self):
+        if self.level not in (1, 2):
+            raise ValueError("level is 1 (head on frozen embeddings) or 2 (last blocks + head)")
+        unknown = set(self.losses) - set(LOSSES)
+        if not self.losses or unknown:
+            raise ValueError(f"losses must be among {', '.join(LOSSES)}, got {list(self.losses)}")
+
+
+@dataclass
+class TrainedModel:
+    """A freshly trained model: the model file's content and how it was chosen."""
+
+    payload: dict
+    fit: HeadFit
+    tuned: TunedBackbone | None
+    classifier_selection: pd.DataFrame
+    seconds: float
+
+
+def head_payload(fit: HeadFit, backbone, head_cfg: HeadConfig, train_fingerprint: str, n_train: int,
+                 classifier: CategoryClassifier | None = None, tuned: TunedBackbone | None = None,
+                 tune_cfg: BackboneTuneConfig | None = None, metrics: dict | None = None,
+                 train_seconds: float | None = None) -> dict:
+    """Everything a model file holds, as plain values and tensors (``weights_only``-loadable)."""
+    head = tuned.head if tuned is not None else fit.head
+    return {
+        "format": FORMAT,
+        "backbone": backbone.name,
+        "backbone_cache_key": backbone.cache_key,
+        "base_weights_sha256": backbone.weights_sha256,
+        "level": 2 if tuned is not None else 1,
+        "loss": fit.loss_name,
+        "head_config": plain_values(asdict(head_cfg)),
+        "tune_config": plain_values(asdict(tune_cfg)) if tune_cfg is not None else None,
+        "in_dim": int(head.in_dim),
+        "out_dim": int(head.out_dim),
+        "state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()},
+        "trunk_state_dict": dict(tuned.tail_state) if tuned is not None else None,
+        "trainable_blocks": int(tuned.trainable_blocks) if tuned is not None else 0,
+        "categories": [str(c) for c in fit.categories],
+        "classifier": classifier.to_payload() if classifier is not None else None,
+        "train_fingerprint": train_fingerprint,
+        "n_train": int(n_train),
+        "epochs": int(tuned.best_epoch if tuned is not None else fit.epochs),
+        "metrics": plain_values(metrics or {}),
+        "train_seconds": float(train_seconds if train_seconds is not None else fit.seconds),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+
+
+def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cfg: FinetuneConfig,
+                train_fingerprint: str, multi_view: np.ndarray | None = None, num_workers: int = 2,
+                progress: bool = True) -> TrainedModel:
+    """Trains level 1 (and level 2 if asked) and the category classifier on the train rows.
+
+    ``train_rows`` (id, path, label, digest, in ``frozen``'s row order) are the train split;
+    ``frozen`` their embeddings by ``base``; ``multi_view`` their multi-view features, if any.
+    Model selection uses a validation part of these rows only.
+    """
+    labels = train_rows["label"].astype(str).to_numpy()
+    head_cfg, tune_cfg = cfg.head, cfg.tune
+    started = time.perf_counter()
+    with torch_threads(cfg.train_threads):
+        fit = fit_head(frozen, labels, head_cfg, cfg.losses, progress=progress)
+    tuned = None
+    if cfg.level == 2:
+        tuned = tune_backbone(base, train_rows.reset_index(drop=True), labels, fit, tune_cfg, head_cfg,
+                              num_workers=num_workers, train_threads=cfg.train_threads, progress=progress)
+        # Trained on the fit part only (no refit), so its validation features are honest.
+        head_train, head_selection = tuned.train_vectors, tuned.train_vectors
+        augmented, augmented_rows = tuned.augmented_vectors, tuned.augmented_rows
+    else:
+        head_train, head_selection = project(fit.head, frozen), project(fit.selection_head, frozen)
+        augmented = augmented_rows = None
+    classifier, classifier_table = select_classifier(
+        frozen, labels, fit.val_mask, head_vectors=head_train, head_selection_vectors=head_selection,
+        cs=head_cfg.classifier_c, seed=head_cfg.seed, head_augmented=augmented, head_augmented_rows=augmented_rows,
+        multi_view=multi_view)
+    seconds = time.perf_counter() - started
+    payload = head_payload(fit, base, head_cfg, train_fingerprint, len(train_rows), classifier, tuned,
+                           tune_cfg if tuned is not None else None, train_seconds=seconds)
+    payload["selection"] = plain_values({
+        "loss_comparison": fit.comparison.to_dict(orient="records"),
+        "histories": {name: [{"epoch": h["epoch"], "loss": h["loss"], "val_precision": h.get("val_precision")}
+                             for h in history] for name, history in fit.histories.items()},
+        "classifier_selection": classifier_table.to_dict(orient="records"),
+        "not_validated": fit.not_validated,
+        "n_validation": int(fit.val_mask.sum()),
+        "level2": None if tuned is None else {
+            "history": tuned.history, "best_epoch": tuned.best_epoch,
+            "best_val_precision": tuned.best_val_precision, "stopped_by": tuned.stopped_by,
+            "train_seconds": tuned.seconds, "feature_seconds": tuned.feature_seconds},
+    })
+    return TrainedModel(payload, fit, tuned, classifier_table, seconds)
+
+
+def model_cache_key(backbone: Backbone, train_fingerprint: str, cfg: FinetuneConfig) -> str:
+    """Digest of what determines a trained model: base backbone, train rows, level and every setting."""
+    level, head_cfg, tune_cfg, losses = cfg.level, cfg.head, cfg.tune, cfg.losses
+    settings = {"format": FORMAT, "training_version": TRAINING_VERSION, "backbone": backbone.name, "cache_key": backbone.cache_key,
+                "train": train_fingerprint, "level": level, "losses": list(losses),
+                "head": plain_values(asdict(head_cfg)), "tune": plain_values(asdict(tune_cfg)) if level == 2 else None}
+    return _digest(json.dumps(settings, sort_keys=True))[:16]
+
+
+def default_model_path(backbone_name: str, key: str) -> Path:
+    return config.PROCESSED_DIR / "heads" / f"{backbone_name}-{key}.pt"
