@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from ..indexing.category import category_aware_search
 from ..indexing.faiss_index import build_index, search
 
 N_BOOTSTRAP = 1000
@@ -69,8 +70,16 @@ def dataset_fingerprint(metadata: pd.DataFrame) -> str:
 
 def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10, index: str = "Flat",
                         metric: str = "cosine", search_params: str = "", seed: int = 0,
-                        query_split: str = "query", gallery_split: str = "gallery") -> Evaluation:
-    """Ranks the gallery for every query and scores the top ``k`` by category match."""
+                        query_split: str = "query", gallery_split: str = "gallery",
+                        categories: np.ndarray | None = None, boost: float = 0.0,
+                        categories_source: str = "predicted") -> Evaluation:
+    """Ranks the gallery for every query and scores the top ``k`` by category match.
+
+    With ``categories`` (one per ``metadata`` row, e.g. a classifier's predictions) and a
+    non-zero ``boost``, gallery items of the query's category get that score bonus
+    (:func:`fashionrec.indexing.category.category_aware_search`; ``inf``: that category first).
+    Relevance is always the true ``label``.
+    """
     split = metadata["split"].to_numpy()
     query_rows = np.flatnonzero(split == query_split)
     gallery_rows = np.flatnonzero(split == gallery_split)
@@ -80,8 +89,17 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         raise ValueError(f"k={k} exceeds the gallery size {len(gallery_rows)}")
     queries = metadata.iloc[query_rows].reset_index(drop=True)
     gallery = metadata.iloc[gallery_rows].reset_index(drop=True)
-    built = build_index(vectors[gallery_rows], factory=index, metric=metric, seed=seed)
-    scores, positions = search(built, vectors[query_rows], k, metric=metric, params=search_params)
+    ranking = None
+    if boost and categories is not None:
+        categories = np.asarray(categories).astype(str)
+        scores, positions, partitions = category_aware_search(
+            vectors[gallery_rows], categories[gallery_rows], vectors[query_rows], categories[query_rows], k, boost,
+            factory=index, metric=metric, params=search_params, seed=seed)
+        ranking = {"boost": "inf" if np.isinf(boost) else float(boost), "categories": categories_source,
+                   "partitions_built_flat": sorted(c for c, f in partitions.items() if f != index)}
+    else:
+        built = build_index(vectors[gallery_rows], factory=index, metric=metric, seed=seed)
+        scores, positions = search(built, vectors[query_rows], k, metric=metric, params=search_params)
 
     query_labels = queries["label"].to_numpy()
     gallery_labels = gallery["label"].to_numpy()
@@ -98,6 +116,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "n_queries": int(len(queries)),
         "n_gallery": int(len(gallery)),
         "n_categories": int(len(np.unique(query_labels))),
+        **({"category_ranking": ranking} if ranking else {}),
     }
     return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query))
 

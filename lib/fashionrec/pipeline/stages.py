@@ -285,14 +285,15 @@ def _finetune_row(model: str, level: int, result, record: dict) -> dict:
 
 def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cosine",
                    losses=("proxy_anchor", "norm_softmax", "supcon"), level2: bool = False,
-                   time_budget_min: float = 10.0, trainable_blocks: int = 2, n_views: int = 2,
+                   time_budget_min: float | None = None, trainable_blocks: int = 2, n_views: int = 2,
                    progress: bool = True) -> FinetuneStage:
     """Level 1 (head on frozen embeddings), optionally level 2 (last blocks + head), model of record.
 
     The level with the better *validation* P@k becomes ``head.pt``. Writes
     ``finetune_metrics.json`` and ``finetune.csv`` (metrics only) and ``finetune_timing.json``
     (training seconds, machine-dependent). A rerun reuses the cached models, so its metrics
-    are byte-identical; a fresh level 2 that stops on its wall-clock budget may differ.
+    are byte-identical; level 2 stops by epochs and early stopping (``time_budget_min``, off by
+    default, is a wall-clock safety net; a run it stops is reported and may differ between machines).
     """
     prepared = load_prepared(run_name)
     out = run_dir(run_name)
@@ -302,7 +303,8 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
                                k=k, metric=metric, settings=settings, model_path=out / "head-level1.pt")
     second, skipped = None, None
     if level2:
-        tune_config = BackboneTuneConfig(seed=prepared.split_seed, time_budget_s=time_budget_min * 60,
+        tune_config = BackboneTuneConfig(seed=prepared.split_seed,
+                                         time_budget_s=time_budget_min * 60 if time_budget_min else None,
                                          trainable_blocks=trainable_blocks, n_views=n_views)
         try:
             second = evaluate_finetuned(prepared, backbone, FinetuneConfig(level=2, head=head_config, tune=tune_config,
