@@ -42,6 +42,8 @@ finetune_time_budget_min = None
 finetune_trainable_blocks = 2
 finetune_n_views = 2
 n_grid_queries = 6
+search_backbone = None
+search_cost_images = 64
 
 # %%
 import matplotlib.pyplot as plt
@@ -49,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from fashionrec.pipeline import plots
-from fashionrec.pipeline.stages import load_prepared, run_dir, stage_finetune
+from fashionrec.pipeline.stages import load_prepared, run_dir, stage_finetune, stage_search
 
 prepared = load_prepared(run_name)
 out = run_dir(run_name)
@@ -215,3 +217,49 @@ with torch.no_grad():
     again = backbone.model(images).numpy()
 print(backbone.name, f"{backbone.dim}-d")
 print("same embeddings as evaluated:", bool(np.allclose(again, chosen.vectors[query_rows], atol=1e-3)))
+
+# %% [markdown]
+# ## The best model from several backbones
+# With `search_backbone` set to a combination (e.g.
+# `ensemble:efficientnet_lite0,efficientnet_lite1,efficientnet_lite2`, see docs/ensembles.md),
+# the workbench asks which model to ship from these backbones: subsets of the members, each
+# through its own preprocessing, that plus its mirror image, or all four views (averaged per
+# member); frozen features or a projection head (loss, hidden width); ranking by similarity
+# alone or with a bonus for the query's predicted category; the category classifier's
+# features and strength. Every candidate is compared on a **select slice** of the train
+# split that no training and no early stopping has seen; only the chosen one is scored on
+# the queries, beside frozen `efficientnet_lite0` and its fine-tuned head above. The chosen
+# model is saved as `results/<run>/best.pt` and served by name. Its embedding cost (seconds
+# per image, summed over the networks it runs) is measured in one run at the end.
+
+# %%
+from IPython.display import display
+
+search = None
+if search_backbone:
+    search = stage_search(run_name, search_backbone, k=k, metric=metric, cost_images=search_cost_images)
+    print(f"searched {len(search.candidates)} feature set x head candidates (each with several rankings); "
+          f"select slice: {search.result.record['finetune']['slices']['select']} train images")
+else:
+    print("no model search: set search_backbone to a combination of backbones to run one")
+
+# %%
+if search is not None:
+    chosen = search.result.record["finetune"]["chosen"]
+    print("chosen:", chosen["features"], "| head:", chosen["head"], "| ranking:", chosen["ranking"],
+          "| classifier:", chosen["classifier"])
+    print("served as:", search.served_name)
+    display(search.table.round(4))
+
+# %% [markdown]
+# Every candidate on the select slice (validation numbers; the queries were not used to choose):
+
+# %%
+if search is not None:
+    display(search.candidates)
+
+# %%
+if search is not None and search.cost is not None:
+    print(f"embedding cost, measured in one run on {search.cost.attrs['n_images']} query images "
+          f"(load average {search.cost.attrs['load_average_1min']}):")
+    display(search.cost)

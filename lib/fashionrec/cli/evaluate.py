@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..errors import FashionRecError
+from ..experiment.cost import measure_embedding_cost
 from ..experiment.evaluate import evaluate_backbone, prepare
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
@@ -41,6 +42,9 @@ def add_parser(commands) -> None:
     finetune.add_argument("--trainable-blocks", type=int, default=2, help="level 2: last MBConv blocks trained")
     finetune.add_argument("--head-out", default=None, help="also write the model file here, e.g. results/<run>/head.pt")
     finetune.add_argument("--retrain", action="store_true", help="train again even when a cached model fits")
+    finetune.add_argument("--cost-images", type=int, default=32,
+                          help="ensembles: embed this many query images with the chosen model and with the first "
+                               "member alone, in one run, caches bypassed, and report images/s (0: skip)")
     parser.set_defaults(handler=run)
 
 
@@ -102,6 +106,12 @@ def _run_finetuned(args, prepared, settings) -> int:
     print(f"  category accuracy {record['category_accuracy']:.4f}, macro F1 {record['macro_f1']:.4f}; "
           f"trained in {record['train_seconds']:.1f} s{' (reused cached model)' if tuned['reused_cached_model'] else ''}")
     print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
+    if "cost" in record:
+        measured = record["cost"]["measured"]
+        costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
+                          f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
+        print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
+              f"{measured['load_average_1min'][0]}): {costs}")
     return 0
 
 
@@ -113,6 +123,15 @@ def _run_searched(args, prepared, settings) -> int:
                               retrain=args.retrain)
     record = result.record
     record["timing"] = {"train_seconds": record["train_seconds"]}
+    if args.cost_images > 0:
+        first = result.baseline_backbone.name
+        table = measure_embedding_cost(prepared, {"chosen": result.serving_backbones, first: result.baseline_backbone},
+                                       dims={"chosen": record["finetune"]["dim"]}, n_images=args.cost_images,
+                                       settings=settings)
+        record["cost"] = {"measured": {**table.attrs, "how": "seconds per image summed over the networks serving one "
+                                                             "image runs (decode + preprocess + forward), one process, "
+                                                             "caches bypassed"},
+                          "models": table.to_dict(orient="records")}
     if args.json:
         print_json(record)
         return 0
@@ -132,4 +151,10 @@ def _run_searched(args, prepared, settings) -> int:
     print(f"  category accuracy {record['category_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
           f"macro F1 {record['macro_f1']:.4f}")
     print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
+    if "cost" in record:
+        measured = record["cost"]["measured"]
+        costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
+                          f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
+        print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
+              f"{measured['load_average_1min'][0]}): {costs}")
     return 0

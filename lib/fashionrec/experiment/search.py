@@ -75,11 +75,15 @@ def _member_subsets(members: list[MemberSpec]) -> list[tuple[MemberSpec, ...]]:
 
 
 def candidate_feature_sets(members: list[MemberSpec], bases: dict[str, Backbone]) -> FeatureSets:
-    """Retrieval feature sets (subsets x view options, views averaged per member) and classifier
-    feature sets (subsets, centre crop alone or every view concatenated), as combination names.
+    """Retrieval and classifier feature sets to compare, as combination names (cheapest first).
 
-    A member whose name fixed its views keeps them; a view its preprocessing cannot take
-    (squash and shorter_side need a resize + centre crop) is left out and reported.
+    Retrieval: every subset of the members (:func:`_member_subsets`) seen through each of
+    :data:`VIEW_OPTIONS` (views averaged per member, so a member adds 1,280 dimensions whatever
+    its views). Classifier: every subset with its views *concatenated* (the centre crop and its
+    mirror averaged, then squash, then shorter side: a linear classifier weighs each view), and
+    all members through their centre crop alone. A member whose name fixed its views keeps
+    them; a view its preprocessing cannot take (squash and shorter_side need a resize + centre
+    crop) is left out and reported.
     """
     usable, skipped = {}, {}
     for member in members:
@@ -100,23 +104,21 @@ def candidate_feature_sets(members: list[MemberSpec], bases: dict[str, Backbone]
             return member
         return MemberSpec(member.backbone, tuple(v for v in option if v in usable[member.backbone]))
 
-    retrieval, classifier = [], []
-    for option in VIEW_OPTIONS:
-        for subset in _member_subsets(members):
-            name = ensemble_name([seen(member, option) for member in subset])
-            if name not in retrieval:
-                retrieval.append(name)
-    for subset in _member_subsets(members):
-        for concatenated in (False, True):
-            parts = [seen(member, (RETRIEVAL_VIEW,)) if not concatenated else None for member in subset]
-            if concatenated:
-                parts = [MemberSpec(member.backbone, (view,)) for member in subset
-                         for view in usable[member.backbone]]
-            name = ensemble_name(parts)
-            if name not in classifier:
-                classifier.append(name)
+    def concatenated(member: MemberSpec) -> list[MemberSpec]:
+        if member.views_named:
+            return [member]
+        views = usable[member.backbone]
+        centre = tuple(v for v in (RETRIEVAL_VIEW, "flip") if v in views)
+        return [MemberSpec(member.backbone, centre)] + [MemberSpec(member.backbone, (v,)) for v in views
+                                                         if v not in centre]
+
+    retrieval = list(dict.fromkeys(ensemble_name([seen(member, option) for member in subset])
+                                   for option in VIEW_OPTIONS for subset in _member_subsets(members)))
     order = {name: i for i, name in enumerate(retrieval)}
     retrieval.sort(key=lambda name: (_n_leaves(name), order[name]))
+    classifier = list(dict.fromkeys(
+        [ensemble_name([part for member in subset for part in concatenated(member)])
+         for subset in _member_subsets(members)] + [ensemble_name([seen(m, (RETRIEVAL_VIEW,)) for m in members])]))
     return FeatureSets(retrieval, classifier, skipped)
 
 
@@ -191,6 +193,16 @@ class SearchedEvaluation:
     metadata: pd.DataFrame
     classification: dict
     reused: bool
+    chosen_backbone: CombinedBackbone        # the chosen feature set (eager, without its head)
+    classifier_backbone: CombinedBackbone    # the classifier's feature set
+    baseline_backbone: Backbone              # the first member
+    bases: dict[str, Backbone]               # every member, eager, by name
+
+    @property
+    def serving_backbones(self) -> list:
+        """What embedding one image with the chosen model runs: its features, and the classifier's when it ranks by category."""
+        ranked = float(self.payload["ranking"]["boost"]) != 0
+        return [self.chosen_backbone, self.classifier_backbone] if ranked else [self.chosen_backbone]
 
 
 def _search_key(name: str, leaves: LeafEmbeddings, train_fingerprint: str, cfg: SearchConfig) -> str:
@@ -342,7 +354,8 @@ def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | 
               **_search_record(payload, cached, model_path, reused, classification, evaluation, plain, baseline,
                                finetuned_first, first, prepared.split_seed)}
     return SearchedEvaluation(record, Path(model_path or cached), payload, payload["selection"], evaluation, plain,
-                              baseline, finetuned_first, vectors, predicted, metadata, classification, reused)
+                              baseline, finetuned_first, vectors, predicted, metadata, classification, reused,
+                              chosen_set, classifier_set, bases[first], bases)
 
 
 def _short_record(evaluation: Evaluation, seed: int, **extra) -> dict:

@@ -13,9 +13,10 @@ for gallery items of the query's predicted category: 0 = plain similarity, ``inf
 within the predicted category first). The category classifier (features and C) is chosen
 first, on select-slice accuracy; each candidate is then scored by P@k on the select slice,
 where every select image ranks the other select images with categories *predicted* for
-both sides, as a shop without labels would rank. The best candidate (ties: the one listed
-first, i.e. the cheaper) is refitted on all train rows (:func:`refit_chosen`). The query
-split is never an input here.
+both sides, as a shop without labels would rank. Heads are searched in two stages: every
+feature set x loss at the first hidden width, then the other widths for the best of those.
+The best candidate (ties: the one listed first, i.e. the cheaper) is refitted on all train
+rows (:func:`refit_chosen`). The query split is never an input here.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class SearchConfig:
     """
 
     losses: tuple[str, ...] = LOSSES
-    hidden_dims: tuple[int, ...] = (512,)
+    hidden_dims: tuple[int, ...] = (512, 1024)    # the first in stage 1, the others for the stage-1 winner
     boosts: tuple[float, ...] = DEFAULT_BOOSTS
     classifier_c: tuple[float, ...] = (1.0, 10.0, 100.0)
     select_fraction: float = 0.15
@@ -189,6 +190,29 @@ def _head_config(cfg: SearchConfig, hidden_dim: int) -> HeadConfig:
     return dataclasses.replace(cfg.head, hidden_dim=hidden_dim)
 
 
+def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categories: list[str], predicted: np.ndarray,
+                     slices: Slices, loss: str, hidden: int, cfg: SearchConfig, stage: int) -> list[dict]:
+    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice: one row per boost."""
+    started = time.perf_counter()
+    trained = None
+    if loss != NO_HEAD:
+        with torch_threads(cfg.train_threads):
+            trained = train_head(vectors[slices.fit], labels[slices.fit], categories, loss, _head_config(cfg, hidden),
+                                 vectors[slices.stop], labels[slices.stop], progress=False)
+    scored = project(trained.head, vectors) if trained else vectors
+    rows = []
+    for boost in cfg.boosts:
+        precision = selection_precision(scored, labels, predicted, slices, boost, cfg.head.k)
+        rows.append({"features": name, "dim_in": int(vectors.shape[1]), "loss": loss,
+                     "hidden_dim": hidden if trained else None, "dim": int(scored.shape[1]), "boost": boost,
+                     "stage": stage, "epochs": trained.best_epoch if trained else 0,
+                     "stop_precision_at_k": trained.best_val_precision if trained else None,
+                     "select_precision_at_k": float(precision.mean()) if precision.size else float("nan"),
+                     "select_precision_at_k_ci": _interval(precision, cfg.head.seed),
+                     "train_seconds": round(time.perf_counter() - started, 2)})
+    return rows
+
+
 def search_models(features: dict[str, np.ndarray], classifier_features: dict[str, np.ndarray], labels,
                   cfg: SearchConfig = SearchConfig(), progress: bool = True) -> SearchOutcome:
     """Compares every candidate on the select slice and returns the best (see the module docstring).
@@ -199,40 +223,28 @@ def search_models(features: dict[str, np.ndarray], classifier_features: dict[str
     """
     started = time.perf_counter()
     labels = np.asarray(labels).astype(str)
-    seed, k = cfg.head.seed, cfg.head.k
+    seed = cfg.head.seed
     slices = selection_slices(labels, cfg.select_fraction, cfg.head.val_fraction, seed)
     if not slices.select.any():
         raise ValueError("no category has enough train images for a selection slice (3 or more per category)")
     classifier, classifier_table, predicted = choose_classifier(classifier_features, labels, slices,
                                                                 cfg.classifier_c, seed, progress)
     categories = sorted(set(labels))
-    heads = [(NO_HEAD, 0)] if cfg.frozen_candidates else []
-    heads += [(loss, hidden) for hidden in cfg.hidden_dims for loss in cfg.losses]
-    rows = []
-    bar = progress_bar(total=len(features) * len(heads), desc="search: feature sets x heads", unit="head",
-                       progress=progress)
+    first_stage = [(NO_HEAD, 0)] if cfg.frozen_candidates else []
+    first_stage += [(loss, cfg.hidden_dims[0]) for loss in cfg.losses]
+    rows: list[dict] = []
+    bar = progress_bar(total=len(features) * len(first_stage) + len(cfg.hidden_dims) - 1,
+                       desc="search: feature sets x heads", unit="head", progress=progress)
     for name, vectors in features.items():
-        for loss, hidden in heads:
-            head_started = time.perf_counter()
-            trained = None
-            if loss != NO_HEAD:
-                with torch_threads(cfg.train_threads):
-                    trained = train_head(vectors[slices.fit], labels[slices.fit], categories, loss,
-                                         _head_config(cfg, hidden), vectors[slices.stop], labels[slices.stop],
-                                         progress=False)
-                scored = project(trained.head, vectors)
-            else:
-                scored = vectors
-            for boost in cfg.boosts:
-                precision = selection_precision(scored, labels, predicted, slices, boost, k)
-                rows.append({"features": name, "dim_in": int(vectors.shape[1]), "loss": loss,
-                             "hidden_dim": hidden if trained else None,
-                             "dim": int(scored.shape[1]), "boost": boost,
-                             "epochs": trained.best_epoch if trained else 0,
-                             "stop_precision_at_k": trained.best_val_precision if trained else None,
-                             "select_precision_at_k": float(precision.mean()) if precision.size else float("nan"),
-                             "select_precision_at_k_ci": _interval(precision, seed),
-                             "train_seconds": round(time.perf_counter() - head_started, 2)})
+        for loss, hidden in first_stage:
+            rows += _score_candidate(name, vectors, labels, categories, predicted, slices, loss, hidden, cfg, 1)
+            bar.update(1)
+    best = max(rows, key=lambda row: -math.inf if math.isnan(row["select_precision_at_k"]) else
+               row["select_precision_at_k"])
+    if best["loss"] != NO_HEAD:
+        for hidden in cfg.hidden_dims[1:]:
+            rows += _score_candidate(best["features"], features[best["features"]], labels, categories, predicted,
+                                     slices, best["loss"], hidden, cfg, 2)
             bar.update(1)
     bar.close()
     candidates = pd.DataFrame(rows)
