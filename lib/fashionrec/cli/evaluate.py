@@ -146,7 +146,8 @@ def _run_searched(args, prepared, settings) -> int:
           f"categories), classifier on {chosen['classifier']['features']} (C={chosen['classifier']['C']})")
     print_metrics(record)
     for name, gain in record["precision_at_k_gains"].items():
-        print(f"  gain {name.replace('_', ' ')}: {gain['diff']:+.4f} (95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
+        print(f"  gain {name.replace('_', ' ')}: {gain['diff']:+.4f} "
+              f"(95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
     low, high = record["category_accuracy_ci"]
     print(f"  category accuracy {record['category_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
           f"macro F1 {record['macro_f1']:.4f}")

@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .. import config
 from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, dataset_fingerprint, evaluate_embeddings
-from ..features.embed import Embeddings, embed_catalog
+from ..features.embed import Embeddings
 from ..models.backbone import Backbone
 from ..models.ensemble import (ENSEMBLE_PREFIX, CombinedBackbone, MemberSpec, combined_backbone, ensemble_name,
                                is_combined_name, parse_combined_name, preprocessing)
@@ -38,12 +37,11 @@ from ..models.finetuned import (FORMAT, HEAD_SEPARATOR, classifier_from_payload,
                                 plain_values, save_model, split_backbone_name)
 from ..models.projection import project
 from ..models.registry import get_backbone
-from ..models.runtime import with_runtime
 from ..models.views import RETRIEVAL_VIEW, view_backbone
 from ..settings import InferenceSettings
 from ..training.classify import category_metrics
 from ..training.heads import HeadConfig
-from ..training.search import NO_HEAD, SearchConfig, SearchOutcome, Slices, refit_chosen, search_models
+from ..training.search import SearchConfig, SearchOutcome, refit_chosen, search_models
 from ..training.trunk import _digest
 from .evaluate import PreparedData, embed_with, evaluation_record
 from .finetune import FinetunedEvaluation, evaluate_finetuned
@@ -200,7 +198,8 @@ class SearchedEvaluation:
 
     @property
     def serving_backbones(self) -> list:
-        """What embedding one image with the chosen model runs: its features, and the classifier's when it ranks by category."""
+        """What embedding one image with the chosen model runs: its features, and the classifier's when it
+        ranks by category."""
         ranked = float(self.payload["ranking"]["boost"]) != 0
         return [self.chosen_backbone, self.classifier_backbone] if ranked else [self.chosen_backbone]
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..data.images import load_image
-from ..errors import FashionRecError, UnknownBackbone
+from ..errors import UnknownBackbone
 from .backbone import Backbone
 from .projection import l2_normalize, project
 from .views import RETRIEVAL_VIEW, VIEWS, view_backbone

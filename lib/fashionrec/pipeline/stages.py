@@ -359,8 +359,8 @@ class SearchStage:
     """The model search of a run: the chosen model, its candidates and what serving it costs."""
 
     result: SearchedEvaluation
-    served_name: str                   # backbone name of the chosen model, e.g. "ensemble:...+head:results/<run>/best.pt"
-    candidates: pd.DataFrame           # one row per feature set x head: select-slice P@k [95% CI], dims (search_candidates.csv)
+    served_name: str                   # the chosen model's backbone name: "<features>+head:results/<run>/best.pt"
+    candidates: pd.DataFrame           # per feature set x head: select-slice P@k [95% CI] and dims
     table: pd.DataFrame                # query -> gallery: the references and the chosen model (search.csv)
     cost: pd.DataFrame | None          # seconds per image, measured in one run (search_cost.csv)
 
@@ -396,8 +396,9 @@ def stage_search(run_name: str, backbone: str, k: int = 10, metric: str = "cosin
                        **({"losses": tuple(losses)} if losses else {}))
     model_file = out / "best.pt"
     result = search_finetuned(prepared, backbone, cfg, k=k, metric=metric, settings=settings, model_path=model_file)
-    served = f"{result.payload['backbone']}{HEAD_SEPARATOR}{model_file.relative_to(config.PROJECT_ROOT)}" \
-        if model_file.is_relative_to(config.PROJECT_ROOT) else f"{result.payload['backbone']}{HEAD_SEPARATOR}{model_file}"
+    reference = model_file.relative_to(config.PROJECT_ROOT) if model_file.is_relative_to(config.PROJECT_ROOT) \
+        else model_file
+    served = f"{result.payload['backbone']}{HEAD_SEPARATOR}{reference}"
     selection = result.outcome
     candidates = pd.DataFrame(selection["candidates"])
     candidates.to_csv(out / "search_candidates.csv", index=False, float_format="%.6f")

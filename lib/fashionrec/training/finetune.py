@@ -126,7 +126,8 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
                        progress=progress)
         if head_cfg.refit and select.any():
             fit.head = train_head(frozen, labels, fit.categories, fit.loss_name, head_cfg, epochs=fit.epochs,
-                                  progress=progress, desc=f"level 1 head, {fit.loss_name}, refit on all train rows").head
+                                  progress=progress,
+                                  desc=f"level 1 head, {fit.loss_name}, refit on all train rows").head
     tuned = None
     if cfg.level == 2:
         tuned = tune_backbone(base, train_rows.iloc[develop].reset_index(drop=True), labels[develop], fit, tune_cfg,

@@ -159,7 +159,8 @@ def choose_classifier(features: dict[str, np.ndarray], labels, slices: Slices, c
             correct = classifier.predict(vectors[slices.select]) == labels[slices.select]
             accuracy = float(correct.mean()) if correct.size else float("nan")
             rows.append({"features": name, "dim": int(vectors.shape[1]), "c": c, "select_accuracy": accuracy,
-                         "select_accuracy_ci": _interval(correct, seed), "seconds": round(time.perf_counter() - started, 2)})
+                         "select_accuracy_ci": _interval(correct, seed),
+                         "seconds": round(time.perf_counter() - started, 2)})
             if best is None or accuracy > best[0]:
                 best = (accuracy, name, c, classifier)
             bar.update(1)
@@ -192,7 +193,7 @@ def _head_config(cfg: SearchConfig, hidden_dim: int) -> HeadConfig:
 
 def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categories: list[str], predicted: np.ndarray,
                      slices: Slices, loss: str, hidden: int, cfg: SearchConfig, stage: int) -> list[dict]:
-    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice: one row per boost."""
+    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice (a row each)."""
     started = time.perf_counter()
     trained = None
     if loss != NO_HEAD:
