@@ -39,7 +39,7 @@ from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads, train_h
 from .trunk import BackboneTuneConfig, TunedBackbone, _digest, tune_backbone
 
 # Part of the model cache key: bump when training changes, so no stale model is reused.
-TRAINING_VERSION = 4
+TRAINING_VERSION = 5
 
 
 @dataclass(frozen=True)
