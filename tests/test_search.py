@@ -145,3 +145,36 @@ def test_cli_finetune_on_the_lite_ensemble_runs_on_another_catalog(tmp_path, cap
     assert chosen["features"].startswith("ensemble:efficientnet_lite")
     assert record["finetune"]["candidates_compared"] >= 21
     assert [row["model"] for row in record["cost"]["models"]] == ["chosen", "efficientnet_lite0"]
+
+
+def test_search_stage_writes_the_model_of_record_and_the_report_section(two_worlds):
+    from fashionrec.pipeline import report
+    from fashionrec.pipeline.stages import run_dir, stage_prepare, stage_search
+
+    stage_prepare("worlds", "catalog", data_dir=two_worlds, progress=False)
+    stage = stage_search("worlds", "ensemble:colorhist,test_bright_half", k=3, losses=("norm_softmax",),
+                         hidden_dims=(16, 32), cost_images=4, progress=False)
+    out = run_dir("worlds")
+    assert stage.served_name.startswith("ensemble:colorhist+head:") and (out / "best.pt").is_file()
+    assert get_backbone(stage.served_name).dim == stage.result.record["finetune"]["dim"]
+    assert list(stage.table["model"]) == ["colorhist (frozen)", "colorhist + head (--finetune)",
+                                          "chosen, ranked by similarity alone", "chosen, with its ranking"]
+    chosen = stage.table.iloc[-1]
+    assert chosen["precision_at_k_low"] <= chosen["precision_at_k"] <= chosen["precision_at_k_high"]
+    # Validation numbers for every candidate, query numbers only for the chosen one and the references.
+    candidates = pd.read_csv(out / "search_candidates.csv")
+    assert set(candidates.columns) >= {"features", "loss", "boost", "select_precision_at_k", "select_precision_at_k_ci"}
+    assert not any("query" in column for column in candidates.columns)
+    assert set(stage.cost["model"]) >= {"chosen (serving)", "ensemble:colorhist", "ensemble:test_bright_half"}
+    assert (stage.cost["seconds_per_image"] > 0).all()
+    section = "\n".join(report._search_section(out, 3))
+    assert "**Numbers marked 'select' are validation numbers.**" in section
+    assert stage.served_name in section and "Paired gain in P@3 over `colorhist` frozen" in section
+    timings = "\n".join(report._timings_section(out))
+    assert "measured in one run on 4 query images" in timings
+    # A rerun reuses the model: the metrics files are byte-identical.
+    before = {name: (out / name).read_bytes() for name in ("search.csv", "search_metrics.json",
+                                                          "search_candidates.csv")}
+    stage_search("worlds", "ensemble:colorhist,test_bright_half", k=3, losses=("norm_softmax",), hidden_dims=(16, 32),
+                 cost_images=0, progress=False)
+    assert all((out / name).read_bytes() == content for name, content in before.items())
