@@ -113,8 +113,9 @@ def _search_section(out: Path, k: int) -> list[str]:
                                   else "" for r in table.itertuples()]})
         lines += ["Queries (the chosen model and the references only):", "", _markdown(shown), ""]
     gains = query["precision_at_k_gains"]
-    names = {"over_frozen": f"over `{query['references']['frozen']['backbone']}` frozen",
-             "over_finetuned": "over its fine-tuned head (`--finetune`)"}
+    first = query["references"]["frozen"]["backbone"]
+    names = {"over_frozen": f"over `{first}` frozen",
+             "over_finetuned": f"over `{first}` with its fine-tuned head (`--finetune`)"}
     for key, gain in gains.items():
         verdict = "significant" if gain["significant"] else "not significant"
         lines.append(f"- Paired gain in P@{k} {names.get(key, key)}: {_signed_interval(gain)} ({verdict}).")
