@@ -28,3 +28,7 @@ class IndexBuildError(FashionRecError, ValueError):
 
 class UnknownBackbone(FashionRecError, ValueError):
     """No backbone is registered under this name."""
+
+
+class IndexFolderError(FashionRecError):
+    """An index folder is missing, incomplete or inconsistent; the message says how to (re)build it."""

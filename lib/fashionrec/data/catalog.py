@@ -205,9 +205,16 @@ def load_folder(data_dir, progress: bool = True) -> LoadedDataset:
 
 
 def load_catalog_csv(data_dir, progress: bool = True) -> LoadedDataset:
-    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``."""
-    root = _existing_dir(data_dir)
-    csv_path = root / "catalog.csv"
+    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``.
+
+    ``data_dir`` may also name the CSV file itself; its paths are then relative to its folder.
+    """
+    if data_dir is not None and Path(data_dir).is_file():
+        csv_path = Path(data_dir)
+        root = csv_path.parent
+    else:
+        root = _existing_dir(data_dir)
+        csv_path = root / "catalog.csv"
     if not csv_path.exists():
         raise DatasetError(f"{csv_path}: not found (a catalog directory needs catalog.csv with columns path,label)")
     table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
@@ -217,7 +224,7 @@ def load_catalog_csv(data_dir, progress: bool = True) -> LoadedDataset:
     skipped: list[dict] = []
     no_path = table["path"].isna()
     for line in table.index[no_path]:
-        skipped.append({"path": f"catalog.csv line {line + 2}", "reason": "missing path"})
+        skipped.append({"path": f"{csv_path.name} line {line + 2}", "reason": "missing path"})
     table = table[~no_path]
     ids = table["id"] if "id" in table.columns else table["path"]
     rows = pd.DataFrame({
