@@ -15,13 +15,18 @@ import random
 import sys
 
 import streamlit as st
+from PIL import Image, ImageOps
 
 from fashionrec import Recommender
+from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError, ImageError
 from fashionrec.serving.encoder import decode_query
 
 INDEX_ENV = "FASHIONREC_INDEX_DIR"
 GRID_COLUMNS = 4
+# Every result in the same frame (the whole product, padded), so the grid lines up.
+THUMBNAIL_SIZE = (360, 480)
+THUMBNAIL_BACKGROUND = (246, 246, 246)
 BUILD_COMMANDS = ("make app                      # builds a default index once, then serves it\n"
                   "python -m fashionrec index --dataset clothing --backbone efficientnet_lite0 --out OUTDIR\n"
                   "streamlit run app/streamlit_app.py -- --index-dir OUTDIR")
@@ -37,6 +42,11 @@ def index_dir() -> str | None:
 @st.cache_resource(show_spinner="Loading the index…")
 def load_recommender(path: str) -> Recommender:
     return Recommender.load(path)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail(path: str) -> Image.Image:
+    return ImageOps.pad(load_image(path, draft_size=max(THUMBNAIL_SIZE)), THUMBNAIL_SIZE, color=THUMBNAIL_BACKGROUND)
 
 
 def set_query(**query) -> None:
@@ -73,10 +83,9 @@ def query_inputs(recommender: Recommender) -> None:
         if shot is not None and st.session_state.get("camera_seen") != shot.file_id:
             st.session_state["camera_seen"] = shot.file_id
             set_query(kind="photo", name="camera photo", data=shot.getvalue())
-    pick, typed = st.columns([1, 1], vertical_alignment="bottom")
-    if pick.button("Random catalog item", key="random", width="stretch"):
+    if st.button("Random catalog item", key="random", icon=":material/casino:", width="stretch"):
         set_query(kind="item", id=random.choice(recommender.ids))
-    item_id = typed.text_input("…or a catalog id", key="typed_id", placeholder="id")
+    item_id = st.text_input("…or a catalog id", key="typed_id", placeholder="an id from the catalog")
     if item_id and st.session_state.get("typed_seen") != item_id:
         st.session_state["typed_seen"] = item_id
         set_query(kind="item", id=item_id.strip())
@@ -91,12 +100,13 @@ def run_query(recommender: Recommender, query: dict, k: int, category: str | Non
             picture.thumbnail((640, 640))
             return answer, picture, query["name"]
         item = recommender.item(query["id"])
-        return recommender.similar_to(query["id"], k=k, category=category), item.path, f"{item.label} · {item.id}"
+        return recommender.similar_to(query["id"], k=k, category=category), thumbnail(item.path), \
+            f"{item.label} · {item.id}"
     except ImageError as error:
         st.error(f"**{query.get('name', 'upload')}** cannot be used: {error.reason}. Try another photo (JPEG, PNG, "
-                 "WebP…).", icon="🚫")
+                 "WebP…).", icon=":material/error:")
     except FashionRecError as error:
-        st.error(str(error), icon="🚫")
+        st.error(str(error), icon=":material/error:")
     return None, None, None
 
 
@@ -108,14 +118,19 @@ def show_results(answer, category: str | None) -> None:
         columns = st.columns(GRID_COLUMNS)
         for column, (rank, item) in zip(columns, enumerate(answer.results[start:start + GRID_COLUMNS], start + 1)):
             with column:
-                st.image(item.path, caption=f"{rank}. {item.label} · {item.score:.3f}", width="stretch")
+                try:
+                    picture = thumbnail(item.path)
+                except ImageError as error:   # the file changed or went away since it was indexed
+                    st.warning(f"{item.id}: {error.reason}")
+                    picture = Image.new("RGB", THUMBNAIL_SIZE, THUMBNAIL_BACKGROUND)
+                st.image(picture, caption=f"{rank}. {item.label} · {item.score:.3f}", width="stretch")
                 st.button("More like this", key=f"more-{rank}-{item.id}", on_click=more_like_this, args=(item.id,),
                           width="stretch")
 
 
 def timing_line(timing: dict) -> str:
     stages = " · ".join(f"{stage} {ms:.1f}" for stage, ms in timing.items() if stage != "total" and ms > 0)
-    return f"Answered in {timing['total']:.0f} ms ({stages} ms)"
+    return f"Answered in {timing['total']:.1f} ms ({stages} ms)"
 
 
 def main() -> None:
@@ -123,13 +138,13 @@ def main() -> None:
     st.title("Find similar products")
     path = index_dir()
     if not path:
-        st.error("No index folder given.", icon="🗂️")
+        st.error("No index folder given.", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
     try:
         recommender = load_recommender(path)
     except FashionRecError as error:
-        st.error(f"The index cannot be loaded: {error}", icon="🗂️")
+        st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
     k, category = sidebar(recommender)
@@ -148,6 +163,7 @@ def main() -> None:
     with right:
         if answer is not None:
             st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else ""))
+            st.caption(f"Score: {recommender.describe()['metric']} similarity of the embeddings, higher is closer.")
             show_results(answer, category)
         elif query is None:
             st.info("Upload a photo, take one, or pick a catalog item to see the most similar products.")

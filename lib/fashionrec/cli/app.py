@@ -5,7 +5,7 @@ this machine, else Fashion-MNIST (fetched if needed), built once into data/proce
 """
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 from .. import config
@@ -33,9 +33,9 @@ def run(args) -> int:
     current_version(index_dir)   # a missing or broken folder: say how to build one, before starting a server
     command = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
-               "--browser.gatherUsageStats", "false", "--", "--index-dir", str(index_dir)]
-    print(f"[app] serving {index_dir} on http://{args.address}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
+               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--index-dir",
+               str(index_dir)]
+    print(f"[app] serving {index_dir} on http://{args.address}:{args.port} (Ctrl-C stops it)", file=sys.stderr,
+          flush=True)
+    # Replaced by the server process, so that signals (Ctrl-C, a service manager's SIGTERM) reach it directly.
+    os.execv(sys.executable, command)

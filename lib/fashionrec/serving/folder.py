@@ -84,7 +84,8 @@ def check_output_folder(outdir) -> None:
     strangers = [name for name in entries
                  if name not in ours and not _VERSION.match(name) and not name.startswith(PARTIAL_PREFIX)]
     if strangers:
-        raise IndexFolderError(f"{outdir}: holds other files ({', '.join(sorted(strangers)[:3])}...), not an index "
+        listed = ", ".join(sorted(strangers)[:3]) + (", ..." if len(strangers) > 3 else "")
+        raise IndexFolderError(f"{outdir}: holds other files ({listed}), not an index "
                                "folder; choose another --out (an index folder is replaced atomically, anything "
                                "else is never overwritten)")
 

@@ -213,9 +213,7 @@ class Recommender:
     def item(self, item_id: str) -> Result:
         """The catalog item with this id (score 1.0 is its similarity to itself under cosine)."""
         with self._lock:
-            row = self._row(item_id)
-            entry = self._items.iloc[row]
-            return Result(str(entry["id"]), str(entry["path"]), str(entry["label"]), float("nan"))
+            return self._result(self._row(item_id), float("nan"))
 
     def describe(self) -> dict:
         """The facts a user interface shows about the index."""
@@ -272,7 +270,7 @@ class Recommender:
             query = self._store.stored_vectors([row])
             excluded = [self._row(other) for other in exclude_ids]
             first = []
-            if row not in excluded and (category is None or self._items["label"].iloc[row] == category):
+            if row not in excluded and (category is None or self._labels[row] == category):
                 first = [self._result(row, self._self_score(query[0]))]
             results = first + self._search(query, k - len(first), category, [*excluded, row])
         done = time.perf_counter()
@@ -321,8 +319,7 @@ class Recommender:
         return self._masks[key]
 
     def _result(self, row: int, score: float) -> Result:
-        entry = self._items.iloc[row]
-        return Result(str(entry["id"]), str(entry["path"]), str(entry["label"]), score)
+        return Result(self._ids[row], self._paths[row], self._labels[row], score)
 
     def _embedding_rows(self, rows) -> np.ndarray:
         return np.asarray(self._vectors16[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -330,8 +327,9 @@ class Recommender:
     def _reindex(self) -> None:
         """Rebuilds the id -> row map and the per-category masks after the items changed."""
         live = ~self._items["deleted"].to_numpy()
-        ids = self._items["id"].to_numpy()
-        self._row_of = {str(ids[row]): int(row) for row in np.flatnonzero(live)}
+        self._ids, self._paths, self._labels = (self._items[column].astype(str).tolist()
+                                                for column in ("id", "path", "label"))
+        self._row_of = {self._ids[row]: int(row) for row in np.flatnonzero(live)}
         labels = self._items["label"].to_numpy()[live]
         self._category_rows = {str(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True))}
         self._has_tombstones = not live.all()
