@@ -14,6 +14,11 @@ preprocessing share of the embed stage, the machine and its load average before 
 
 ``--concurrency N`` then runs the same photos from N threads sharing that one Recommender
 (each photo once) and adds queries per second and the latency each client saw.
+
+``--reference`` also times the path the workbench had before the serving layer, on the same
+photos, alternating with the served path photo by photo: ``load_image``, the backbone's
+torchvision transform (PIL resize and crop, ``ToTensor``, ``Normalize``) and the batch ONNX
+model (threads not spinning), then the same index search.
 """
 from __future__ import annotations
 
@@ -29,11 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from fashionrec import config  # noqa: E402
 from fashionrec.data.catalog import IMAGE_SUFFIXES  # noqa: E402
+from fashionrec.data.images import load_image  # noqa: E402
 from fashionrec.errors import FashionRecError, ImageError  # noqa: E402
-from fashionrec.models.runtime import available_threads  # noqa: E402
+from fashionrec.models.registry import get_backbone  # noqa: E402
+from fashionrec.models.runtime import available_threads, with_runtime  # noqa: E402
 from fashionrec.serving.recommender import Recommender  # noqa: E402
 from fashionrec.settings import InferenceSettings  # noqa: E402
 
@@ -65,6 +73,47 @@ def run_queries(recommender: Recommender, photos: list[str], k: int) -> tuple[li
         except ImageError as error:
             skipped.append({"path": path, "reason": error.reason})
     return timings, skipped
+
+
+def reference_path(recommender: Recommender, threads: int | None):
+    """A function timing one query through the pre-serving path (see the module docstring)."""
+    described = recommender.info["backbone"]
+    model = with_runtime(get_backbone(described["name"], weights_file=described["weights_file"]),
+                         recommender.info["runtime"], threads=threads)
+    draft_size = getattr(model.transform, "draft_size", None)
+
+    def query(path: str, k: int) -> dict:
+        started = time.perf_counter()
+        image = load_image(path, draft_size=draft_size)
+        decoded = time.perf_counter()
+        batch = model.transform(image)[None]
+        prepared = time.perf_counter()
+        with torch.inference_mode():
+            vector = model.model(batch).float().numpy()
+        embedded = time.perf_counter()
+        recommender.search_vector(vector, k=k)
+        done = time.perf_counter()
+        return {stage: (end - start) * 1000.0 for stage, start, end in (
+            ("decode", started, decoded), ("preprocess", decoded, prepared), ("embed", prepared, embedded),
+            ("search", embedded, done), ("total", started, done))}
+
+    return query
+
+
+def run_alternating(recommender: Recommender, reference, photos: list[str], k: int):
+    """Both paths on every photo, taking turns to go first: (served timings, reference timings, skipped)."""
+    served, before, skipped = [], [], []
+    for position, path in enumerate(photos):
+        try:
+            if position % 2:
+                before.append(reference(path, k))
+                served.append(recommender.recommend(path, k=k).timing_ms)
+            else:
+                served.append(recommender.recommend(path, k=k).timing_ms)
+                before.append(reference(path, k))
+        except ImageError as error:
+            skipped.append({"path": path, "reason": error.reason})
+    return served, before, skipped
 
 
 def summarise(timings: list[dict]) -> dict:
@@ -146,6 +195,8 @@ def main(argv=None) -> int:
                         help="let the query model's threads sleep between operators (for machines that are shared)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="also run the photos from N threads sharing one Recommender: queries per second")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the pre-serving path (torchvision transform + batch ONNX model), alternating")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -157,7 +208,16 @@ def main(argv=None) -> int:
         return 2
     load_before = load_average()
     run_queries(recommender, photos[:args.warmup], args.k)
-    timings, skipped = run_queries(recommender, photos, args.k)
+    reference_stages = None
+    if args.reference:
+        torch.set_num_threads(1)   # the reference's torch only runs the transform of one image
+        reference = reference_path(recommender, args.threads)
+        for path in photos[:args.warmup]:
+            reference(path, args.k)
+        timings, before, skipped = run_alternating(recommender, reference, photos, args.k)
+        reference_stages = summarise(before)
+    else:
+        timings, skipped = run_queries(recommender, photos, args.k)
     if not timings:
         print("error: none of the photos could be used", file=sys.stderr)
         return 2
@@ -178,6 +238,11 @@ def main(argv=None) -> int:
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
+    if reference_stages is not None:
+        record["reference"] = {"path": "load_image + torchvision transform + batch ONNX model (not spinning) + search",
+                               "stages": reference_stages,
+                               "preprocess_share_of_embed_p50": round(reference_stages["preprocess"]["p50"]
+                                                                      / reference_stages["embed"]["p50"], 3)}
     if args.concurrency:
         record["concurrency"] = concurrent(recommender, photos, args.k, args.concurrency)
         record["load_average_after"] = load_average()
@@ -196,6 +261,11 @@ def main(argv=None) -> int:
     for stage, row in stages.items():
         print(f"{stage:<11} " + " ".join(f"{row[f'p{q}']:9.2f}" for q in PERCENTILES) + f" {row['mean']:9.2f}")
     print(f"preprocess / embed at p50: {record['preprocess_share_of_embed_p50']:.2f}")
+    if reference_stages is not None:
+        print("reference path (before serving), same photos, alternating:")
+        for stage, row in reference_stages.items():
+            print(f"{stage:<11} " + " ".join(f"{row[f'p{q}']:9.2f}" for q in PERCENTILES) + f" {row['mean']:9.2f}")
+        print(f"preprocess / embed at p50: {record['reference']['preprocess_share_of_embed_p50']:.2f}")
     if skipped:
         print(f"skipped {len(skipped)} files (first: {skipped[0]['path']}: {skipped[0]['reason']})")
     if args.concurrency:

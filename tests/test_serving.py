@@ -23,10 +23,19 @@ import pytest
 from fashionrec import Recommender
 from fashionrec.data.catalog import load_folder
 from fashionrec.errors import FashionRecError, IndexFolderError
+from fashionrec.features.embed import embed_catalog
+from fashionrec.models.finetuned import save_model
+from fashionrec.models.projection import project
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import with_runtime
+from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from fashionrec.serving.build import TOMBSTONE_REBUILD_FRACTION
 from fashionrec.serving.folder import CURRENT, PARTIAL_PREFIX, current_version
 from fashionrec.serving.store import EXACT_SUBSET_MAX_ROWS, FaissStore
 from fashionrec.settings import InferenceSettings
+from fashionrec.training.classify import train_classifier
+from fashionrec.training.finetune import head_payload
+from fashionrec.training.heads import HeadConfig, fit_head
 
 from conftest import GENERATED_CATEGORIES as CATEGORIES, REPO, data_dirs, session_data_root, \
     write_product_image
@@ -393,3 +402,46 @@ def test_a_killed_update_or_build_leaves_the_previous_index_loadable(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert json.loads(finished.stdout)["n_items"] == 140
     assert not [p for p in outdir.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+
+
+# --- a fine-tuned model and its category classifier ----------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("features", ["head", "frozen", MULTI_VIEW_FEATURES])
+def test_a_fine_tuned_index_predicts_the_category_its_classifier_gives_on_the_batch_path(
+        features, generated_photos, tmp_path, shared_data):
+    """The query path computes the classifier's features itself (the head's output, the frozen
+    embedding, or that plus the squash and shorter-side views) and must agree with them as the
+    batch path computes them."""
+    catalog, outside, _ = generated_photos
+    catalog = catalog.iloc[:48]
+    base = get_backbone(LITE0)
+    with data_dirs(shared_data):
+        frozen = embed_catalog(catalog, with_runtime(base, "onnx"), QUIET).vectors
+        views = [embed_catalog(catalog, with_runtime(view_backbone(base, view), "onnx"), QUIET).vectors
+                 for view in HeadConfig().classifier_views]
+        config = HeadConfig(hidden_dim=32, out_dim=16, epochs=3, batch_size=16, refit=False)
+        fit = fit_head(frozen, catalog["label"].to_numpy(), config, losses=("norm_softmax",), progress=False)
+        inputs = {"head": project(fit.head, frozen), "frozen": frozen,
+                  MULTI_VIEW_FEATURES: multi_view_features(frozen, views)}[features]
+        classifier = train_classifier(inputs, catalog["label"], features=features, c=1.0)
+        model = save_model(head_payload(fit, base, config, "fingerprint", len(catalog), classifier),
+                           tmp_path / "head.pt")
+        recommender = Recommender.build(tmp_path / "index", catalog, f"{LITE0}+head:{model}", settings=QUIET)
+        queries = pd.DataFrame({"id": outside, "path": outside, "label": "?"})
+        query_frozen = embed_catalog(queries, with_runtime(base, "onnx"), QUIET).vectors
+        query_views = [embed_catalog(queries, with_runtime(view_backbone(base, view), "onnx"), QUIET).vectors
+                       for view in HeadConfig().classifier_views]
+    batch_inputs = {"head": project(fit.head, query_frozen), "frozen": query_frozen,
+                    MULTI_VIEW_FEATURES: multi_view_features(query_frozen, query_views)}[features]
+    expected = classifier.predict_proba(batch_inputs)
+    assert recommender.has_classifier and recommender.describe()["classifier"]
+    for position, photo in enumerate(outside):
+        answer = recommender.recommend(photo, k=5)
+        assert answer.predicted_category == classifier.categories[int(np.argmax(expected[position]))]
+        assert answer.category_probability == pytest.approx(expected[position].max(), abs=1e-4)
+        assert "classify" in answer.timing_ms and answer.to_dict()["predicted_category"] == answer.predicted_category
+        _assert_k_sorted(answer, 5)
+    again = Recommender.load(tmp_path / "index")   # from the folder alone
+    assert again.recommend(outside[-1], k=5).predicted_category == answer.predicted_category

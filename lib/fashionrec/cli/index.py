@@ -24,7 +24,7 @@ from .common import add_backbone_arguments, add_data_arguments, inference_settin
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("index", help="build a servable index folder of a catalog, or update one",
-                                 description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+                                 description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser, required=False)
     add_backbone_arguments(parser, required=False)

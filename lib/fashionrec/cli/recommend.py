@@ -24,7 +24,7 @@ from .common import print_json
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("recommend", help="catalog items most similar to a photo or to a catalog item",
-                                 description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+                                 description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index-dir", required=True, help="an index folder (python -m fashionrec index ... --out)")
     query = parser.add_mutually_exclusive_group(required=True)

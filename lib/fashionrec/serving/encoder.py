@@ -24,6 +24,7 @@ from ..data.images import ensure_rgb, load_image, open_image_bytes
 from ..models.backbone import Backbone
 from ..models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact
 from ..models.query_model import query_session, run_query_model
+from ..models.runtime import available_threads
 
 
 def decode_query(image, draft_size: int | None = None) -> Image.Image:
@@ -63,7 +64,7 @@ class OnnxEncoder:
     @classmethod
     def from_file(cls, model_path: Path, spec: Preprocessing, threads: int | None = None,
                   spinning: bool = True) -> "OnnxEncoder":
-        runner = GeometryRunner(threads or 1)
+        runner = GeometryRunner(threads or available_threads())
         return cls(spec, query_session(model_path, threads, spinning), runner)
 
     @property

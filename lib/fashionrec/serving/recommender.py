@@ -278,6 +278,16 @@ class Recommender:
                   "total": (done - started) * 1000.0}
         return Recommendation(results, timing)
 
+    def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None,
+                      exclude_ids=()) -> list[Result]:
+        """The ``k`` items nearest an embedding already computed (same backbone, as the index's vectors)."""
+        self._check_query(k, category, exclude_ids)
+        vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
+        if vector.shape != (1, self._store.dim):
+            raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
+        with self._lock:
+            return self._search(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
+
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise FashionRecError(f"k must be a positive integer, got {k!r}")

@@ -45,6 +45,9 @@ class VectorStore(Protocol):
     @property
     def ntotal(self) -> int: ...
 
+    @property
+    def dim(self) -> int: ...
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (n_queries, min(k, allowed rows)), best first; missing slots are row -1."""
 
