@@ -90,6 +90,14 @@ def test_more_like_this_returns_the_item_first(built, capsys):
     assert code == 0 and item_id not in [item["id"] for item in record["results"]]
 
 
+def test_split_gallery_indexes_only_the_evaluation_gallery(catalog_dir, tmp_path, capsys):
+    code, record, _ = _run(capsys, "index", "--dataset", "folder", "--data-dir", str(catalog_dir), "--backbone",
+                           "colorhist", "--split", "gallery", "--out", str(tmp_path / "gallery"), "--json", *QUIET)
+    assert code == 0 and record["n_items"] == 32   # 20% of each of the 8 categories of 20
+    info = json.loads((tmp_path / "gallery" / "v000001" / "build.json").read_text())
+    assert info["dataset"]["split"] == "gallery" and info["dataset"]["split_seed"] == 0
+
+
 def test_a_file_that_is_not_an_image_ends_with_its_name_and_the_reason(tmp_path):
     """In a subprocess, as a user runs it: one line, no traceback, before any index is opened."""
     page = tmp_path / "photo.jpg"

@@ -226,7 +226,7 @@ def test_filtered_search_equals_exact_search_over_the_allowed_rows(vectors, fact
     store = FaissStore.build(vectors, factory, "cosine", search_params="nprobe=32" if "IVF" in factory else "",
                              fallback_vectors=lambda rows: vectors[rows])
     allowed = np.random.default_rng(1).random(len(vectors)) < share
-    assert (allowed.sum() > EXACT_SUBSET_MAX_ROWS) == (share > 0.5)   # both paths are exercised
+    assert (allowed.sum() > EXACT_SUBSET_MAX_ROWS) == (share > 0.5)   # exact subset and selector paths
     queries = vectors[:20] + 0.05
     scores, rows = store.search(queries, 10, allowed)
     normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

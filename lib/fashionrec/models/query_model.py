@@ -58,8 +58,8 @@ def uint8_query_model(source, target, spec: Preprocessing) -> Path:
             name = f"query_preprocess_constant_{position}"
             initializers.append(numpy_helper.from_array(constant, name))
             constant_names.append(name)
-        nodes.append(helper.make_node(op, [current, *constant_names], [output], name=f"query_preprocess_{op}_{position}",
-                                      **attributes))
+        nodes.append(helper.make_node(op, [current, *constant_names], [output],
+                                      name=f"query_preprocess_{op}_{position}", **attributes))
         current = output
     graph.input.remove(inputs[0])
     graph.input.insert(0, helper.make_tensor_value_info(PIXELS_INPUT, TensorProto.UINT8, ["batch", height, width, 3]))

@@ -30,7 +30,6 @@ from ..models.classifier import CategoryClassifier
 from ..models.finetuned import classifier_from_payload, load_model, resolve_head_path, split_backbone_name
 from ..models.preprocess import Preprocessing
 from ..models.query_model import uint8_query_model
-from ..models.registry import get_backbone
 from ..models.runtime import OnnxModel, with_runtime
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from .encoder import OnnxEncoder, TorchEncoder

@@ -148,9 +148,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     with new_version(outdir) as staging:
         query = write_query_model(staging.path, model)
         query["check"] = check_query_path(staging.path, query, model, embeddings.metadata, vectors, settings.threads)
-        classifier = write_classifier(staging.path, backbone,
-                                      get_backbone(base_name, weights_file=settings.weights_file) if reference else eager,
-                                      settings.runtime, settings.threads)
+        base = get_backbone(base_name, weights_file=settings.weights_file) if reference else eager
+        classifier = write_classifier(staging.path, backbone, base, settings.runtime, settings.threads)
         described = store.save(staging.path)
         info = {
             "format": FORMAT,

@@ -40,8 +40,8 @@ from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..settings import InferenceSettings
 from .assets import open_encoder, open_predictor
-from .build import (BuildReport, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
-                    build_index_folder, index_dataset, item_counts, package_versions, write_version_files)
+from .build import (EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder,
+                    item_counts, package_versions, write_version_files)
 from .encoder import decode_query
 from .folder import BUILD_INFO, current_version, new_version
 from .store import FaissStore
@@ -91,7 +91,7 @@ class UpdateReport:
 
 
 class Recommender:
-    """A loaded index folder. Build one with :meth:`build` / :meth:`from_dataset`, open it with :meth:`load`."""
+    """A loaded index folder: built by :meth:`build` or ``python -m fashionrec index``, opened by :meth:`load`."""
 
     def __init__(self, outdir: Path, version: str, info: dict, items: pd.DataFrame, vectors16: np.ndarray,
                  store: FaissStore, encoder, predictor, settings: InferenceSettings, spinning: bool):
@@ -156,12 +156,6 @@ class Recommender:
         settings, root, dataset, skipped, seed, ...).
         """
         report = build_index_folder(outdir, catalog, backbone, **options)
-        return cls.load(report.outdir, options.get("settings"))
-
-    @classmethod
-    def from_dataset(cls, outdir, dataset: str, backbone: str, **options) -> "Recommender":
-        """Builds an index folder of a named dataset (:func:`fashionrec.serving.build.index_dataset`) and loads it."""
-        report: BuildReport = index_dataset(outdir, dataset, backbone, **options)
         return cls.load(report.outdir, options.get("settings"))
 
     def _runtime_backbone(self):
