@@ -56,7 +56,8 @@ def test_the_fast_geometry_equals_torchvision_pixel_for_pixel(lite0, threads):
     upscaling, one-axis resizes and odd sizes."""
     runner = GeometryRunner(threads)
     rng = np.random.default_rng(threads)
-    sizes = [(400, 533), (533, 400), (400, 822), (224, 224), (256, 300), (40, 30), (3000, 90), (90, 3000)]
+    sizes = [(400, 533), (533, 400), (400, 822), (224, 224), (256, 300), (40, 30), (3000, 90), (90, 3000), (1, 1),
+             (1, 500), (500, 1), (2, 3)]
     sizes += [tuple(int(v) for v in rng.integers(20, 1200, 2)) for _ in range(40)]
     for name, spec in _specs(lite0).items():
         reference = spec.reference_geometry()

@@ -63,7 +63,7 @@ def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, 
                     answer = recommender.similar_to(query[1], k=slider.value, category=chosen)
                     row = (item.path, f"{item.label} · {item.id}", answer, item.label)
             except ImageError as error:
-                print(f"{query[1]}: cannot be used ({error.reason})")
+                print(f"{query[1]}: {error.reason}; try another photo")
                 return
             except FashionRecError as error:
                 print(error)
