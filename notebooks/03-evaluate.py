@@ -15,7 +15,7 @@
 
 # %% tags=["parameters"]
 run_name = "interactive"
-indexes = ["Flat", "HNSW32"]
+indexes = ["Flat", "HNSW32", "IVF{nlist},Flat", "IVF{nlist},PQ{m}", "OPQ{m},IVF{nlist},PQ{m}", "SQ8"]
 k = 10
 metric = "cosine"
 n_grid_queries = 6
@@ -32,12 +32,15 @@ primary = indexes[0]
 
 # %% [markdown]
 # Metrics per backbone and index (query split -> gallery split), point estimates. Two
-# decimals are checked: the third depends on near-tied neighbours, which the machine's BLAS
-# and ONNX Runtime kernels may order differently.
+# decimals are checked, for the indexes without trained codes: the third depends on near-tied
+# neighbours, which the machine's BLAS and ONNX Runtime kernels may order differently, and
+# product-quantiser codes come from a k-means whose last bits differ between CPUs.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(table[["backbone", "index", "n_queries", "n_gallery", *METRIC_COLUMNS]].round(2).to_string(index=False))
+untrained = ~table["index"].str.contains("PQ")
+print(table.loc[untrained, ["backbone", "index", "n_queries", "n_gallery", *METRIC_COLUMNS]].round(2)
+      .to_string(index=False))
 
 # %%
 table[["backbone", "index", *METRIC_COLUMNS]].round(4)
