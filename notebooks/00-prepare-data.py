@@ -52,7 +52,7 @@ print("categories left out:", [entry["label"] for entry in prepared.too_small] o
 from fashionrec.data.ledger import describe_counts
 
 print(f"{len(prepared.catalog)} images used, {describe_counts(prepared.skipped)}, "
-      f"{prepared.n_not_sampled} usable images not sampled (max_per_class={max_per_class})")
+      f"{prepared.n_not_sampled} images not sampled (max_per_class={max_per_class})")
 for entry in prepared.skipped[:20]:
     print(f"  ({entry['stage']}) {entry['path']}: {entry['reason']}")
 

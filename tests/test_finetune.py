@@ -283,6 +283,9 @@ def test_finetune_stage_writes_the_model_of_record_and_the_report_section(tmp_pa
     section = "\n".join(report._finetune_section(out, 5))
     assert "Model of record: level 1" in section and "colorhist+head:tiny" in section
     assert f"accuracy {metrics['level1']['classification']['accuracy']:.3f}" in section
+    aware = metrics["level1"]["category_aware"]
+    assert "Category-aware ranking" in section and f"Chosen on: {aware['chosen_on']}" in section
+    assert set(aware["query"]) == {"plain", "chosen"}   # one setting on the queries, chosen on validation
     timings = "\n".join(report._timings_section(out))
     assert f"{json.loads((out / 'finetune_timing.json').read_text())['level1_train_seconds']:.1f} s" in timings
 

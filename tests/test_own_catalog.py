@@ -203,7 +203,8 @@ USER_ERRORS = {
     "missing category map": (lambda tmp, shop: ["--category-map", str(tmp / "map.yaml")],
                              "map.yaml: category map file not found"),
     "category map entry matching no label": (
-        lambda tmp, shop: (tmp / "map.yaml").write_text("T-shirt: Tops\n") and ["--category-map", str(tmp / "map.yaml")],
+        lambda tmp, shop: (tmp / "map.yaml").write_text("T-shirt: Tops\n")
+        and ["--category-map", str(tmp / "map.yaml")],
         "'T-shirt' matches no label (did you mean 'T-Shirt'?)"),
     "k larger than the gallery": (lambda tmp, shop: ["--k", "50"],
                                   "k=50 does not fit this catalog: its gallery split holds 8 images"),

@@ -9,6 +9,7 @@ import pytest
 from fashionrec import config
 from fashionrec.cli import build_parser
 from fashionrec.errors import FashionRecError
+from fashionrec.pipeline.notebooks import read_params
 from fashionrec.pipeline.params import (BY_NAME, PARAMETERS, PIPELINE, RUNNER_PARAMETERS, resolve_params,
                                         schema_markdown)
 
@@ -79,7 +80,8 @@ def test_a_missing_key_takes_the_default_and_max_per_class_means_no_cap(tmp_path
 
 
 @pytest.mark.parametrize("written, message", [
-    ({"dataset": "clothing", "max_per_clas": 3}, "unknown parameter 'max_per_clas' \\(did you mean 'max_per_class'\\?\\)"),
+    ({"dataset": "clothing", "max_per_clas": 3},
+     "unknown parameter 'max_per_clas' \\(did you mean 'max_per_class'\\?\\)"),
     ({}, "'dataset' is required"),
     ({"dataset": "clotihng"}, "dataset: 'clotihng' is not one of .* \\(did you mean 'clothing'\\?\\)"),
     ({"dataset": "clothing", "k": "10"}, "k must be an integer, got '10'"),
@@ -116,6 +118,5 @@ def test_relative_paths_are_resolved_against_the_repository_root(tmp_path, monke
 
 @pytest.mark.parametrize("params_file", sorted((REPO / "params").glob("*.yaml")), ids=lambda path: path.name)
 def test_the_shipped_parameter_files_follow_the_schema(params_file):
-    from fashionrec.pipeline.notebooks import read_params
-
     resolve_params(read_params(params_file), params_file)
+

@@ -47,7 +47,7 @@ class LoadedDataset:
     root: Path
     catalog: pd.DataFrame
     skipped: list[dict] = field(default_factory=list)
-    n_not_sampled: int = 0   # usable images that max_per_class left out (by design, so not in the ledger)
+    n_not_sampled: int = 0   # images max_per_class left out (by design, so not in the ledger)
 
     def counts(self) -> pd.Series:
         return self.catalog["label"].value_counts().sort_index()
@@ -60,7 +60,8 @@ def _relative(root: Path, path) -> str:
         return str(path)
 
 
-def _leave_out(rows: pd.DataFrame, drop: np.ndarray, root: Path, skipped: list[dict], stage: str, reasons) -> pd.DataFrame:
+def _leave_out(rows: pd.DataFrame, drop: np.ndarray, root: Path, skipped: list[dict], stage: str,
+               reasons) -> pd.DataFrame:
     """Rows without the ``drop`` ones, each of those entered in the ledger with its reason."""
     drop = np.asarray(drop, dtype=bool)
     reasons = [reasons] * int(drop.sum()) if isinstance(reasons, str) else list(reasons)
@@ -232,9 +233,9 @@ def load_clothing(data_dir=None, progress: bool = True, category_map: dict | Non
         "label": table["label"].values,
     })
     listed = set(rows["path"])
+    on_disk = sorted((root / "images").iterdir()) if (root / "images").is_dir() else []
     skipped = [skipped_entry(_relative(root, path), "label", "no row in images.csv")
-               for path in sorted((root / "images").iterdir()) if not path.name.startswith(".") and str(path) not in listed] \
-        if (root / "images").is_dir() else []
+               for path in on_disk if not path.name.startswith(".") and str(path) not in listed]
     return _finish("clothing", root, rows, skipped, progress, category_map, category_map_source,
                    non_categories=CLOTHING_NON_CATEGORIES, max_per_class=max_per_class, seed=seed)
 
@@ -279,7 +280,8 @@ def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None 
     if missing_columns:
         raise DatasetError(f"{csv_path}: missing columns {sorted(missing_columns)}")
     no_path = table["path"].isna()
-    skipped = [skipped_entry(f"catalog.csv line {line + 2}", "catalog", "missing path") for line in table.index[no_path]]
+    skipped = [skipped_entry(f"catalog.csv line {line + 2}", "catalog", "missing path")
+               for line in table.index[no_path]]
     table = table[~no_path]
     ids = table["id"] if "id" in table.columns else table["path"]
     rows = pd.DataFrame({

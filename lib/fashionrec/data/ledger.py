@@ -3,7 +3,7 @@
 An entry is a plain dict ``{"path", "stage", "reason"}`` (JSON-ready); ``path`` is relative to
 the dataset root. The same list is what ``skipped.json``, ``embed --json``, ``evaluate --json``
 (``skipped`` beside ``n_skipped``) and the run report show, so their counts agree: the images a
-run uses plus its ledger are all the files it looked at, apart from the usable images that
+run uses plus its ledger are all the files it looked at, apart from the images that
 ``max_per_class`` did not sample (counted as ``n_not_sampled``, not listed).
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ class PreparedData:
 
     ``catalog`` holds the images used (each in one split); ``skipped`` every file left out,
     at any stage up to the split (:mod:`fashionrec.data.ledger`); ``n_not_sampled`` the
-    usable images that ``max_per_class`` did not sample.
+    images that ``max_per_class`` did not sample (Fashion-MNIST: never decoded; others: usable).
     """
 
     dataset: str

@@ -168,7 +168,8 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
         if digest is None:
             continue
         if digest in cache.errors:
-            skipped.append(skipped_entry(_display_path(catalog["path"].iloc[position], root), "embed", cache.errors[digest]))
+            path = _display_path(catalog["path"].iloc[position], root)
+            skipped.append(skipped_entry(path, "embed", cache.errors[digest]))
         else:
             keep.append(position)
     metadata = catalog.iloc[keep].reset_index(drop=True).assign(digest=[digests[p] for p in keep])

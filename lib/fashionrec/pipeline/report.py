@@ -85,8 +85,8 @@ def _category_aware_lines(aware: dict, k: int) -> list[str]:
                      f"plain {_interval(query['plain'])}, paired difference {gain['diff']:+.3f} "
                      f"[{gain['low']:+.3f}, {gain['high']:+.3f}].")
     if aware["validation"]:
-        lines += ["", "Every bonus on the validation part (not the queries):", "",
-                  _markdown(pd.DataFrame(aware["validation"]))]
+        validation = pd.DataFrame(aware["validation"])[["boost", "val_precision_at_k", "val_map_at_k", "chosen"]]
+        lines += ["", "Every bonus on the validation part (not the queries):", "", _markdown(validation)]
     return lines + [""]
 
 
@@ -142,16 +142,22 @@ def _ledger_section(skipped: list[dict]) -> list[str]:
     return [f"Files left out{more}:", "", _markdown(shown), ""]
 
 
-def _verdict_lines(winners: pd.DataFrame) -> list[str]:
-    """One line per metric and verdict, naming every index that gave it, instead of one per index."""
+def verdict_lines(winners: pd.DataFrame, value_format: str = ".3f") -> list[str]:
+    """One line per metric and verdict, naming every index that gave it, instead of one per index.
+
+    Indexes share a line when they agree on the best backbone, on significance and on its
+    value written with ``value_format``.
+    """
     lines = []
-    winners = winners.assign(shown=winners["value"].map(lambda value: f"{value:.3f}"))
-    for (metric, best, significant, shown), group in winners.groupby(
+    shown = winners["value"].map(lambda value: format(value, value_format))
+    metric_order = {metric: position for position, metric in enumerate(dict.fromkeys(winners["metric"]))}
+    ordered = winners.assign(shown=shown, order=winners["metric"].map(metric_order)).sort_values("order", kind="stable")
+    for (metric, best, significant, value), group in ordered.groupby(
             ["metric", "best", "significant_over_all_others", "shown"], sort=False):
         verdict = "significantly better than all others" if significant else \
             "not significantly better than every other backbone"
         indexes = ", ".join(f"`{index}`" for index in group["index"])
-        lines.append(f"- {metric}: **{best}** ({shown}), {verdict} — {indexes}")
+        lines.append(f"- {metric}: **{best}** ({value}), {verdict} — {indexes}")
     return lines
 
 
@@ -170,7 +176,7 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     counts = _read_csv(out / "split_counts.csv")
     fingerprints = sorted({result["dataset_fingerprint"] for result in results})
     skipped = json.loads((out / "skipped.json").read_text())
-    not_sampled = (f"; {protocol['n_not_sampled']} usable images not sampled (max per category "
+    not_sampled = (f"; {protocol['n_not_sampled']} images not sampled (max per category "
                    f"{protocol['max_per_class']})" if protocol.get("n_not_sampled") else "")
     lines += [
         "## Protocol", "",
@@ -216,7 +222,7 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     if winners is not None and len(winners):
         lines += ["## Verdicts", "", "Best backbone per metric; 'significant' means its paired 95% interval "
                   "against every other backbone excludes zero. Indexes with the same verdict share a line.", ""]
-        lines += _verdict_lines(winners) + [""]
+        lines += verdict_lines(winners) + [""]
     if comparisons is not None and len(comparisons):
         lines += ["Paired differences (a - b, same queries):", "", _markdown(comparisons), ""]
 

@@ -85,6 +85,7 @@ def load_prepared(run_name: str) -> PreparedData:
         catalog=pd.read_parquet(out / "catalog.parquet"), split_seed=described["split_seed"],
         skipped=read_json(out / "skipped.json"), too_small=described["skipped_categories"],
         max_per_class=described["max_per_class"], category_map=described["category_map"],
+        n_not_sampled=described["n_not_sampled"],
     )
 
 
@@ -173,13 +174,14 @@ def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "c
     return table
 
 
-# Below this many gallery vectors exact search scans the gallery in well under a millisecond per
-# query, so what tells index variants apart (speed, memory, recall lost to approximation) does not show.
+# Below this many gallery vectors exact search scans the gallery in a millisecond or less per query
+# (10,000 x 1280 floats: 13M multiply-adds), so what tells index variants apart (speed, memory,
+# recall lost to approximation) does not show.
 MIN_GALLERY_FOR_INDEX_VARIANTS = 10_000
 
 
 def small_gallery_caveat(table: pd.DataFrame) -> str | None:
-    """What index variants cannot show on this gallery (from a :func:`stage_index` table), or None when it is large enough."""
+    """What index variants cannot show on this gallery (from a :func:`stage_index` table); None on a large one."""
     if table.empty or "n_gallery" not in table:
         return None
     n_gallery = int(table["n_gallery"].max())
@@ -187,11 +189,12 @@ def small_gallery_caveat(table: pd.DataFrame) -> str | None:
         return None
     lists = sorted({int(match) for factory in table["factory"].dropna() for match in re.findall(r"IVF(\d+)", factory)})
     caveat = (f"The gallery holds only {n_gallery} vectors, too few for index variants to mean anything: exact search "
-              "already scans it in well under a millisecond per query, so queries/s measure call overhead, and "
+              "already scans it in a millisecond or less per query, so queries/s measure call overhead, and "
               "recall against exact search says nothing about a catalog of realistic size")
-    if lists:
-        caveat += (f"; the IVF variants get only {' or '.join(map(str, lists))} list(s)"
-                   + (", i.e. IVF1 is exhaustive search" if lists == [1] else ""))
+    if lists == [1]:
+        caveat += "; the IVF variants get a single list, i.e. IVF1 is exhaustive search"
+    elif lists:
+        caveat += f"; the IVF variants get only {' or '.join(map(str, lists))} lists"
     return caveat + (f". Compare indexes on {MIN_GALLERY_FOR_INDEX_VARIANTS:,}+ vectors, e.g. with "
                      "benchmarks/index_scale.py.")
 
