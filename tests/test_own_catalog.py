@@ -22,6 +22,7 @@ import yaml
 from fashionrec import config
 from fashionrec.cli import main
 from fashionrec.data.catalog import load_folder
+from fashionrec.data.images import load_image
 from fashionrec.features.embed import embed_catalog
 from fashionrec.models import registry
 from fashionrec.settings import InferenceSettings
@@ -182,6 +183,19 @@ def test_two_weight_sets_of_one_architecture_never_share_cached_embeddings(tmp_p
     again = embed_catalog(catalog, registry.get_backbone("tiny_cnn_reseeded"), settings)
     assert (again.n_reused, again.n_computed) == (len(catalog), 0)
     assert np.array_equal(again.vectors, embedded_first.vectors)
+
+
+def test_the_documented_example_backbone_registers_and_embeds(tmp_path, monkeypatch):
+    documented = (REPO / "docs" / "custom-backbones.md").read_text()
+    example = documented.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) <= 16, "the example should stay short"
+    (tmp_path / "my_backbones.py").write_text(example)
+    monkeypatch.setattr(registry, "BACKBONES", dict(registry.BACKBONES))
+    assert registry.load_backbone_modules([tmp_path / "my_backbones.py"]) == ["my_resnet18"]
+    backbone = registry.get_backbone("my_resnet18")
+    image = write_color_image(tmp_path / "shirt.jpg", (200, 30, 30), size=(300, 400))
+    features = backbone.model(backbone.transform(load_image(image))[None])
+    assert features.shape == (1, 512) and len(backbone.weights_sha256) == 64
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ what is wrong and how to fix it, and a non-zero exit code; a traceback means a b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import FashionRecError, WeightsUnavailable
@@ -36,3 +37,8 @@ def main(argv=None) -> int:
     except FashionRecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader stopped early (``... | head``): nothing went wrong here. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

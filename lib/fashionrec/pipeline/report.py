@@ -181,7 +181,7 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     lines += [
         "## Protocol", "",
         f"- Dataset: `{protocol['dataset']}` from `{protocol['data_dir']}`; {protocol['n_images']} images used, "
-        f"{describe_counts(skipped)} (every one in `skipped.json` with its stage and reason){not_sampled}; "
+        f"{describe_counts(skipped)}, every one in `skipped.json` with its stage and reason{not_sampled}; "
         f"max per category: {protocol['max_per_class']}; category map: {protocol['category_map']}.",
         f"- Fingerprint of the evaluated images (id, label, split, content digest): `{', '.join(f[:16] for f in fingerprints)}`.",
         f"- Split: stratified per category, train/gallery/query = 60/20/20 %, seed {protocol['split_seed']}. "
