@@ -8,13 +8,17 @@
 
 # %% [markdown]
 # # 06 · Recommend: a photo in, similar products out
-# The run's catalog becomes a servable index folder (`results/<run_name>/index/`, the same
-# format `python -m fashionrec index` writes and the app serves), then photos are answered
-# through `fashionrec.Recommender`: each is decoded and embedded afresh, the index returns the
-# `k` most similar catalog items. `query_images` lists photos to ask about (any image file,
-# inside the catalog or not); left empty, a seeded pick of catalog photos is used, each
-# excluding itself from its results. The last cell is interactive: upload or pick a photo,
-# choose `k` and a category.
+# The run's catalog becomes a servable index folder (`results/<run_name>/index/`, the format
+# `python -m fashionrec index` writes and the app serves), then photos are answered through
+# `fashionrec.Recommender`: each is decoded and embedded afresh, the index returns the `k` most
+# similar catalog items. `query_images` lists photos to ask about (any image file, inside the
+# catalog or not); left empty, `n_grid_queries` catalog photos are picked (seeded), each left
+# out of its own results. The catalog is the one 00-prepare-data wrote for this run; run alone,
+# the notebook loads `dataset` with these parameters. The last cell is interactive: upload or
+# pick a photo, choose `k` and a category.
+#
+# The values below are the demo of a notebook run by hand; `make pipeline` passes every
+# parameter of its file (docs/parameters.md).
 
 # %% tags=["parameters"]
 run_name = "interactive"
@@ -23,11 +27,11 @@ data_dir = None
 max_per_class = 40
 split_seed = 0
 category_map = None
-backbone = "efficientnet_lite0"
-index = "Flat"
-k = 5
+k = 10
+n_grid_queries = 6
+recommend_backbone = "efficientnet_lite0"
+recommend_index = "auto"
 query_images = []
-n_picks = 3
 
 # %%
 from pathlib import Path
@@ -36,8 +40,9 @@ from fashionrec.pipeline import plots
 from fashionrec.pipeline.stages import run_dir, stage_recommender
 from fashionrec.pipeline.widgets import catalog_picks, recommender_widget
 
-recommender = stage_recommender(run_name, backbone, index=index, dataset=dataset, data_dir=data_dir,
-                                split_seed=split_seed, max_per_class=max_per_class, category_map=category_map)
+recommender = stage_recommender(run_name, recommend_backbone, index=recommend_index, dataset=dataset,
+                                data_dir=data_dir, split_seed=split_seed, max_per_class=max_per_class,
+                                category_map=category_map)
 described = recommender.describe()
 out = run_dir(run_name)
 
@@ -59,11 +64,11 @@ if query_images:
     queries = [(str(path), Path(path).name, recommender.recommend(path, k=k), None) for path in query_images]
 else:
     queries = []
-    for item_id in catalog_picks(recommender, n_picks, seed=split_seed):
+    for item_id in catalog_picks(recommender, n_grid_queries, seed=split_seed):
         item = recommender.item(item_id)
         queries.append((item.path, f"{item.label} · {item.id}",
                         recommender.recommend(item.path, k=k, exclude_ids=[item_id]), item.label))
-plots.recommendations(queries, title=f"{backbone} · {described['index']} · k={k}",
+plots.recommendations(queries, title=f"{recommend_backbone} · {described['index']} · k={k}",
                       path=out / "figures" / "recommendations.png");
 
 # %% [markdown]

@@ -19,7 +19,8 @@ from ..indexing.faiss_index import METRICS
 from ..serving.build import (DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset)
 from ..serving.folder import current_version
 from ..serving.recommender import Recommender
-from .common import add_backbone_arguments, add_data_arguments, inference_settings, print_json
+from .common import (add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones,
+                     print_json)
 
 
 def add_parser(commands) -> None:
@@ -58,6 +59,7 @@ def run(args) -> int:
                               "update one)")
     if args.add or args.remove:
         raise FashionRecError("index: --add and --remove go with --update OUTDIR")
+    load_user_backbones(args)
     settings = inference_settings(args)
     report = index_dataset(args.out, args.dataset, args.backbone, data_dir=args.data_dir, split=args.split,
                            max_per_class=args.max_per_class, category_map=args.category_map,
@@ -101,6 +103,7 @@ def _update(args) -> int:
         raise FashionRecError("index --update: --dataset and --out build a new index; an update takes only "
                               "--add / --remove")
     current_version(args.update)   # a clear error for a missing or broken folder before anything else
+    load_user_backbones(args)
     to_add = _catalog_to_add(args.add) if args.add else None
     recommender = Recommender.load(args.update, inference_settings(args))
     if args.remove:

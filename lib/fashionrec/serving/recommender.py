@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.images import probe_image
-from ..errors import FashionRecError, ImageError, IndexFolderError
+from ..data.checks import check_files
+from ..data.ledger import skipped_entry
+from ..errors import FashionRecError, IndexFolderError
 from ..evaluation.protocol import dataset_fingerprint
 from ..features.embed import embed_catalog
 from ..models.registry import get_backbone
@@ -344,9 +345,11 @@ class Recommender:
     def add(self, paths, labels, ids=None) -> UpdateReport:
         """Embeds new images (batch path, same backbone and runtime as the index) and adds them.
 
-        ``ids`` default to the paths as given. A file that is not a usable image, or whose id
-        is already in the index, is skipped with its reason; the others are added, in order,
-        after the existing rows. Call :meth:`save` to write the change.
+        ``ids`` default to the paths as given. Every file is decoded in full first (verdicts
+        cached by content, as the loaders do); a file that is not a usable image, or whose id
+        is already in the index, is skipped with its stage and reason (the ledger of
+        :mod:`fashionrec.data.ledger`); the others are added, in order, after the existing
+        rows. Call :meth:`save` to write the change.
         """
         paths = [str(path) for path in paths]
         labels = [str(label) for label in labels]
@@ -355,17 +358,15 @@ class Recommender:
             raise FashionRecError(f"add: {len(paths)} paths, {len(labels)} labels and {len(ids)} ids differ in number")
         report = UpdateReport()
         rows, seen = [], set()
-        for path, label, item_id in zip(paths, labels, ids):
+        verdicts = check_files(paths, progress=self.settings.progress)
+        for path, label, item_id, verdict in zip(paths, labels, ids, verdicts):
             if item_id in self._row_of or item_id in seen:
-                report.skipped.append({"path": path, "reason": f"id {item_id!r} is already in the index"})
-                continue
-            try:
-                probe_image(path)
-            except ImageError as error:
-                report.skipped.append({"path": path, "reason": error.reason})
-                continue
-            seen.add(item_id)
-            rows.append({"id": item_id, "path": str(Path(path).resolve()), "label": label})
+                report.skipped.append(skipped_entry(path, "duplicate", f"id {item_id!r} is already in the index"))
+            elif verdict is not None:
+                report.skipped.append(skipped_entry(path, *verdict))
+            else:
+                seen.add(item_id)
+                rows.append({"id": item_id, "path": str(Path(path).resolve()), "label": label})
         if not rows:
             return report
         backbone = self._runtime_backbone()
