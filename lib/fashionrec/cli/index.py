@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from ..data.catalog import load_catalog_csv, load_folder
+from ..data.ledger import describe_counts
 from ..errors import FashionRecError
 from ..indexing.faiss_index import METRICS
 from ..serving.build import (DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset)
@@ -73,11 +74,11 @@ def run(args) -> int:
     index = record["index"]
     print(f"indexed {record['n_items']} images of {args.dataset} with {record['backbone']} ({record['runtime']}) "
           f"into {record['out']} ({record['version']}): {index['factory']} {index['search_params']} "
-          f"({record['metric']}), {record['dim']}-d; skipped {record['n_skipped']}; {record['seconds']:.1f} s")
+          f"({record['metric']}), {record['dim']}-d; {describe_counts(record['skipped'])}; {record['seconds']:.1f} s")
     if index.get("auto"):
         print(f"  index chosen: {index['auto']['rationale']}")
     for item in record["skipped"][:20]:
-        print(f"  skipped {item['path']}: {item['reason']}")
+        print(f"  ({item['stage']}) {item['path']}: {item['reason']}")
     if len(record["skipped"]) > 20:
         print(f"  ... and {len(record['skipped']) - 20} more (all listed in build.json)")
     return 0
@@ -123,10 +124,10 @@ def _update(args) -> int:
         print_json(record)
         return 0
     print(f"updated {record['out']} ({version}): added {len(record['added'])}, removed {len(record['removed'])}, "
-          f"skipped {len(record['skipped'])}; {record['n_items']} items"
+          f"{describe_counts(record['skipped'])}; {record['n_items']} items"
           + (f", {record['n_tombstones']} tombstones" if record["n_tombstones"] else "")
           + (" (index rebuilt without its tombstones)" if record["compacted"] else ""))
     for item in record["skipped"]:
-        print(f"  skipped {item['path']}: {item['reason']}")
+        print(f"  ({item['stage']}) {item['path']}: {item['reason']}")
     return 0
 
