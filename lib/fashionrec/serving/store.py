@@ -128,11 +128,11 @@ class FaissStore:
 
     @property
     def exact_vectors(self) -> bool:
-        """Whether ``reconstruct`` gives back the very vectors searched (flat storage, no compression)."""
+        """Whether the index holds the very vectors it searches (flat storage, no compression)."""
         node = self._node
         if isinstance(node, faiss.IndexHNSW):
             node = faiss.downcast_index(node.storage)
-        return isinstance(node, faiss.IndexFlat)
+        return isinstance(node, (faiss.IndexFlat, faiss.IndexIVFFlat))
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -203,6 +203,10 @@ class FaissStore:
 
     def stored_vectors(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self._node, faiss.IndexIVF) and self.exact_vectors:
+            # Inverted lists find a row's vector only through a direct map (8 bytes per row), built when first asked.
+            if self._node.direct_map.type == faiss.DirectMap.NoMap:
+                self._node.make_direct_map()
         if self.exact_vectors:
             return self.index.reconstruct_batch(rows)
         if self.fallback_vectors is None:
