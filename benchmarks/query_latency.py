@@ -1,7 +1,7 @@
 """Single-query latency of a served index: photo file -> decode -> preprocess -> embed -> search.
 
     python benchmarks/query_latency.py --index-dir OUTDIR [--queries DIR] [--n 200] [--k 10]
-        [--concurrency N] [--threads T] [--no-spinning] [--json]
+        [--concurrency N] [--threads T] [--spinning auto|on|off] [--reference] [--json]
 
 One ``fashionrec.Recommender`` is loaded from the index folder, as the app and the command line
 load it; every query then goes through ``Recommender.recommend(path)``: the file is read and
@@ -191,8 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=None, help="threads of the query model (default: all CPUs)")
-    parser.add_argument("--no-spinning", action="store_true",
-                        help="let the query model's threads sleep between operators (for machines that are shared)")
+    parser.add_argument("--spinning", default="auto", choices=["auto", "on", "off"],
+                        help="query model threads spin between operators: auto (the Recommender's default) decides "
+                             "from the load average, on (cores nobody else needs), off (shared machines)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N",
                         help="also run the photos from N threads sharing one Recommender: queries per second")
     parser.add_argument("--reference", action="store_true",
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recommender = Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False),
-                                       spinning=not args.no_spinning)
+                                       spinning={"auto": None, "on": True, "off": False}[args.spinning])
         photos = query_photos(recommender, args.queries, args.n, args.seed)
     except FashionRecError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "warmup": args.warmup,
         "threads": args.threads or available_threads(),
-        "spinning": not args.no_spinning,
+        "spinning": recommender.spinning,
+        "spinning_choice": args.spinning,
         "index": {key: value for key, value in recommender.describe().items() if key != "categories"},
         "machine": machine(),
         "load_average_before": load_before,
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
     index = record["index"]
     print(f"{index['dataset']} | {index['backbone']} ({index['runtime']}) | {index['index']} {index['search_params']} "
           f"| {index['n_items']} items | k={args.k} | {record['n']} queries ({record['queries']}) | "
-          f"{record['threads']} threads, spinning {'on' if record['spinning'] else 'off'}")
+          f"{record['threads']} threads, spinning {'on' if record['spinning'] else 'off'} ({args.spinning})")
     print(f"{record['machine']['cpu']} ({record['machine']['cpus_usable']} CPUs usable, AVX-512 "
           f"{'yes' if record['machine']['avx512f'] else 'no'}); load average before {load_before}, "
           f"after {record['load_average_after']}")

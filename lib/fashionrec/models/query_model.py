@@ -8,10 +8,12 @@ very order, that torchvision applies, so the network receives the same numbers. 
 nodes are untouched. A query then needs no torch at all: decode, :func:`crop_pixels` (exact
 Pillow geometry), one ``session.run``.
 
-Session settings for one image at a time (:func:`query_session`): intra-op threads spin while
-a run lasts, since an operator on one image is too short to wake a sleeping thread for, and
-stop spinning when the run ends, so that they do not take the cores the next query's decoding
-and resizing need.
+Session settings for one image at a time (:func:`query_session`): every CPU as an intra-op
+thread, and spinning chosen for the machine (:func:`spinning_suits_this_machine`). Spinning
+threads wait for the next operator without sleeping, which saves a wake-up per operator on
+cores nobody else needs, and is ruinous on cores other processes want (measured here on a
+2-core machine at load average 5: the network took twice as long spinning). Either way they
+stop spinning when a run ends, so they do not take the cores the next query decodes on.
 """
 from __future__ import annotations
 
@@ -81,7 +83,20 @@ def uint8_query_model(source, target, spec: Preprocessing) -> Path:
     return target
 
 
-def query_session(path, threads: int | None = None, spinning: bool = True):
+# Spin only while the machine's run queue is at most this share of its CPUs.
+SPINNING_MAX_LOAD_PER_CPU = 0.5
+
+
+def spinning_suits_this_machine() -> bool:
+    """Whether the 1-minute load average leaves the CPUs idle enough for spinning threads."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):   # no load average on this platform: do not gamble
+        return False
+    return load <= SPINNING_MAX_LOAD_PER_CPU * available_threads()
+
+
+def query_session(path, threads: int | None = None, spinning: bool = False):
     """An ONNX Runtime session tuned for one image per run (see the module docstring)."""
     import onnxruntime as ort
 

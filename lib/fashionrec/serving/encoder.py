@@ -63,7 +63,7 @@ class OnnxEncoder:
 
     @classmethod
     def from_file(cls, model_path: Path, spec: Preprocessing, threads: int | None = None,
-                  spinning: bool = True) -> "OnnxEncoder":
+                  spinning: bool = False) -> "OnnxEncoder":
         runner = GeometryRunner(threads or available_threads())
         return cls(spec, query_session(model_path, threads, spinning), runner)
 

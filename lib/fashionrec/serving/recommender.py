@@ -37,6 +37,7 @@ from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, IndexFolderError
 from ..evaluation.protocol import dataset_fingerprint
 from ..features.embed import embed_catalog
+from ..models.query_model import spinning_suits_this_machine
 from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..settings import InferenceSettings
@@ -114,14 +115,15 @@ class Recommender:
     # --- opening and building ------------------------------------------------------------------
 
     @classmethod
-    def load(cls, outdir, settings: InferenceSettings | None = None, spinning: bool = True) -> "Recommender":
+    def load(cls, outdir, settings: InferenceSettings | None = None, spinning: bool | None = None) -> "Recommender":
         """Opens the CURRENT version of an index folder.
 
         ``settings``: threads of the query model (and batch size, workers for :meth:`add`); the
         runtime is the one the index was built with. ``spinning``: let the query model's
-        threads spin during a query (lowest latency on a machine that is not shared; turn it
-        off where other processes compete for the cores). Raises IndexFolderError, saying how
-        to build one, for a missing or broken folder.
+        threads spin during a query (lowest latency on cores nobody else needs, much higher
+        on a busy machine); None decides from the machine's load average now
+        (:func:`~fashionrec.models.query_model.spinning_suits_this_machine`).
+        Raises IndexFolderError, saying how to build one, for a missing or broken folder.
         """
         outdir = Path(outdir)
         version = current_version(outdir)
@@ -133,6 +135,7 @@ class Recommender:
             raise IndexFolderError(f"{version}: format {info.get('format')!r}, this fashionrec reads {FORMAT!r}; "
                                    "rebuild the index")
         settings = (settings or InferenceSettings()).but(runtime=info["runtime"])
+        spinning = spinning_suits_this_machine() if spinning is None else spinning
         try:
             items = pd.read_parquet(version / ITEMS_FILE)
             vectors16 = np.load(version / EMBEDDINGS_FILE, mmap_mode="r")
