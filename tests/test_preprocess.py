@@ -14,6 +14,7 @@ from fashionrec.data.catalog import load_fashion_mnist
 from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError
 from fashionrec.models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact, resize_and_crop
+from fashionrec.models import query_model
 from fashionrec.models.query_model import query_session, run_query_model, uint8_query_model
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import onnx_backbone, with_runtime
@@ -108,3 +109,10 @@ def test_the_uint8_query_model_equals_the_batch_and_eager_paths_on_real_photos(l
 def test_a_backbone_without_a_describable_transform_keeps_the_torch_path():
     colorhist = with_runtime(get_backbone("colorhist"), "onnx")
     assert query_preprocessing(colorhist) is None
+
+
+@pytest.mark.parametrize("load, spins", [(0.2, True), (1.0, True), (1.5, False), (9.0, False)])
+def test_query_threads_spin_only_when_the_cpus_are_idle_enough(load, spins, monkeypatch):
+    monkeypatch.setattr(query_model.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(query_model, "available_threads", lambda: 2)
+    assert query_model.spinning_suits_this_machine() is spins
