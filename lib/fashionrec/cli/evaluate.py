@@ -13,7 +13,8 @@ from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
-from .common import add_backbone_arguments, add_data_arguments, inference_settings, print_json, print_metrics
+from .common import (add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json,
+                     print_metrics, print_skipped)
 
 
 def add_parser(commands) -> None:
@@ -49,6 +50,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
+    load_user_backbones(args)
     check_backbone_name(args.backbone)
     searched = args.finetune and is_combined_name(split_backbone_name(args.backbone)[0])
     if searched and args.finetune_level != 1:
@@ -56,6 +58,7 @@ def run(args) -> int:
                               "(level 1); level 2 fine-tunes one backbone: name a single backbone for it")
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
+    prepared.check_k(args.k)
     settings = inference_settings(args)
     if searched:
         return _run_searched(args, prepared, settings)
@@ -72,6 +75,7 @@ def run(args) -> int:
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)
+        print_skipped(record["skipped"])
     return 0
 
 
@@ -100,6 +104,7 @@ def _run_finetuned(args, prepared, settings) -> int:
           f"{record['index']} ({record['metric']}) | k={record['k']} | split seed {record['split_seed']} | "
           f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
     print_metrics(record)
+    print_skipped(record["skipped"])
     gain = record["precision_at_k_gain"]
     print(f"  frozen backbone precision_at_k {record['baseline_precision_at_k']:.4f}  "
           f"(gain {gain['diff']:+.4f}, 95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
@@ -145,6 +150,7 @@ def _run_searched(args, prepared, settings) -> int:
     print(f"  chosen: {chosen['features']}, {head_text}, category boost {chosen['ranking']['boost']} (predicted "
           f"categories), classifier on {chosen['classifier']['features']} (C={chosen['classifier']['C']})")
     print_metrics(record)
+    print_skipped(record["skipped"])
     for name, gain in record["precision_at_k_gains"].items():
         print(f"  gain {name.replace('_', ' ')}: {gain['diff']:+.4f} "
               f"(95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")

@@ -8,10 +8,11 @@ neighbours share the query's category. Two levels close that gap:
 * **Level 2** - the last MBConv block(s) of an EfficientNet-Lite trained together with
   the head (:mod:`.trunk`).
 
-Then a category classifier is chosen (:mod:`.classify`) on a *selection* slice of the train
-split that neither training nor early stopping has seen: level 2's head is early-stopped
-on its validation part, so choosing the classifier's features there would flatter the
-head's outputs (it picked them at 0.832 validation accuracy; they reached 0.804 on the queries).
+Then a category classifier, and the category-aware ranking boost that uses it, are chosen
+(:mod:`.classify`) on a *selection* slice of the train split that neither training nor early
+stopping has seen: level 2's head is early-stopped on its validation part, so choosing the
+classifier's features there would flatter the head's outputs (it picked them at 0.832
+validation accuracy; they reached 0.804 on the queries).
 :func:`train_model` returns a :class:`TrainedModel` whose ``payload`` is the content of a
 model file (:mod:`fashionrec.models.finetuned`); scoring it on query -> gallery is
 :mod:`fashionrec.experiment.finetune`'s business.
@@ -34,12 +35,12 @@ from ..models.backbone import Backbone
 from ..models.classifier import CategoryClassifier
 from ..models.finetuned import FORMAT, plain_values
 from ..models.projection import project
-from .classify import select_classifier
+from .classify import choose_category_boost, select_classifier
 from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads, train_head
 from .trunk import BackboneTuneConfig, TunedBackbone, _digest, tune_backbone
 
 # Part of the model cache key: bump when training changes, so no stale model is reused.
-TRAINING_VERSION = 5
+TRAINING_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
 
     ``train_rows`` (id, path, label, digest, in ``frozen``'s row order) are the train split;
     ``frozen`` their embeddings by ``base``; ``multi_view`` their multi-view features, if any.
-    Model selection uses a validation part of these rows only.
+    Model selection uses parts of these rows only (see the module docstring).
     """
     labels = train_rows["label"].astype(str).to_numpy()
     head_cfg, tune_cfg = cfg.head, cfg.tune
@@ -141,10 +142,11 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
     else:
         head_train, head_selection = project(fit.head, frozen), project(fit.selection_head, frozen)
         augmented = augmented_rows = None
-    classifier, classifier_table = select_classifier(
+    classifier, classifier_table, select_predicted = select_classifier(
         frozen, labels, select, head_vectors=head_train, head_selection_vectors=head_selection,
         cs=head_cfg.classifier_c, seed=head_cfg.seed, head_augmented=augmented, head_augmented_rows=augmented_rows,
         multi_view=multi_view)
+    boost = _choose_boost(head_selection, labels, select, select_predicted, head_cfg)
     seconds = time.perf_counter() - started
     payload = head_payload(fit, base, head_cfg, train_fingerprint, len(train_rows), classifier, tuned,
                            tune_cfg if tuned is not None else None, train_seconds=seconds)
@@ -156,12 +158,30 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
         "not_validated": fit.not_validated,
         "n_validation": int(fit.val_mask.sum()),
         "n_selection": int(select.sum()),
+        "category_boost": boost,
         "level2": None if tuned is None else {
             "history": tuned.history, "best_epoch": tuned.best_epoch,
             "best_val_precision": tuned.best_val_precision, "stopped_by": tuned.stopped_by,
             "train_seconds": tuned.seconds, "feature_seconds": tuned.feature_seconds},
     })
     return TrainedModel(payload, fit, tuned, classifier_table, seconds, head_train)
+
+
+def _choose_boost(selection_vectors: np.ndarray, labels: np.ndarray, val_mask: np.ndarray,
+                  val_predicted: np.ndarray | None, head_cfg: HeadConfig) -> dict:
+    """The category-aware boost chosen on the selection slice (0, the plain ranking, when there is none).
+
+    Its images rank the rest of the train split through the head that never saw them (nor
+    stopped on them), with categories predicted by the classifier that never saw them either.
+    """
+    n_fit = int((~val_mask).sum())
+    if val_predicted is None or head_cfg.k > n_fit:
+        return {"boost": 0.0, "table": [], "chosen_on": "no validation part (too few train images), so no bonus"}
+    table, choice = choose_category_boost(selection_vectors[val_mask], selection_vectors[~val_mask], labels[val_mask],
+                                          labels[~val_mask], val_predicted, k=head_cfg.k, seed=head_cfg.seed)
+    return {**choice, "table": table.to_dict(orient="records"),
+            "chosen_on": f"selection slice of the train split ({choice['n_validation']} images ranking "
+                         f"{choice['n_ranked']})"}
 
 
 def model_cache_key(backbone: Backbone, train_fingerprint: str, cfg: FinetuneConfig) -> str:
