@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -159,3 +160,27 @@ def test_cli_evaluates_an_ensemble_and_refuses_a_bad_view_in_one_line(shop, caps
     assert main([*argv[:5], "--backbone", "ensemble:efficientnet_lite0@zoom", *argv[7:]]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "unknown view 'zoom'" in error[0]
+
+
+@pytest.mark.integration
+def test_an_index_of_a_combination_answers_single_photos_as_the_batch_path_embedded_them(tmp_path):
+    """ONNX runtime, large JPEGs: every leaf decodes the query at its own draft size, as the catalog was."""
+    from conftest import write_product_image
+    from fashionrec import Recommender
+
+    rows = []
+    for i in range(24):
+        path = write_product_image(tmp_path / "shop" / f"item-{i:02d}.jpg", seed=i, category=i % 3, size=(560, 640))
+        rows.append({"id": path.name, "path": str(path), "label": f"shape{i % 3}"})
+    catalog = pd.DataFrame(rows)
+    name = "ensemble:colorhist,efficientnet_lite0@centre_crop+squash"
+    settings = InferenceSettings(batch_size=8, workers=0, progress=False)
+    recommender = Recommender.build(tmp_path / "index", catalog, name, settings=settings)
+    info = recommender.info
+    assert info["query_model"]["path"] == "combined" and info["query_model"]["check"]["max_relative_difference"] <= 1e-4
+    assert [leaf["part"] for leaf in info["preprocessing"]["leaves"]] == [
+        "colorhist", "efficientnet_lite0", "efficientnet_lite0@squash"]
+    assert info["backbone"]["dim"] == 512 + 1280
+    answer = Recommender.load(tmp_path / "index").recommend(rows[5]["path"], k=3)
+    assert answer.results[0].id == rows[5]["id"] and answer.results[0].score == pytest.approx(1.0, abs=1e-3)
+

@@ -178,3 +178,25 @@ def test_search_stage_writes_the_model_of_record_and_the_report_section(two_worl
     stage_search("worlds", "ensemble:colorhist,test_bright_half", k=3, losses=("norm_softmax",), hidden_dims=(16, 32),
                  cost_images=0, progress=False)
     assert all((out / name).read_bytes() == content for name, content in before.items())
+
+
+def test_the_searched_model_serves_by_name_with_its_classifier_and_its_ranking(two_worlds, tmp_path):
+    from fashionrec import Recommender
+    from fashionrec.models.finetuned import load_model, save_model
+
+    prepared = prepare("catalog", two_worlds, progress=False)
+    result = search_finetuned(prepared, "ensemble:colorhist,test_bright_half", SMALL, k=3, settings=EAGER,
+                              reference=False, model_path=tmp_path / "best.pt")
+    payload = load_model(tmp_path / "best.pt")
+    payload["ranking"] = {"boost": "inf", "categories": "predicted"}     # rank within the predicted category
+    save_model(payload, tmp_path / "best.pt")
+    catalog = prepared.catalog
+    gallery = catalog[catalog["split"] == "gallery"][["id", "path", "label"]]
+    recommender = Recommender.build(tmp_path / "index", gallery, f"{payload['backbone']}+head:{tmp_path / 'best.pt'}",
+                                    settings=EAGER)
+    assert recommender.has_classifier and recommender.info["ranking"]["boost"] == "inf"
+    predicted = dict(zip(result.metadata["id"], result.predicted))
+    for row in catalog[catalog["split"] == "query"].head(4).itertuples():
+        answer = recommender.recommend(row.path, k=5)
+        assert answer.predicted_category == predicted[row.id]      # the batch path's classifier, on one photo
+        assert [item.label for item in answer.results] == [predicted[row.id]] * 5

@@ -189,14 +189,18 @@ class CombinedBackbone:
         return self.combine_vectors([embed_images(part, images) for part in self.parts])
 
     def preprocessing(self) -> list[dict]:
-        """What every leaf does to an image: part name, network, transform, its embedding cache key."""
+        """What every leaf does to an image: its name (``efficientnet_lite1@flip``), network, transform, cache key."""
         rows = []
         for part, part_name in zip(self.parts, self.part_names):
             if isinstance(part, CombinedBackbone):
                 rows.extend(part.preprocessing())
-            else:
-                rows.append({"part": part_name, "backbone": part.name, "transform": repr(part.transform),
-                             "cache_key": part.cache_key})
+                continue
+            if self.combine == "mean" and part_name != RETRIEVAL_VIEW:   # part names are views here
+                part_name = f"{part.name}{VIEW_SEPARATOR}{part_name}"
+            elif self.combine == "mean":
+                part_name = part.name
+            rows.append({"part": part_name, "backbone": part.name, "transform": repr(part.transform),
+                         "cache_key": part.cache_key})
         return rows
 
     def with_head(self, name: str, head: nn.Module | None, head_sha256: str, description: str) -> "CombinedBackbone":
