@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 RUNTIMES = ("eager", "onnx", "onnx-int8")
 DEFAULT_RUNTIME = "onnx"
+STORES = ("faiss", "milvus")
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,23 @@ class InferenceSettings:
     def but(self, **changes) -> "InferenceSettings":
         """A copy with some settings changed: ``settings.but(progress=False)``."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the vectors of a search live (see fashionrec.indexing.backends).
+
+    ``store``: ``"faiss"`` (in this process, the default) or ``"milvus"``; ``milvus_uri``: a
+    Milvus Lite file (a path ending in ``.db``; None: ``results/milvus.db``) or a server's
+    ``http://host:19530``; ``milvus_token``: credentials for a server that asks for them.
+    """
+
+    store: str = "faiss"
+    milvus_uri: str | None = None
+    milvus_token: str = ""
+
+    def __post_init__(self):
+        if self.store not in STORES:
+            raise ValueError(f"unknown store {self.store!r}; available: {', '.join(STORES)}")
+        if self.milvus_uri is not None and self.store != "milvus":
+            raise ValueError("milvus_uri applies only to the milvus store")

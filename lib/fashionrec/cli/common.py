@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .. import config
-from ..settings import DEFAULT_RUNTIME, RUNTIMES, InferenceSettings
+from ..errors import FashionRecError
+from ..indexing.backends import check_store
+from ..settings import DEFAULT_RUNTIME, RUNTIMES, STORES, InferenceSettings, StoreSettings
+
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +34,26 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
                              "PyTorch), onnx-int8 (quantised, changes embeddings; only when asked)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default="faiss", choices=STORES,
+                        help="vector store that ranks the gallery: faiss (in this process, default) or milvus")
+    parser.add_argument("--milvus-uri", default=None,
+                        help="with --store milvus: a Milvus Lite file (a path ending in .db; default "
+                             "results/milvus.db) or a server/cluster, http://host:19530 (token from $MILVUS_TOKEN)")
+
+
+def store_settings(args, metric: str, index: str, search_params: str = "") -> StoreSettings:
+    """The store the arguments name, checked now (index counterpart, URI reachable) rather than after embedding."""
+    if args.milvus_uri is not None and args.store != "milvus":
+        raise FashionRecError("--milvus-uri applies only with --store milvus")
+    settings = StoreSettings(args.store, args.milvus_uri, os.environ.get(MILVUS_TOKEN_ENV, ""))
+    try:
+        check_store(settings, metric, index, search_params)
+    except ValueError as error:
+        raise FashionRecError(f"--store {args.store} --index {index}: {error}") from None
+    return settings
 
 
 def inference_settings(args) -> InferenceSettings:
