@@ -28,6 +28,35 @@ def recall_vs_exact(ids, exact_ids, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
+def compare_rankings(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> dict:
+    """How far two top-k lists of the same queries (e.g. two engines' exact search) agree.
+
+    Where the lists differ at a slot, the two engines put different items at that rank; if
+    their scores there agree within ``atol``, those items tie (equal or near-equal distance)
+    and either order is right. Returns rows, identical_rows (same ids in the same order),
+    tied_rows (rows that differ only at tied slots), other_rows (rows that differ at a slot
+    whose scores differ by more than ``atol``: a real disagreement), differing_slots, and
+    max_gap_at_differing_slots / max_score_difference (largest |score_a - score_b| over the
+    differing slots / over all slots; 0.0 when there are none).
+    """
+    ids_a, ids_b = np.asarray(ids_a), np.asarray(ids_b)
+    scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if ids_a.shape != ids_b.shape or scores_a.shape != ids_a.shape or scores_b.shape != ids_b.shape:
+        raise ValueError(f"shapes differ: ids {ids_a.shape} / {ids_b.shape}, scores {scores_a.shape} / {scores_b.shape}")
+    differ = ids_a != ids_b
+    gap = np.abs(scores_a - scores_b)
+    real = differ & (gap > atol)
+    return {
+        "rows": int(len(ids_a)),
+        "identical_rows": int((~differ).all(axis=1).sum()),
+        "tied_rows": int((differ.any(axis=1) & ~real.any(axis=1)).sum()),
+        "other_rows": int(real.any(axis=1).sum()),
+        "differing_slots": int(differ.sum()),
+        "max_gap_at_differing_slots": float(gap[differ].max()) if differ.any() else 0.0,
+        "max_score_difference": float(gap.max()) if gap.size else 0.0,
+    }
+
+
 def benchmark_index(
     vectors,
     queries,

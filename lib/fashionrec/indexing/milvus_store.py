@@ -342,8 +342,11 @@ class MilvusStore:
         build = {"params": spec.build_params} if self.lite and spec.build_params else spec.build_params
         index_params.add_index(field_name=VECTOR_FIELD, index_type=spec.index_type,
                                metric_type=MILVUS_METRIC[self.metric], params=build)
-        self._call("create_collection", self.collection, schema=schema, index_params=index_params,
-                   consistency_level="Strong")
+        self._call("create_collection", self.collection, schema=schema, consistency_level="Strong")
+        # sync=False: pymilvus would otherwise poll the build with AllocTimestamp, which Milvus Lite 3.2.2 lacks
+        # (it logs a traceback); an empty collection's index is ready at once, and searches wait for later builds.
+        self._call("create_index", self.collection, index_params, sync=False)
+        self._call("load_collection", self.collection)
         described = _index_description(self._client.describe_index(self.collection, VECTOR_FIELD))
         lost = {key: value for key, value in spec.build_params.items() if str(described.get(key)) != str(value)}
         if lost:
@@ -366,6 +369,7 @@ class MilvusStore:
         build = {key: index[key] for key in BUILD_PARAMS.get(index_type, ()) if key in index}
         self.index = index_type + (":" + ",".join(f"{k}={v}" for k, v in build.items()) if build else "")
         spec = milvus_index(self.index, 1, 1, self.search_params)
+        self._call("load_collection", self.collection)  # a reopened collection is released until loaded
         self._spec, self._dim = spec, int(fields[VECTOR_FIELD]["params"]["dim"])
 
     def _present(self, ids: np.ndarray) -> set[int]:
@@ -423,6 +427,17 @@ def _label_filter(category: str | None) -> str:
 def _check_collection_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
         raise ValueError(f"bad collection name {name!r}: letters, digits and underscores, not starting with a digit")
+
+
+def list_collections(uri: str, token: str = "") -> list[str]:
+    """Names of the collections at ``uri`` (a Lite file is opened and released as a store would)."""
+    client = _connect(str(uri), token)
+    try:
+        return sorted(client.list_collections())
+    finally:
+        client.close()
+        if is_lite_uri(str(uri)):
+            _release_lite(str(uri))
 
 
 def temporary_collection_name(prefix: str = "fashionrec_tmp") -> str:
