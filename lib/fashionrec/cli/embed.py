@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.catalog import load_dataset
+from ..errors import FashionRecError
 from ..features.embed import embed_catalog
 from ..features.files import save_embeddings
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
+from ..settings import ENGINES
 from .common import add_backbone_arguments, add_data_arguments, inference_settings, print_json
 
 
@@ -16,11 +18,22 @@ def add_parser(commands) -> None:
     add_data_arguments(parser)
     add_backbone_arguments(parser)
     parser.add_argument("--out", default=None, help="directory for <backbone>.npy/.parquet/.json")
+    parser.add_argument("--engine", default="local", choices=ENGINES,
+                        help="local: this process and its decoding workers (default); ray: a Ray Data job, one "
+                             "actor per --threads CPUs, writing the same cache")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --engine ray: the cluster to run on ('auto' on a node of it, or host:6379 of "
+                             "`ray start --head`); default: a private local Ray on 127.0.0.1")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    settings = inference_settings(args)
+    if args.ray_address is not None and args.engine != "ray":
+        raise FashionRecError("--ray-address applies only with --engine ray")
+    if args.engine == "ray" and args.runtime == "onnx-int8":
+        raise FashionRecError("--engine ray runs --runtime eager or onnx; onnx-int8 is calibrated on this machine's "
+                              "images and not rebuilt on Ray workers yet (use --engine local)")
+    settings = inference_settings(args).but(engine=args.engine, ray_address=args.ray_address)
     # The whole catalog, unsplit: categories too small for the split are embedded too.
     loaded = load_dataset(args.dataset, args.data_dir, max_per_class=args.max_per_class, seed=args.split_seed,
                           category_map=args.category_map, progress=settings.progress)
@@ -37,6 +50,7 @@ def run(args) -> int:
         "data_dir": str(loaded.root),
         "backbone": args.backbone,
         "runtime": settings.runtime,
+        "engine": settings.engine,
         "weights_sha256": embeddings.weights_sha256,
         "n_embedded": int(len(embeddings.vectors)),
         "dim": int(embeddings.vectors.shape[1]),
