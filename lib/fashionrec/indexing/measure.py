@@ -57,6 +57,33 @@ def compare_rankings(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> di
     }
 
 
+def measure_store(store, queries, k: int, exact_ids, single_queries: int = 100, min_seconds: float = 0.2) -> dict:
+    """Recall against exact search and speed of one vector store (any :class:`~fashionrec.indexing.stores.VectorStore`).
+
+    ``queries`` are searched as one batch (first searched once untimed: that is when a store
+    builds or loads its index) and the batch is repeated until ``min_seconds`` have passed
+    (at most 20 times): ``qps``. The first ``single_queries`` are then searched one request
+    each, as an application would: ``latency_ms_p50`` / ``latency_ms_p95``. ``recall_at_k``
+    compares the batch's ids with ``exact_ids`` (padding ids -1 never count).
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    _, ids = store.search(queries, k)
+    rounds, elapsed = 0, 0.0
+    while rounds == 0 or (elapsed < min_seconds and rounds < 20):
+        started = time.perf_counter()
+        store.search(queries, k)
+        elapsed += time.perf_counter() - started
+        rounds += 1
+    latencies = []
+    for query in queries[:single_queries]:
+        started = time.perf_counter()
+        store.search(query[None], k)
+        latencies.append(time.perf_counter() - started)
+    return {"recall_at_k": recall_vs_exact(ids, exact_ids, k), "qps": rounds * len(queries) / elapsed,
+            "latency_ms_p50": 1000 * float(np.percentile(latencies, 50)),
+            "latency_ms_p95": 1000 * float(np.percentile(latencies, 95))}
+
+
 def benchmark_index(
     vectors,
     queries,

@@ -30,10 +30,13 @@ Three things Milvus Lite 3.2.2 does differently from a server are handled here, 
   For Lite they are sent nested; after creating an index the store reads its description
   back and stops if the parameters did not arrive.
 * Indexes are built in a background thread after a flush, and until one is built Milvus Lite
-  scans that segment exhaustively (recall 1.0, as if the index were perfect). Before the first
-  search after a write the store flushes, then on Lite releases and reloads the collection
-  (which builds missing indexes before returning), on a server waits until the index reports
-  no pending rows. A search therefore always measures the index that was asked for.
+  scans that segment exhaustively (recall 1.0, as if the index were perfect); that thread also
+  writes index files in place, so a load that meets one half-written fails. Before the first
+  search after a write the store, on Lite, releases the collection (the background thread then
+  builds nothing), flushes and loads it again, which builds every missing index before it
+  returns (a load that fails is tried again for a while); on a server it flushes and waits
+  until the index reports no pending rows. A search therefore always measures the index that
+  was asked for, never rows still waiting for it.
 * Lite accepts index types it cannot build (IVF_PQ, DISKANN, SCANN) and then scans
   exhaustively, silently; the store refuses them for a Lite URI.
 """
@@ -78,6 +81,7 @@ REQUEST_BYTES = 16 << 20
 IDS_PER_QUERY = 1000
 CONNECT_TIMEOUT_S = 15.0
 INDEX_WAIT_S = 600.0
+LITE_LOAD_RETRY_S = 30.0
 _WORST_SCORE = {"cosine": -np.finfo(np.float32).max, "ip": -np.finfo(np.float32).max,
                 "l2": np.finfo(np.float32).max}
 
@@ -194,6 +198,9 @@ class MilvusStore:
         self._spec: MilvusIndex | None = None
         self._dim: int | None = None
         self._unsearched_writes = False
+        # Row counts per category (None: all), kept until this store writes: it assumes it is the
+        # collection's only writer, as the faiss store is.
+        self._counts: dict[str | None, int] = {}
         self._client = _connect(self.uri, token)
         try:
             exists = self._client.has_collection(collection)
@@ -244,6 +251,7 @@ class MilvusStore:
                 {ID_FIELD: int(i), VECTOR_FIELD: vector, LABEL_FIELD: label}
                 for i, vector, label in zip(ids[start:stop], vectors[start:stop], labels[start:stop])])
         self._unsearched_writes = True
+        self._counts.clear()
 
     def remove(self, ids) -> int:
         ids = checked_ids(ids)
@@ -252,7 +260,9 @@ class MilvusStore:
         present = sorted(self._present(ids))
         for start in range(0, len(present), IDS_PER_QUERY):
             self._call("delete", self.collection, ids=present[start:start + IDS_PER_QUERY])
-        self._unsearched_writes = self._unsearched_writes or bool(present)
+        if present:
+            self._unsearched_writes = True
+            self._counts.clear()
         return len(present)
 
     def search(self, queries, k: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -296,8 +306,10 @@ class MilvusStore:
     def count(self, category: str | None = None) -> int:
         if self._spec is None:
             return 0
-        rows = self._call("query", self.collection, filter=_label_filter(category), output_fields=["count(*)"])
-        return int(rows[0]["count(*)"])
+        if category not in self._counts:
+            rows = self._call("query", self.collection, filter=_label_filter(category), output_fields=["count(*)"])
+            self._counts[category] = int(rows[0]["count(*)"])
+        return self._counts[category]
 
     def describe(self) -> dict:
         described = {"store": "milvus", "engine": "milvus-lite" if self.lite else "milvus-server",
@@ -384,19 +396,35 @@ class MilvusStore:
         """Flush and wait for the index over every row written since the last search (module docstring)."""
         if not self._unsearched_writes:
             return
-        if self._spec.index_type != "FLAT":
+        # Flushed rows leave Lite's row-by-row memtable for columnar segments (searched ~100x faster even for FLAT).
+        if self.lite:
+            # Released first, so that Lite's background thread builds no index for the new segment; the load
+            # then builds every missing index itself before it returns.
+            self._call("release_collection", self.collection)
             self._call("flush", self.collection)
-            if self.lite:
-                self._call("release_collection", self.collection)
-                self._call("load_collection", self.collection)
-            else:
-                deadline = time.monotonic() + INDEX_WAIT_S
-                while self._client.describe_index(self.collection, VECTOR_FIELD).get("pending_index_rows", 0):
-                    if time.monotonic() > deadline:
-                        raise FashionRecError(f"{self.uri}: index of {self.collection!r} still building after "
-                                              f"{INDEX_WAIT_S:.0f} s")
-                    time.sleep(0.5)
+            self._load_lite()
+        else:
+            self._call("flush", self.collection)
+            deadline = time.monotonic() + INDEX_WAIT_S
+            while self._client.describe_index(self.collection, VECTOR_FIELD).get("pending_index_rows", 0):
+                if time.monotonic() > deadline:
+                    raise FashionRecError(f"{self.uri}: index of {self.collection!r} still building after "
+                                          f"{INDEX_WAIT_S:.0f} s")
+                time.sleep(0.5)
         self._unsearched_writes = False
+
+    def _load_lite(self) -> None:
+        """load_collection, tried again while it fails: Milvus Lite 3.2.2 writes index files in place from a
+        background thread, and a load that reads one half-written fails ("file seems not fully written")."""
+        deadline = time.monotonic() + LITE_LOAD_RETRY_S
+        while True:
+            try:
+                self._call("load_collection", self.collection)
+                return
+            except FashionRecError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def _call(self, method: str, *args, **kwargs):
         try:
