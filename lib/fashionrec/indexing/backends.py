@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import config
 from ..settings import StoreSettings
-from .milvus_store import MilvusStore, is_lite_uri, milvus_index, temporary_collection_name
+from .milvus_store import MilvusStore, is_lite_uri, temporary_collection_name
 from .stores import FaissStore, VectorStore
 
 
@@ -47,5 +47,4 @@ def check_store(settings: StoreSettings, metric: str = "cosine", index: str = "F
     """
     if settings.store == "faiss":
         return
-    milvus_index(index, 1 << 20, 8, search_params)
     open_store(settings, metric, index, search_params).close()
