@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: help setup data pipeline test test-unit test-notebooks notebooks lab clean clean-cache
+.PHONY: help setup data pipeline test test-unit test-notebooks notebooks docs lab clean clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,11 +48,14 @@ notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sou
 	  ../$(PY) -c "import sys; from fashionrec.pipeline.notebooks import keep_checked_outputs; keep_checked_outputs(sys.argv[1])" "$$notebook" \
 	  || exit 1; done
 
+docs: $(SETUP_STAMP) ## regenerate docs/parameters.md from the parameter-file schema (lib/fashionrec/pipeline/params.py)
+	$(PY) -m fashionrec params --markdown > docs/parameters.md
+
 lab: $(SETUP_STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
 clean: ## remove derived data and run results (raw data is kept)
 	rm -rf data/interim data/processed results/*/
 
-clean-cache: ## remove only the embedding cache
-	rm -rf data/interim/embeddings
+clean-cache: ## remove only the embedding cache and the cached image-check verdicts
+	rm -rf data/interim/embeddings data/interim/image-checks

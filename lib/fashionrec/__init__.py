@@ -30,6 +30,7 @@ _PUBLIC = {
     "PreparedData": "experiment.evaluate", "evaluate_finetuned": "experiment.finetune",
     "load_dataset": "data.catalog", "split_catalog": "data.split", "load_image": "data.images",
     "get_backbone": "models.registry", "list_backbones": "models.registry", "register_backbone": "models.registry",
+    "load_backbone_modules": "models.registry",
     "BuiltBackbone": "models.backbone", "InferenceSettings": "settings",
     "embed_catalog": "features.embed", "build_index": "indexing.faiss_index", "search": "indexing.faiss_index",
     "evaluate_embeddings": "evaluation.protocol",
