@@ -72,6 +72,11 @@ SEARCH_PARAMS = {"FLAT": (), "HNSW": ("ef",), "HNSW_SQ": ("ef",), "IVF_FLAT": ("
 # faiss ParameterSpace names that mean the same as Milvus search parameters.
 FAISS_SEARCH_PARAM_NAMES = {"efSearch": "ef"}
 
+# Each store's approximate indexes that 07-scale-out measures by default: the same algorithms with the same
+# parameters where both have them, then what Milvus Lite adds (HNSW_SQ; AUTOINDEX is HNSW in Lite).
+STORE_FAISS_INDEXES = ("HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW32_SQ8")
+STORE_MILVUS_INDEXES = ("HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW_SQ:M=32,efConstruction=40", "AUTOINDEX")
+
 DEFAULT_COLLECTION = "fashionrec"
 ID_FIELD, VECTOR_FIELD, LABEL_FIELD = "id", "vector", "label"
 MAX_LABEL_BYTES = 512
