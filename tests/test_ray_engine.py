@@ -40,42 +40,48 @@ def local_ray(tmp_path_factory):
 
 
 @pytest.fixture
-def catalog_with_a_bad_file(tmp_path):
+def shop(tmp_path):
     root = tmp_path / "shop"
     for label, colour in (("red", (200, 40, 40)), ("green", (40, 170, 60)), ("blue", (40, 60, 200))):
         for i in range(5):
             write_color_image(root / label / f"{label}-{i}.jpg", colour, size=(90 + 20 * i, 120))
-    whole = (root / "blue" / "blue-0.jpg").read_bytes()
-    (root / "blue" / "blue-cut.jpg").write_bytes(whole[: len(whole) // 2])  # header fine, pixel data cut
     return root
 
 
-def test_ray_embeddings_equal_the_in_process_ones_and_a_bad_file_is_reported(local_ray, catalog_with_a_bad_file,
-                                                                              tmp_path):
-    loaded = load_folder(catalog_with_a_bad_file, progress=False)
+def _cut(path):
+    """Keep the header, lose half the pixel data: the file opens but does not decode."""
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+
+
+def test_ray_embeddings_equal_the_in_process_ones_and_a_bad_file_is_reported(local_ray, shop, tmp_path):
+    loaded = load_folder(shop, progress=False)
+    _cut(shop / "blue" / "blue-3.jpg")  # after the catalog was checked: the embedding job meets it
     backbone = with_runtime(get_backbone("efficientnet_lite0"), "onnx", threads=1)
     settings = InferenceSettings(batch_size=4, workers=1, threads=1, progress=False)
     local = embed_catalog(loaded.catalog, backbone, settings, cache_dir=tmp_path / "local", root=loaded.root)
     on_ray = embed_catalog(loaded.catalog, backbone, settings.but(engine="ray"), cache_dir=tmp_path / "ray",
                            root=loaded.root)
-    assert on_ray.n_computed == local.n_computed == 15
+    assert on_ray.n_computed == local.n_computed == 14
     assert on_ray.metadata["id"].tolist() == local.metadata["id"].tolist()
     relative = np.abs(on_ray.vectors - local.vectors).max() / np.abs(local.vectors).max()
     assert relative <= RELATIVE_TOLERANCE
-    assert on_ray.skipped == local.skipped and [entry["path"] for entry in on_ray.skipped] == ["blue/blue-cut.jpg"]
+    assert on_ray.skipped == local.skipped
+    assert [(entry["path"], entry["stage"]) for entry in on_ray.skipped] == [("blue/blue-3.jpg", "embed")]
     # The same content-addressed cache: the same shard files, and each engine's cache serves the other's job.
     assert sorted(p.name for p in (tmp_path / "ray").glob("*.npz")) == sorted(p.name for p in (tmp_path / "local").glob("*.npz"))
     reused = embed_catalog(loaded.catalog, backbone, settings, cache_dir=tmp_path / "ray", root=loaded.root)
-    assert (reused.n_computed, reused.n_reused) == (0, 15) and np.array_equal(reused.vectors, on_ray.vectors)
+    assert (reused.n_computed, reused.n_reused) == (0, 14) and np.array_equal(reused.vectors, on_ray.vectors)
 
 
-def test_cli_embed_runs_on_a_cluster_by_address_and_reports_like_the_local_engine(local_ray, catalog_with_a_bad_file,
-                                                                                 tmp_path):
+def test_cli_embed_runs_on_a_cluster_by_address_and_reports_like_the_local_engine(local_ray, shop, tmp_path):
+    _cut(shop / "green" / "green-1.jpg")  # left out when the catalog is checked, before any engine runs
+
     def embed(engine: list[str], data_dir) -> dict:
         result = subprocess.run(
-            [sys.executable, "-m", "fashionrec", "embed", "--dataset", "folder", "--data-dir",
-             str(catalog_with_a_bad_file), "--backbone", "efficientnet_lite0", "--batch-size", "4", "--threads", "1",
-             "--workers", "1", "--quiet", "--json", *engine],
+            [sys.executable, "-m", "fashionrec", "embed", "--dataset", "folder", "--data-dir", str(shop),
+             "--backbone", "efficientnet_lite0", "--batch-size", "4", "--threads", "1", "--workers", "1",
+             "--quiet", "--json", "--out", str(data_dir / "out"), *engine],
             capture_output=True, text=True, timeout=600,
             env={**os.environ, "PYTHONPATH": str(REPO / "lib"), "FASHIONREC_DATA": str(data_dir)})
         assert result.returncode == 0, result.stderr
@@ -86,6 +92,7 @@ def test_cli_embed_runs_on_a_cluster_by_address_and_reports_like_the_local_engin
     assert on_cluster["engine"] == "ray" and local["engine"] == "local"
     for key in ("n_embedded", "n_computed", "skipped", "weights_sha256", "dim"):
         assert on_cluster[key] == local[key], key
+    assert on_cluster["n_embedded"] == 14 and [entry["path"] for entry in on_cluster["skipped"]] == ["green/green-1.jpg"]
 
 
 def test_the_local_cluster_listens_on_loopback_only_and_serves_no_dashboard(local_ray):

@@ -208,17 +208,17 @@ class MilvusStore:
         self._counts: dict[str | None, int] = {}
         self._client = _connect(self.uri, token)
         try:
-            exists = self._client.has_collection(collection)
+            exists = self._call("has_collection", collection)
             if _existing:
                 if not exists:
                     raise FashionRecError(f"{self.uri}: no collection {collection!r} (collections: "
-                                          f"{', '.join(self._client.list_collections()) or 'none'})")
+                                          f"{', '.join(self._call('list_collections')) or 'none'})")
                 self._read_existing()
             elif exists:
                 if not replace:
                     raise FashionRecError(f"{self.uri}: collection {collection!r} already exists; open it, or "
                                           "replace it explicitly")
-                self._client.drop_collection(collection)
+                self._call("drop_collection", collection)
             else:
                 # Fail before any expensive work: a name without a Milvus counterpart, a type Lite cannot build.
                 self._check_index_type(milvus_index(index, 1 << 20, 8, search_params))
@@ -246,9 +246,10 @@ class MilvusStore:
             raise ValueError(f"label {too_long[0][:40]!r}... is longer than {MAX_LABEL_BYTES} bytes")
         if self._spec is None:
             self._create(len(ids), vectors.shape[1])
-        present = self._present(ids)
-        if present:
-            raise DuplicateIdError(f"ids already in the store: {sorted(present)[:10]}; remove them first")
+        else:
+            present = self._present(ids)
+            if present:
+                raise DuplicateIdError(f"ids already in the store: {sorted(present)[:10]}; remove them first")
         rows_per_request = max(1, REQUEST_BYTES // (4 * vectors.shape[1]))
         for start in range(0, len(ids), rows_per_request):
             stop = start + rows_per_request
@@ -329,8 +330,8 @@ class MilvusStore:
         if self._client is None:
             return
         try:
-            if self.drop_on_close and self._client.has_collection(self.collection):
-                self._client.drop_collection(self.collection)
+            if self.drop_on_close and self._call("has_collection", self.collection):
+                self._call("drop_collection", self.collection)
         finally:
             self._disconnect()
 
@@ -364,7 +365,7 @@ class MilvusStore:
         # (it logs a traceback); an empty collection's index is ready at once, and searches wait for later builds.
         self._call("create_index", self.collection, index_params, sync=False)
         self._call("load_collection", self.collection)
-        described = _index_description(self._client.describe_index(self.collection, VECTOR_FIELD))
+        described = _index_description(self._call("describe_index", self.collection, VECTOR_FIELD))
         lost = {key: value for key, value in spec.build_params.items() if str(described.get(key)) != str(value)}
         if lost:
             raise FashionRecError(f"{self.uri}: Milvus built {spec.index_type} without the parameters {lost} "
@@ -372,12 +373,12 @@ class MilvusStore:
         self._spec, self._dim = spec, dim
 
     def _read_existing(self) -> None:
-        description = self._client.describe_collection(self.collection)
+        description = self._call("describe_collection", self.collection)
         fields = {item["name"]: item for item in description["fields"]}
         if set(fields) != {ID_FIELD, VECTOR_FIELD, LABEL_FIELD}:
             raise FashionRecError(f"{self.uri}: collection {self.collection!r} has fields {sorted(fields)}, not the "
                                   f"{ID_FIELD}/{VECTOR_FIELD}/{LABEL_FIELD} of a fashionrec store")
-        index = _index_description(self._client.describe_index(self.collection, VECTOR_FIELD))
+        index = _index_description(self._call("describe_index", self.collection, VECTOR_FIELD))
         metric = {value: key for key, value in MILVUS_METRIC.items()}.get(index["metric_type"])
         if metric is None:
             raise FashionRecError(f"{self.uri}: collection {self.collection!r} uses metric {index['metric_type']}")
@@ -411,7 +412,7 @@ class MilvusStore:
         else:
             self._call("flush", self.collection)
             deadline = time.monotonic() + INDEX_WAIT_S
-            while self._client.describe_index(self.collection, VECTOR_FIELD).get("pending_index_rows", 0):
+            while self._call("describe_index", self.collection, VECTOR_FIELD).get("pending_index_rows", 0):
                 if time.monotonic() > deadline:
                     raise FashionRecError(f"{self.uri}: index of {self.collection!r} still building after "
                                           f"{INDEX_WAIT_S:.0f} s")
