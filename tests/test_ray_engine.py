@@ -24,6 +24,8 @@ from fashionrec.settings import InferenceSettings
 
 from conftest import REPO, write_color_image
 
+pytestmark = pytest.mark.integration  # a Ray cluster and a real model: slower than unit tests
+
 RELATIVE_TOLERANCE = 1e-5
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 DASHBOARD_PORT = 8265
