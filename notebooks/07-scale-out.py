@@ -23,7 +23,7 @@ k = 10
 metric = "cosine"
 milvus_uri = None
 store_faiss_indexes = ["HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW32_SQ8"]
-store_milvus_indexes = ["HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW_SQ:M=32,efConstruction=40", "AUTOINDEX"]
+store_milvus_indexes = ["HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW32_SQ8", "AUTOINDEX"]
 
 # %%
 from fashionrec.pipeline import plots
@@ -60,10 +60,11 @@ comparison.differences.head(20)
 
 # %% [markdown]
 # ## Approximate indexes
-# Each store's own ANN indexes over the same catalog. `HNSW32`, `IVF{nlist},Flat` and
-# `IVF{nlist},SQ8` name the same algorithm with the same parameters in both (Milvus Lite builds
-# them with faiss too); `HNSW_SQ` and `AUTOINDEX` (HNSW in Milvus Lite) are what Milvus Lite
-# adds. Milvus Lite 3.2.2 cannot build IVF_PQ, DiskANN or ScaNN; a Milvus server can.
+# Each store's own ANN indexes over the same catalog. `HNSW32`, `IVF{nlist},Flat`,
+# `IVF{nlist},SQ8` and `HNSW32_SQ8` name the same algorithm with the same parameters in both
+# (Milvus: HNSW, IVF_FLAT, IVF_SQ8, HNSW_SQ; Milvus Lite builds them with faiss too);
+# `AUTOINDEX` is Milvus's own choice (HNSW in Milvus Lite). Milvus Lite 3.2.2 cannot build
+# IVF_PQ, DiskANN or ScaNN; a Milvus server can.
 
 # %%
 # NBVAL_CHECK_OUTPUT

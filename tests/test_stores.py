@@ -156,6 +156,8 @@ def test_milvus_index_names_translate_with_the_faiss_stores_parameters():
                                                                              {"nprobe": 32})
     assert milvus_index("HNSW:M=16,efConstruction=200", 10, 8, "efSearch=128") == MilvusIndex(
         "HNSW", {"M": 16, "efConstruction": 200}, {"ef": 128})
+    assert milvus_index("HNSW16_SQ8", 10, 8) == MilvusIndex("HNSW_SQ", {"M": 16, "efConstruction": 40,
+                                                                        "sq_type": "SQ8"}, {"ef": 64})
     assert milvus_index("DISKANN", 10, 8).index_type == "DISKANN"  # a server's type: passed through
     with pytest.raises(ValueError, match="no Milvus counterpart"):
         milvus_index("IVF{nlist},PQ{m}", 5000, 64)

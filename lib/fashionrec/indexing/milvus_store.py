@@ -13,8 +13,8 @@ A collection has three fields: ``id`` (INT64 primary key, chosen by the caller),
 ``label == "..."`` filter expression). It is created with Strong consistency, so a search
 sees every write made before it, on a server as on Lite.
 
-Index types: ``"Flat"``, ``"HNSW<M>"``, ``"IVF<nlist>,Flat"``, ``"IVF<nlist>,SQ8"`` (and the
-``{nlist}`` template) name the Milvus counterpart of a faiss factory with the parameters the
+Index types: ``"Flat"``, ``"HNSW<M>"``, ``"HNSW<M>_SQ8"``, ``"IVF<nlist>,Flat"``, ``"IVF<nlist>,SQ8"``
+(and the ``{nlist}`` template) name the Milvus counterpart of a faiss factory with the parameters the
 faiss store would use (see :func:`milvus_index`). Native Milvus names are accepted too, with
 build parameters after a colon: ``"HNSW:M=16,efConstruction=200"``, ``"IVF_FLAT:nlist=128"``.
 Milvus Lite 3.2.2 builds FLAT, HNSW, HNSW_SQ, IVF_FLAT, IVF_SQ8 and AUTOINDEX (= HNSW);
@@ -73,9 +73,10 @@ SEARCH_PARAMS = {"FLAT": (), "HNSW": ("ef",), "HNSW_SQ": ("ef",), "IVF_FLAT": ("
 FAISS_SEARCH_PARAM_NAMES = {"efSearch": "ef"}
 
 # Each store's approximate indexes that 07-scale-out measures by default: the same algorithms with the same
-# parameters where both have them, then what Milvus Lite adds (HNSW_SQ; AUTOINDEX is HNSW in Lite).
+# parameters in both (HNSW32_SQ8 is Milvus's HNSW_SQ), then Milvus's own choice (AUTOINDEX: HNSW in Lite).
+# No "=" in them: papermill cannot read a parameter cell whose strings hold one.
 STORE_FAISS_INDEXES = ("HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW32_SQ8")
-STORE_MILVUS_INDEXES = ("HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW_SQ:M=32,efConstruction=40", "AUTOINDEX")
+STORE_MILVUS_INDEXES = ("HNSW32", "IVF{nlist},Flat", "IVF{nlist},SQ8", "HNSW32_SQ8", "AUTOINDEX")
 
 DEFAULT_COLLECTION = "fashionrec"
 ID_FIELD, VECTOR_FIELD, LABEL_FIELD = "id", "vector", "label"
@@ -111,7 +112,7 @@ def milvus_index(index: str, n: int, d: int, search_params: str = "") -> MilvusI
     """The Milvus index for ``index`` (a faiss factory with a Milvus counterpart, or a native name).
 
     faiss counterparts get the parameters the faiss store uses: ``HNSW32`` -> HNSW M=32,
-    efConstruction as faiss's default (40); ``IVF{nlist},Flat`` -> IVF_FLAT with nlist from
+    efConstruction as faiss's default (40), ``HNSW32_SQ8`` -> HNSW_SQ likewise; ``IVF{nlist},Flat`` -> IVF_FLAT with nlist from
     :func:`~fashionrec.indexing.faiss_index.resolve_factory` for ``n`` x ``d``. Native names
     keep Milvus's build defaults unless given (``"HNSW:M=16,efConstruction=200"``). Search
     parameters default to the faiss store's: ef ``DEFAULT_EF_SEARCH``, nprobe
@@ -120,20 +121,22 @@ def milvus_index(index: str, n: int, d: int, search_params: str = "") -> MilvusI
     override the search parameters. Raises ValueError for a name with no counterpart.
     """
     concrete = resolve_factory(index, n, d) if "{" in index else index
-    hnsw = re.fullmatch(r"HNSW(\d+)", concrete)
+    hnsw = re.fullmatch(r"HNSW(\d+)(_SQ8)?", concrete)
     ivf = re.fullmatch(r"IVF(\d+),(Flat|SQ8)", concrete)
     if concrete == "Flat":
         index_type, build = "FLAT", {}
     elif hnsw:
         m = int(hnsw.group(1))
         index_type, build = "HNSW", {"M": m, "efConstruction": faiss.IndexHNSWFlat(1, m).hnsw.efConstruction}
+        if hnsw.group(2):  # faiss's HNSW over 8-bit scalar-quantised codes, as Milvus's HNSW_SQ with SQ8
+            index_type, build = "HNSW_SQ", {**build, "sq_type": "SQ8"}
     elif ivf:
         index_type, build = ("IVF_FLAT" if ivf.group(2) == "Flat" else "IVF_SQ8"), {"nlist": int(ivf.group(1))}
     elif re.fullmatch(r"[A-Z][A-Z0-9_]*(:.*)?", concrete):
         index_type, _, given = concrete.partition(":")
         build = _check_names(index_type, _parse_params(given), BUILD_PARAMS, "build")
     else:
-        raise ValueError(f"index {index!r} has no Milvus counterpart; use Flat, HNSW<M>, IVF<nlist>,Flat, "
+        raise ValueError(f"index {index!r} has no Milvus counterpart; use Flat, HNSW<M>, HNSW<M>_SQ8, IVF<nlist>,Flat, "
                          f"IVF<nlist>,SQ8 or a Milvus index type ({', '.join(LITE_INDEX_TYPES)}; a server has more)")
     overrides = {FAISS_SEARCH_PARAM_NAMES.get(key, key): value for key, value in _parse_params(search_params).items()}
     overrides = _check_names(index_type, overrides, SEARCH_PARAMS, "search")
