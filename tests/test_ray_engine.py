@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from fashionrec.data.catalog import load_folder
-from fashionrec.features.embed import cache_dir_for, embed_catalog
+from fashionrec.features.embed import embed_catalog
 from fashionrec.features.ray_engine import ray_session
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import with_runtime
@@ -71,7 +71,8 @@ def test_ray_embeddings_equal_the_in_process_ones_and_a_bad_file_is_reported(loc
     assert on_ray.skipped == local.skipped
     assert [(entry["path"], entry["stage"]) for entry in on_ray.skipped] == [("blue/blue-3.jpg", "embed")]
     # The same content-addressed cache: the same shard files, and each engine's cache serves the other's job.
-    assert sorted(p.name for p in (tmp_path / "ray").glob("*.npz")) == sorted(p.name for p in (tmp_path / "local").glob("*.npz"))
+    shards = {engine: sorted(p.name for p in (tmp_path / engine).glob("*.npz")) for engine in ("local", "ray")}
+    assert shards["ray"] == shards["local"]
     reused = embed_catalog(loaded.catalog, backbone, settings, cache_dir=tmp_path / "ray", root=loaded.root)
     assert (reused.n_computed, reused.n_reused) == (0, 14) and np.array_equal(reused.vectors, on_ray.vectors)
 
@@ -94,7 +95,8 @@ def test_cli_embed_runs_on_a_cluster_by_address_and_reports_like_the_local_engin
     assert on_cluster["engine"] == "ray" and local["engine"] == "local"
     for key in ("n_embedded", "n_computed", "skipped", "weights_sha256", "dim"):
         assert on_cluster[key] == local[key], key
-    assert on_cluster["n_embedded"] == 14 and [entry["path"] for entry in on_cluster["skipped"]] == ["green/green-1.jpg"]
+    assert on_cluster["n_embedded"] == 14
+    assert [entry["path"] for entry in on_cluster["skipped"]] == ["green/green-1.jpg"]
 
 
 def test_the_local_cluster_listens_on_loopback_only_and_serves_no_dashboard(local_ray):

@@ -16,7 +16,8 @@ def add_parser(commands) -> None:
     add_backbone_arguments(parser)
     parser.add_argument("--index", default="Flat",
                         help="FAISS factory string, e.g. Flat, HNSW32, IVF{nlist},PQ{m}; with --store milvus: Flat, "
-                             "HNSW<M>, IVF<nlist>,Flat, IVF<nlist>,SQ8 or a Milvus index type, e.g. HNSW:M=16")
+                             "HNSW<M>, HNSW<M>_SQ8, IVF<nlist>,Flat, IVF<nlist>,SQ8 or a Milvus index type, "
+                             "e.g. HNSW:M=16")
     parser.add_argument("--search-params", default="", help="e.g. nprobe=16 or efSearch=128 (Milvus: ef=128)")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"])
     parser.add_argument("--k", type=int, default=10)
@@ -56,7 +57,8 @@ def run(args) -> int:
     if args.json:
         print_json(record)
     else:
-        print(f"{record['dataset']} | {record['backbone']} | {record['store']} {record['index']} ({record['metric']}) | "
+        print(f"{record['dataset']} | {record['backbone']} | {record['store']} {record['index']} "
+              f"({record['metric']}) | "
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)

@@ -73,7 +73,8 @@ class BackboneRecipe:
         if backbone.cache_key != self.cache_key:
             raise FashionRecError(f"backbone {self.name!r} built on this Ray worker has cache key "
                                   f"{backbone.cache_key}, the driver's has {self.cache_key}: the worker has other "
-                                  "weights, preprocessing or code; install the same fashionrec and weights on every node")
+                                  "weights, preprocessing or code; install the same fashionrec and weights on every "
+                                  "node")
         return backbone
 
 

@@ -42,7 +42,8 @@ def compare_rankings(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> di
     ids_a, ids_b = np.asarray(ids_a), np.asarray(ids_b)
     scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
     if ids_a.shape != ids_b.shape or scores_a.shape != ids_a.shape or scores_b.shape != ids_b.shape:
-        raise ValueError(f"shapes differ: ids {ids_a.shape} / {ids_b.shape}, scores {scores_a.shape} / {scores_b.shape}")
+        raise ValueError(f"shapes differ: ids {ids_a.shape} / {ids_b.shape}, "
+                         f"scores {scores_a.shape} / {scores_b.shape}")
     differ = ids_a != ids_b
     gap = np.abs(scores_a - scores_b)
     real = differ & (gap > atol)

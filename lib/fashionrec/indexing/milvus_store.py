@@ -112,11 +112,12 @@ def milvus_index(index: str, n: int, d: int, search_params: str = "") -> MilvusI
     """The Milvus index for ``index`` (a faiss factory with a Milvus counterpart, or a native name).
 
     faiss counterparts get the parameters the faiss store uses: ``HNSW32`` -> HNSW M=32,
-    efConstruction as faiss's default (40), ``HNSW32_SQ8`` -> HNSW_SQ likewise; ``IVF{nlist},Flat`` -> IVF_FLAT with nlist from
-    :func:`~fashionrec.indexing.faiss_index.resolve_factory` for ``n`` x ``d``. Native names
-    keep Milvus's build defaults unless given (``"HNSW:M=16,efConstruction=200"``). Search
-    parameters default to the faiss store's: ef ``DEFAULT_EF_SEARCH``, nprobe
-    :func:`~fashionrec.indexing.faiss_index.default_nprobe` (when nlist is known).
+    efConstruction as faiss's default (40), ``HNSW32_SQ8`` -> HNSW_SQ likewise; ``IVF{nlist},Flat``
+    -> IVF_FLAT with nlist from :func:`~fashionrec.indexing.faiss_index.resolve_factory` for
+    ``n`` x ``d``. Native names keep Milvus's build defaults unless given
+    (``"HNSW:M=16,efConstruction=200"``). Search parameters default to the faiss store's: ef
+    ``DEFAULT_EF_SEARCH``, nprobe :func:`~fashionrec.indexing.faiss_index.default_nprobe` (when
+    nlist is known).
     ``search_params`` (``"nprobe=16"``, ``"ef=128"``; faiss's ``efSearch`` means ``ef``)
     override the search parameters. Raises ValueError for a name with no counterpart.
     """

@@ -127,7 +127,7 @@ def empty_results(n_queries: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FaissStore:
-    """Rows kept in memory and searched with a faiss index built by :func:`~fashionrec.indexing.faiss_index.build_index`.
+    """Rows kept in memory, searched with a faiss index from :func:`~fashionrec.indexing.faiss_index.build_index`.
 
     ``index`` is a faiss factory string or template (``"Flat"``, ``"HNSW32"``,
     ``"IVF{nlist},Flat"``...), ``search_params`` a faiss ParameterSpace string, ``seed`` the
