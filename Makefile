@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
+INDEX ?=
+PORT ?= 8501
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: help setup data pipeline test test-unit test-notebooks notebooks docs lab clean clean-cache
+.PHONY: help setup data pipeline app test test-unit test-notebooks notebooks docs lab clean clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,6 +30,9 @@ data: $(SETUP_STAMP) ## find or fetch each dataset on its own: Fashion-MNIST, th
 
 pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill (fetches the data its PARAMS file needs)
 	$(PY) -m fashionrec pipeline --params $(PARAMS)
+
+app: $(SETUP_STAMP) ## the recommendation app in the browser: make app [INDEX=OUTDIR] [PORT=8501] (no INDEX: a default index, built once)
+	$(PY) -m fashionrec app $(if $(INDEX),--index-dir "$(INDEX)") --port $(PORT)
 
 test: $(SETUP_STAMP) ## import layers, unit, integration and notebook (nbval) tests
 	$(VENV)/bin/lint-imports

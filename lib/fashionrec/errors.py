@@ -40,3 +40,7 @@ def did_you_mean(name: str, choices) -> str:
     same_letters = [choice for choice in choices if choice.lower() == name.lower()]
     close = same_letters or difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(choice) for choice in close)}?)" if close else ""
+
+
+class IndexFolderError(FashionRecError):
+    """An index folder is missing, incomplete or inconsistent; the message says how to (re)build it."""

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fashionrec {evaluate,embed,backbones,data,pipeline,params} ...``.
+"""Command line: ``python -m fashionrec {evaluate,embed,index,recommend,app,backbones,data,pipeline,params} ...``.
 
 Machine-readable results go to stdout (``--json``: exactly one JSON object); progress
 and diagnostics go to stderr, so ``... --json | jq`` always works. A mistake a user can
@@ -12,11 +12,11 @@ import os
 import sys
 
 from ..errors import FashionRecError, WeightsUnavailable
-from . import backbones, data, embed, evaluate, params, pipeline
+from . import app, backbones, data, embed, evaluate, index, params, pipeline, recommend
 
 EXIT_ERROR = 2
 EXIT_WEIGHTS_UNAVAILABLE = 3
-COMMANDS = (evaluate, embed, backbones, data, pipeline, params)
+COMMANDS = (evaluate, embed, index, recommend, app, backbones, data, pipeline, params)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ from ..settings import DEFAULT_RUNTIME, RUNTIMES, STORES, InferenceSettings, Sto
 MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="fashion-mnist, clothing, folder or catalog")
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--dataset", required=required, help="fashion-mnist, clothing, folder or catalog")
     parser.add_argument("--data-dir", default=None, help="where the dataset lies (default: the dataset's usual place)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per category (seeded sample)")
     parser.add_argument("--category-map", default=None, help="YAML mapping old label -> new label (null drops)")
@@ -40,8 +40,8 @@ def load_user_backbones(args) -> None:
         check_backbone_name(args.backbone)
 
 
-def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="a name from `python -m fashionrec backbones`")
+def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--backbone", required=required, help="a name from `python -m fashionrec backbones`")
     add_backbone_module_argument(parser)
     parser.add_argument("--weights-file", default=None, help="explicit local weights file for torchvision backbones")
     parser.add_argument("--batch-size", type=int, default=32)

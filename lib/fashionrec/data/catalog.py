@@ -270,9 +270,16 @@ def load_folder(data_dir, progress: bool = True, category_map: dict | None = Non
 def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None = None,
                      category_map_source: str = "category map", max_per_class: int | None = None,
                      seed: int = config.DEFAULT_SEED) -> LoadedDataset:
-    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``."""
-    root = _existing_dir(data_dir, "catalog", "a folder holding catalog.csv with columns path,label")
-    csv_path = root / "catalog.csv"
+    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``.
+
+    ``data_dir`` may also name the CSV file itself; its paths are then relative to its folder.
+    """
+    if data_dir is not None and Path(data_dir).is_file():
+        csv_path = Path(data_dir)
+        root = csv_path.parent
+    else:
+        root = _existing_dir(data_dir, "catalog", "a folder holding catalog.csv with columns path,label")
+        csv_path = root / "catalog.csv"
     if not csv_path.exists():
         raise DatasetError(f"{csv_path}: not found (a catalog directory needs catalog.csv with columns path,label)")
     table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
@@ -280,7 +287,7 @@ def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None 
     if missing_columns:
         raise DatasetError(f"{csv_path}: missing columns {sorted(missing_columns)}")
     no_path = table["path"].isna()
-    skipped = [skipped_entry(f"catalog.csv line {line + 2}", "catalog", "missing path")
+    skipped = [skipped_entry(f"{csv_path.name} line {line + 2}", "catalog", "missing path")
                for line in table.index[no_path]]
     table = table[~no_path]
     ids = table["id"] if "id" in table.columns else table["path"]

@@ -62,7 +62,7 @@ class Parameter:
 
 
 PIPELINE = "pipeline"
-ALL_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "07")
+ALL_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06", "07")
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("run_name", "str", None, "Name of the run: its results go to `results/<run_name>/`. Null: the "
@@ -74,19 +74,20 @@ PARAMETERS: tuple[Parameter, ...] = (
               (PIPELINE,), nullable=True),
     Parameter("dataset", "str", REQUIRED, "The catalog: `fashion-mnist`, `clothing` (both fetched by `make data`), "
               "`folder` (one sub-folder per category) or `catalog` (a folder holding `catalog.csv` with "
-              "`path,label`).", ("00",), choices=tuple(LOADERS), notebook_value="fashion-mnist"),
+              "`path,label`).", ("00", "06"), choices=tuple(LOADERS), notebook_value="fashion-mnist"),
     Parameter("data_dir", "path", None, "Where the dataset lies. Null: the dataset's usual places "
-              "(`fashion-mnist`, `clothing`); required for `folder` and `catalog`.", ("00",), nullable=True),
+              "(`fashion-mnist`, `clothing`); required for `folder` and `catalog`.", ("00", "06"), nullable=True),
     Parameter("max_per_class", "int", None, "At most this many images per category (a seeded sample, drawn after "
               "the category map and after bad files are left out). Null: no cap, as on the command line.",
-              ("00",), nullable=True, minimum=1, notebook_value=40),
+              ("00", "06"), nullable=True, minimum=1, notebook_value=40),
     Parameter("split_seed", "int", config.DEFAULT_SEED, "Seed of the stratified 60/20/20 train/gallery/query split, "
-              "of `max_per_class` sampling and of every bootstrap interval.", ("00",), minimum=0),
+              "of `max_per_class` sampling and of every bootstrap interval.", ("00", "06"), minimum=0),
     Parameter("category_map", "path", None, "YAML file of old label -> new label (null drops the category), applied "
               "before sampling and splitting. An entry that matches no label is an error. Null: labels as they are.",
-              ("00",), nullable=True),
+              ("00", "06"), nullable=True),
     Parameter("k", "int", 10, "Results per query: every metric is @k. Checked against the gallery size by "
-              "00-prepare-data, before anything is embedded.", ("00", "02", "03", "04", "05", "07"), minimum=1),
+              "00-prepare-data, before anything is embedded.", ("00", "02", "03", "04", "05", "06", "07"),
+              minimum=1),
     Parameter("backbones", "list[str]", ["efficientnet_lite0", "colorhist"], "Backbones to embed with and compare "
               "(`python -m fashionrec backbones` lists them; your own come from `backbone_modules`). One whose "
               "weights cannot be had is reported as skipped; 07-scale-out uses the first one that was available.",
@@ -110,7 +111,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("metric", "str", "cosine", "Distance of the retrieval of record.", ("02", "03", "04", "07"),
               choices=METRICS),
     Parameter("n_grid_queries", "int", 6, "Queries shown in each recommendation grid (seeded choice, then the "
-              "hardest ones).", ("03", "04"), minimum=1),
+              "hardest ones; 06-recommend: catalog photos asked about when `query_images` is empty).", ("03", "04", "06"),
+              minimum=1),
     Parameter("finetune_backbone", "str", "efficientnet_lite0", "Backbone that 04-finetune trains a head (and, "
               "with `finetune_level2`, its last blocks) for.", ("04",)),
     Parameter("finetune_losses", "list[str]", list(LOSSES), "Metric-learning losses compared on the validation part "
@@ -122,6 +124,14 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("finetune_trainable_blocks", "int", 2, "Level 2: the last MBConv blocks trained.", ("04",), minimum=1),
     Parameter("finetune_n_views", "int", 2, "Level 2: augmented views per train image whose trunk features are "
               "cached.", ("04",), minimum=0),
+    Parameter("recommend_backbone", "str", "efficientnet_lite0", "Backbone of 06-recommend's index folder; a "
+              "fine-tuned `<backbone>+head:<run or file>` model too, whose category classifier then predicts each "
+              "query's category.", ("06",)),
+    Parameter("recommend_index", "str", "auto", "Index of 06-recommend: a FAISS factory string, or `auto` (chosen "
+              "for the catalog's size, as `python -m fashionrec index --index auto`).", ("06",)),
+    Parameter("query_images", "list[path]", [], "Photos 06-recommend asks about: any image files, inside the catalog "
+              "or not. Empty: `n_grid_queries` catalog photos (a seeded pick), each left out of its own results.",
+              ("06",)),
     Parameter("milvus_uri", "str", None, "Where 07-scale-out puts its Milvus collections: a Milvus Lite file (a "
               "path ending in `.db`, relative to the repository root) or a Milvus server or cluster, "
               "`http://host:19530` (credentials in `$MILVUS_TOKEN`). Null: Milvus Lite at "
@@ -129,8 +139,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("store_faiss_indexes", "list[str]", list(STORE_FAISS_INDEXES), "FAISS approximate indexes 07-scale-out "
               "measures against exact search (factory strings, as `indexes`).", ("07",)),
     Parameter("store_milvus_indexes", "list[str]", list(STORE_MILVUS_INDEXES), "Milvus approximate indexes "
-              "07-scale-out measures: `HNSW<M>`, `IVF{nlist},Flat` and `IVF{nlist},SQ8` get the FAISS store's "
-              "parameters; native Milvus names take build parameters after a colon (docs/vector-stores.md).",
+              "07-scale-out measures: `HNSW<M>`, `HNSW<M>_SQ8`, `IVF{nlist},Flat` and `IVF{nlist},SQ8` get the FAISS "
+              "store's parameters; native Milvus names take build parameters after a colon (docs/vector-stores.md).",
               ("07",)),
     Parameter("pca_dims", "list[int]", [64, 128, 256], "PCA dimensions that 05-report compares with the raw features "
               "on the validation part (those not below the feature size are left out).", ("05",), minimum=1),
@@ -275,9 +285,9 @@ def schema_markdown() -> str:
                      f"{', '.join(parameter.notebooks)} | {parameter.meaning}{choices} | {demo} |")
     lines += [
         "",
-        "Notebooks: 00-prepare-data, 01-embed, 02-index, 03-evaluate, 04-finetune, 05-report, 07-scale-out;",
-        "`pipeline` keys are used by the runner itself. The runner also passes `params_file` (the file's path) to",
-        "05-report, for the report's \"reproduce with\" line.",
+        "Notebooks: 00-prepare-data, 01-embed, 02-index, 03-evaluate, 04-finetune, 05-report, 06-recommend,",
+        "07-scale-out; `pipeline` keys are used by the runner itself. The runner also passes `params_file` (the",
+        "file's path) to 05-report, for the report's \"reproduce with\" line.",
         "",
         "Example (`params/clothing.yaml` holds a longer one):",
         "",

@@ -8,6 +8,7 @@ Layout of a run directory:
     index_variants.csv                               02-index
     metrics.csv, metrics.json, per_category.csv      03-evaluate (no timings: byte-identical reruns)
     head.pt, finetune.csv, finetune_metrics.json     04-finetune (finetune_timing.json: its timings)
+    index/<backbone>-<index>/                        06-recommend (an index folder of the run's catalog)
     figures/*.png, report.md                         plots and the report
 
 Files that hold timings are kept apart from the metrics files, so two runs with the same
@@ -37,6 +38,7 @@ from ..features.files import load_embeddings, save_embeddings
 from ..indexing.faiss_index import build_index, index_bytes_per_vector, resolve_factory, search
 from ..indexing.measure import recall_vs_exact
 from ..models.finetuned import HEAD_SEPARATOR
+from ..serving.recommender import Recommender
 from ..settings import InferenceSettings
 from ..training.finetune import FinetuneConfig
 from ..training.heads import HeadConfig
@@ -379,3 +381,23 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
         "level2_train_seconds": None if second is None else second.payload["train_seconds"],
         "level2": None if second is None else second.payload["selection"]["level2"]})
     return FinetuneStage(first, second, chosen, headed_name, table, skipped)
+
+
+def stage_recommender(run_name: str, backbone: str, index: str = "Flat", dataset: str = "fashion-mnist",
+                      data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
+                      category_map=None, settings: InferenceSettings = InferenceSettings()) -> Recommender:
+    """An index folder of the run's whole catalog (``results/<run>/index/...``), built now and loaded.
+
+    The catalog is the one 00-prepare-data wrote for this run; a run without it loads
+    ``dataset`` with these parameters. Embeddings come from the cache, so a rebuild is quick.
+    """
+    out = run_dir(run_name)
+    if (out / "catalog.parquet").exists():
+        prepared = load_prepared(run_name)
+    else:
+        prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
+                           category_map=category_map, progress=settings.progress)
+    folder = out / "index" / "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{backbone}-{index}")
+    return Recommender.build(folder, prepared.catalog[["id", "path", "label"]], backbone, index=index,
+                             settings=settings, root=prepared.root, skipped=prepared.skipped, seed=prepared.split_seed,
+                             dataset={**prepared.describe(), "name": prepared.dataset, "split": "all"})
