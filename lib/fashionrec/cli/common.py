@@ -55,12 +55,24 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = Tru
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default="faiss", choices=STORES,
-                        help="vector store that ranks the gallery: faiss (in this process, default) or milvus")
+def add_store_arguments(parser, default: str | None = "faiss",
+                        what: str = "vector store that ranks the gallery") -> None:
+    """``--store`` and ``--milvus-uri``; ``default`` None: the index folder decides (recommend, app, updates)."""
+    parser.add_argument("--store", default=default, choices=STORES,
+                        help=f"{what}: faiss (in this process) or milvus (default: "
+                             f"{default or 'where the index folder was built'})")
     parser.add_argument("--milvus-uri", default=None,
                         help="with --store milvus: a Milvus Lite file (a path ending in .db; default "
                              "results/milvus.db) or a server/cluster, http://host:19530 (token from $MILVUS_TOKEN)")
+
+
+def serving_store(args) -> StoreSettings | None:
+    """What ``--store``/``--milvus-uri`` ask of an index folder: None (as it was built) or the store and its URI."""
+    if args.milvus_uri is not None and args.store not in (None, "milvus"):
+        raise FashionRecError("--milvus-uri applies only with --store milvus")
+    if args.store is None and args.milvus_uri is None:
+        return None
+    return StoreSettings(args.store or "milvus", args.milvus_uri, os.environ.get(MILVUS_TOKEN_ENV, ""))
 
 
 def store_settings(args, metric: str, index: str, search_params: str = "") -> StoreSettings:

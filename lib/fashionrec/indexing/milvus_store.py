@@ -203,6 +203,7 @@ class MilvusStore:
         self.index = index
         self.search_params = search_params
         self.drop_on_close = drop_on_close
+        self.token = token
         self.lite = is_lite_uri(self.uri)
         self._spec: MilvusIndex | None = None
         self._dim: int | None = None
@@ -279,8 +280,16 @@ class MilvusStore:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = checked_queries(queries, self._dim)
-        k = min(k, self.count(category))
-        if k == 0:
+        return self.search_where(queries, min(k, self.count(category)), _label_filter(category))
+
+    def search_where(self, queries, k: int, expression: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` among the rows a Milvus filter ``expression`` admits (e.g. ``id in [3, 5]``).
+
+        Milvus-only; ``k`` is taken as given (not clamped to the rows the expression admits):
+        slots beyond them hold id -1 and the worst score.
+        """
+        queries = checked_queries(queries, self._dim)
+        if k == 0 or self._spec is None:
             return empty_results(len(queries))
         self._make_searchable()
         params = dict(self._spec.search_params)
@@ -292,7 +301,7 @@ class MilvusStore:
         for start in range(0, len(queries), queries_per_request):
             batch = queries[start:start + queries_per_request]
             results = self._call("search", self.collection, data=list(batch), limit=k, anns_field=VECTOR_FIELD,
-                                 filter=_label_filter(category), output_fields=[ID_FIELD],
+                                 filter=expression, output_fields=[ID_FIELD],
                                  search_params={"metric_type": MILVUS_METRIC[self.metric], "params": params})
             for row, hits in enumerate(results, start=start):
                 for column, hit in enumerate(hits):
@@ -301,13 +310,22 @@ class MilvusStore:
         return scores, ids
 
     def labels_of(self, ids) -> list[str]:
+        return [label for (label,) in self._fetch(ids, [LABEL_FIELD])]
+
+    def fetch(self, ids) -> tuple[np.ndarray, list[str]]:
+        """The stored vectors (float32, as added) and the labels of ``ids``, in that order."""
+        rows = self._fetch(ids, [VECTOR_FIELD, LABEL_FIELD])
+        vectors = np.array([vector for vector, _ in rows], dtype=np.float32).reshape(len(rows), self._dim or 0)
+        return vectors, [label for _, label in rows]
+
+    def _fetch(self, ids, fields: list[str]) -> list[tuple]:
         ids = checked_ids(ids)
         found = {}
         if self._spec is not None:
             for start in range(0, len(ids), IDS_PER_QUERY):
                 batch = np.unique(ids[start:start + IDS_PER_QUERY]).tolist()
-                for row in self._call("query", self.collection, ids=batch, output_fields=[LABEL_FIELD]):
-                    found[row[ID_FIELD]] = row[LABEL_FIELD]
+                for row in self._call("query", self.collection, ids=batch, output_fields=fields):
+                    found[int(row[ID_FIELD])] = tuple(row[field] for field in fields)
         missing = [int(i) for i in ids if int(i) not in found]
         if missing:
             raise UnknownIdError(f"ids not in the store: {missing[:10]}")
@@ -472,6 +490,18 @@ def list_collections(uri: str, token: str = "") -> list[str]:
     client = _connect(str(uri), token)
     try:
         return sorted(client.list_collections())
+    finally:
+        client.close()
+        if is_lite_uri(str(uri)):
+            _release_lite(str(uri))
+
+
+def drop_collection(uri: str, collection: str, token: str = "") -> None:
+    """Drops one collection at ``uri`` (nothing happens when there is none of that name)."""
+    client = _connect(str(uri), token)
+    try:
+        if client.has_collection(collection):
+            client.drop_collection(collection)
     finally:
         client.close()
         if is_lite_uri(str(uri)):
