@@ -1,6 +1,7 @@
 """``index``: build a servable index folder of a catalog, or update one in place.
 
     python -m fashionrec index --dataset D [--data-dir DIR] --backbone NAME [--index SPEC|auto] --out OUTDIR [--json]
+        [--store faiss|milvus --milvus-uri URI]     (vectors in index.faiss, or in a Milvus collection)
     python -m fashionrec index --update OUTDIR [--add DIR_OR_CSV] [--remove ID [ID ...]] [--json]
 
 ``--add`` takes an ImageFolder tree (one sub-folder per category), a folder holding

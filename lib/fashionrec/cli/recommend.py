@@ -2,6 +2,7 @@
 
     python -m fashionrec recommend --index-dir OUTDIR --image PATH [--image PATH ...] --k 5 [--category C] [--json]
     python -m fashionrec recommend --index-dir OUTDIR --id ID --k 5 [--json]        # "more like this"
+        [--milvus-uri URI]       (a folder built with --store milvus: where its collection lives now)
 
 With ``--json``, one object: ``{"results": [{"id", "path", "label", "score"}, ...], "timing_ms":
 {"decode", "preprocess", "embed", "search", "total"}}`` (plus ``predicted_category`` when the index
