@@ -98,7 +98,7 @@ class MilvusServingStore:
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if allowed is None:
+        if allowed is None or np.all(allowed):
             return self.store.search(queries, k)
         allowed_rows = np.flatnonzero(allowed)
         # The shorter list makes the filter: a category's rows, or the few excluded and removed ones.
