@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from ..indexing.faiss_index import build_index, search
+from ..indexing.backends import open_store
+from ..settings import StoreSettings
 
 N_BOOTSTRAP = 1000
 
@@ -69,8 +70,14 @@ def dataset_fingerprint(metadata: pd.DataFrame) -> str:
 
 def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10, index: str = "Flat",
                         metric: str = "cosine", search_params: str = "", seed: int = 0,
-                        query_split: str = "query", gallery_split: str = "gallery") -> Evaluation:
-    """Ranks the gallery for every query and scores the top ``k`` by category match."""
+                        query_split: str = "query", gallery_split: str = "gallery",
+                        store: StoreSettings = StoreSettings()) -> Evaluation:
+    """Ranks the gallery for every query and scores the top ``k`` by category match.
+
+    The gallery goes into a throwaway vector store of the kind ``store`` names (faiss in this
+    process by default, or a Milvus collection dropped afterwards), with gallery row positions
+    as ids; the protocol record says which store ranked it.
+    """
     split = metadata["split"].to_numpy()
     query_rows = np.flatnonzero(split == query_split)
     gallery_rows = np.flatnonzero(split == gallery_split)
@@ -80,8 +87,9 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         raise ValueError(f"k={k} exceeds the gallery size {len(gallery_rows)}")
     queries = metadata.iloc[query_rows].reset_index(drop=True)
     gallery = metadata.iloc[gallery_rows].reset_index(drop=True)
-    built = build_index(vectors[gallery_rows], factory=index, metric=metric, seed=seed)
-    scores, positions = search(built, vectors[query_rows], k, metric=metric, params=search_params)
+    with open_store(store, metric, index, search_params, seed=seed, drop_on_close=True) as gallery_store:
+        gallery_store.add(np.arange(len(gallery)), vectors[gallery_rows], gallery["label"].astype(str).tolist())
+        scores, positions = gallery_store.search(vectors[query_rows], k)
 
     query_labels = queries["label"].to_numpy()
     gallery_labels = gallery["label"].to_numpy()
@@ -92,6 +100,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
     per_query = metrics.retrieval_metrics(relevance, n_relevant, k)
     protocol = {
         "k": k,
+        "store": store.store,
         "index": index,
         "metric": metric,
         "search_params": search_params,
