@@ -6,6 +6,7 @@ and the current query lives in ``st.session_state``.
 
     make app [INDEX=OUTDIR] [PORT=8501]
     streamlit run app/streamlit_app.py -- --index-dir OUTDIR      (or FASHIONREC_INDEX_DIR=OUTDIR)
+        [--store faiss|milvus] [--milvus-uri URI]                 (where the index's vectors are searched)
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import sys
 import streamlit as st
 from PIL import Image, ImageOps
 
-from fashionrec import Recommender
+from fashionrec import Recommender, StoreSettings
 from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError, ImageError
 from fashionrec.serving.encoder import decode_query
+from fashionrec.settings import STORES
 
 INDEX_ENV = "FASHIONREC_INDEX_DIR"
 GRID_COLUMNS = 4
@@ -32,16 +34,25 @@ BUILD_COMMANDS = ("make app                      # builds a default index once, 
                   "streamlit run app/streamlit_app.py -- --index-dir OUTDIR")
 
 
-def index_dir() -> str | None:
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
+
+
+def app_arguments() -> tuple[str | None, str | None, str | None]:
+    """(index folder, store, Milvus URI) from the arguments after ``--`` (or the environment)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--index-dir", default=None)
+    parser.add_argument("--store", default=None, choices=STORES)
+    parser.add_argument("--milvus-uri", default=None)
     known, _ = parser.parse_known_args(sys.argv[1:])
-    return known.index_dir or os.environ.get(INDEX_ENV)
+    return known.index_dir or os.environ.get(INDEX_ENV), known.store, known.milvus_uri
 
 
-@st.cache_resource(show_spinner="Loading the index…")
-def load_recommender(path: str) -> Recommender:
-    return Recommender.load(path)
+# on_release: a Recommender evicted from the cache lets go of its store (a Milvus Lite file, say).
+@st.cache_resource(show_spinner="Loading the index…", on_release=Recommender.close)
+def load_recommender(path: str, store: str | None = None, milvus_uri: str | None = None) -> Recommender:
+    asked = None if store is None and milvus_uri is None else \
+        StoreSettings(store or "milvus", milvus_uri, os.environ.get(MILVUS_TOKEN_ENV, ""))
+    return Recommender.load(path, store=asked)
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
@@ -136,14 +147,14 @@ def timing_line(timing: dict) -> str:
 def main() -> None:
     st.set_page_config(page_title="fashionrec · similar products", page_icon="👗", layout="wide")
     st.title("Find similar products")
-    path = index_dir()
+    path, store, milvus_uri = app_arguments()
     if not path:
         st.error("No index folder given.", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
     try:
-        recommender = load_recommender(path)
-    except FashionRecError as error:
+        recommender = load_recommender(path, store, milvus_uri)
+    except (FashionRecError, ValueError) as error:
         st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()

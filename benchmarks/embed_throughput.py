@@ -1,7 +1,7 @@
 """Embedding throughput: a tutorial's eager loop vs the workbench's own path, same images, same run.
 
     python benchmarks/embed_throughput.py --dataset clothing --data-dir DIR \\
-        --backbone efficientnet_lite0 --n 512 [--int8] [--check-precision] [--json]
+        --backbone efficientnet_lite0 --n 512 [--int8] [--ray [--ray-address ADDR]] [--check-precision] [--json]
 
 naive     what a tutorial does: eager PyTorch, batches of 32, ``Image.open(p).convert("RGB")``
           and the transform in the main process, torch's default threads.
@@ -14,13 +14,21 @@ warm-up on other images (model load, ONNX export/session creation and first call
 cut into ``--rounds`` parts timed in alternating order (naive, pipeline, pipeline, naive, ...)
 so that a change in machine load during the run hits both about equally.
 P@10 (query -> gallery within those images) is computed from both sets of vectors.
+``--ray`` adds the Ray Data engine (``--engine ray``): the same embed_catalog, same runtime and
+cache format, run as a map_batches job with one actor per CPU (one thread each) on a private
+local Ray (or the cluster at ``--ray-address``). Ray itself is started once before timing (its
+start-up time is reported apart); each timed part is one Ray job, so it includes starting the
+job's actors and loading the model in each, as any batch job pays.
 ``--check-precision`` also runs the full query -> gallery evaluation of the dataset for eager,
 the fast runtime with and without draft decoding (and int8 with ``--int8``) and reports each P@10.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +45,7 @@ from fashionrec.data.catalog import load_dataset  # noqa: E402
 from fashionrec.data.split import split_catalog  # noqa: E402
 from fashionrec.evaluation.protocol import evaluate_embeddings  # noqa: E402
 from fashionrec.features.embed import embed_catalog  # noqa: E402
+from fashionrec.features.ray_engine import ray_session  # noqa: E402
 from fashionrec.models.registry import get_backbone  # noqa: E402
 from fashionrec.models.runtime import available_threads, calibration_sample, with_runtime  # noqa: E402
 from fashionrec.settings import RUNTIMES, InferenceSettings  # noqa: E402
@@ -52,10 +61,12 @@ def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
-def pipeline_embed(rows, backbone, batch_size: int, workers: int, threads: int):
+def pipeline_embed(rows, backbone, batch_size: int, workers: int, threads: int, engine: str = "local",
+                   ray_address: str | None = None):
+    settings = InferenceSettings(batch_size=batch_size, workers=workers, threads=threads, progress=False,
+                                 engine=engine, ray_address=ray_address)
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as cache:
-        result = embed_catalog(rows, backbone, InferenceSettings(batch_size=batch_size, workers=workers,
-                                                                 threads=threads, progress=False), cache_dir=Path(cache))
+        result = embed_catalog(rows, backbone, settings, cache_dir=Path(cache))
     return result.vectors
 
 
@@ -130,6 +141,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the pipeline's runtime")
     parser.add_argument("--no-draft", action="store_true", help="pipeline decodes JPEGs in full")
     parser.add_argument("--int8", action="store_true", help="also time onnx-int8 (calibrated on train images)")
+    parser.add_argument("--ray", action="store_true",
+                        help="also time the Ray Data engine (one actor per CPU, one thread each)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --ray: a running cluster ('auto', host:6379); default: a private local Ray")
     parser.add_argument("--check-precision", action="store_true",
                         help="also run the full query -> gallery P@10 for eager and the fast runtime(s)")
     parser.add_argument("--rounds", type=int, default=2,
@@ -139,6 +154,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     threads = args.threads or available_threads()
+    load_before = [round(value, 2) for value in os.getloadavg()]
     # What fashionrec.experiment.evaluate.prepare does: load, then the seeded stratified split.
     catalog, _ = split_catalog(load_dataset(args.dataset, args.data_dir, progress=False).catalog, seed=args.seed)
     evaluated = catalog[catalog["split"].isin(["gallery", "query"])]
@@ -172,7 +188,17 @@ def main(argv=None) -> int:
         int8 = with_runtime(eager, "onnx-int8", threads=threads, calibration_paths=calibration, progress=not args.json)
         pipeline_embed(warm, int8, args.batch_size, args.workers, threads)
         contenders["int8"] = lambda part: pipeline_embed(part, int8, args.batch_size, args.workers, threads)
-    vectors, seconds = interleaved(rows, contenders, args.rounds)
+    with contextlib.ExitStack() as stack:
+        ray_start_s = None
+        if args.ray:
+            started = time.perf_counter()
+            stack.enter_context(ray_session(args.ray_address, num_cpus=available_threads()))
+            ray_start_s = time.perf_counter() - started
+            ray_embed = functools.partial(pipeline_embed, backbone=fast, batch_size=args.batch_size, workers=0,
+                                          threads=1, engine="ray", ray_address=args.ray_address)
+            ray_embed(warm)
+            contenders["ray"] = ray_embed
+        vectors, seconds = interleaved(rows, contenders, args.rounds)
     naive_vectors, pipeline_vectors = vectors["naive"], vectors["pipeline"]
 
     n = len(paths)
@@ -204,6 +230,15 @@ def main(argv=None) -> int:
         record["int8_ratio"] = round(n / seconds["int8"] / naive_rate, 2)
         record["p_at_10_int8"] = round(precision_at_10(vectors["int8"], rows), 6)
         record["int8_calibration_images"] = len(calibration)
+    if "ray" in seconds:
+        record["ray_img_per_s"] = round(n / seconds["ray"], 2)
+        record["ray_vs_pipeline"] = round(n / seconds["ray"] / pipeline_rate, 2)
+        record["ray_start_s"] = round(ray_start_s, 1)
+        record["ray_max_relative_difference"] = float(np.abs(vectors["ray"] - pipeline_vectors).max()
+                                                      / np.abs(pipeline_vectors).max())
+        record["p_at_10_ray"] = round(precision_at_10(vectors["ray"], rows), 6)
+    record["load_average_before"] = load_before
+    record["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
     if args.check_precision:
         record["full_p_at_10"] = full_precision(catalog, args, threads, calibration)
 
@@ -219,6 +254,15 @@ def main(argv=None) -> int:
         if "int8_img_per_s" in record:
             print(f"{'pipeline (onnx-int8)':<34} {record['int8_img_per_s']:8.1f} {record['int8_ratio']:8.2f} "
                   f"{record['p_at_10_int8']:8.4f}")
+        if "ray_img_per_s" in record:
+            label = f"ray ({args.runtime}, {record['cpus']} actors x 1 thr)"
+            print(f"{label:<34} {record['ray_img_per_s']:8.1f} {record['ray_img_per_s'] / naive_rate:8.2f} "
+                  f"{record['p_at_10_ray']:8.4f}")
+            print(f"ray: {record['ray_vs_pipeline']:.2f} x the in-process pipeline; Ray started in "
+                  f"{record['ray_start_s']:.1f} s (not timed); max |ray - pipeline| / max |pipeline| = "
+                  f"{record['ray_max_relative_difference']:.2e}")
+        print(f"machine load (1, 5, 15 min averages) before: {record['load_average_before']}, "
+              f"after: {record['load_average_after']}")
         print(f"max |pipeline - naive| / max |naive| = {relative:.2e}; draft shrinks "
               f"{record['draft_reduced_fraction']:.0%} of these images (min side >= 2 x {record['draft_size']})")
         if args.check_precision:

@@ -17,7 +17,8 @@ checks this with import-linter):
     experiment               prepare -> embed -> evaluate, frozen or fine-tuned
     training                 fine-tuning: heads, last blocks, category classifier
     evaluation               the protocol of record, metrics, comparisons
-    features | indexing      embedding and its cache | FAISS indexes and their measurement
+    features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the vector
+                             stores (FAISS, Milvus) and their measurement
     models                   backbones, runtimes, the fine-tuned model file
     data                     image decoding, catalog loaders, the split
     settings, console, config, errors
@@ -36,6 +37,7 @@ _PUBLIC = {
     "BuiltBackbone": "models.backbone", "InferenceSettings": "settings",
     "embed_catalog": "features.embed", "build_index": "indexing.faiss_index", "search": "indexing.faiss_index",
     "evaluate_embeddings": "evaluation.protocol", "Recommender": "serving.recommender",
+    "open_store": "indexing.backends", "StoreSettings": "settings",
 }
 __all__ = sorted(_PUBLIC)
 

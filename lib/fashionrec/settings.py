@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 RUNTIMES = ("eager", "onnx", "onnx-int8")
 DEFAULT_RUNTIME = "onnx"
+STORES = ("faiss", "milvus")
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,10 @@ class InferenceSettings:
     ``runtime`` one of ``RUNTIMES`` (``onnx``: equal to eager within 1e-4, several times
     faster on a CPU; ``onnx-int8`` changes embeddings and is used only when asked for);
     ``progress`` shows progress bars (only ever on a terminal); ``weights_file`` replaces a
-    backbone's published weights with a local state_dict file.
+    backbone's published weights with a local state_dict file. ``engine`` says where images
+    are embedded: ``"local"`` (this process and its decoding workers) or ``"ray"`` (a Ray Data
+    job on the cluster at ``ray_address``, or on a private local one when None); both write
+    the same cache and give the same embeddings (within float noise).
     """
 
     batch_size: int = 32
@@ -30,10 +35,16 @@ class InferenceSettings:
     runtime: str = DEFAULT_RUNTIME
     progress: bool = True
     weights_file: str | None = None
+    engine: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {self.runtime!r}; available: {', '.join(RUNTIMES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; available: {', '.join(ENGINES)}")
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError("ray_address applies only to the ray engine")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -42,3 +53,23 @@ class InferenceSettings:
     def but(self, **changes) -> "InferenceSettings":
         """A copy with some settings changed: ``settings.but(progress=False)``."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the vectors of a search live (see fashionrec.indexing.backends).
+
+    ``store``: ``"faiss"`` (in this process, the default) or ``"milvus"``; ``milvus_uri``: a
+    Milvus Lite file (a path ending in ``.db``; None: ``results/milvus.db``) or a server's
+    ``http://host:19530``; ``milvus_token``: credentials for a server that asks for them.
+    """
+
+    store: str = "faiss"
+    milvus_uri: str | None = None
+    milvus_token: str = ""
+
+    def __post_init__(self):
+        if self.store not in STORES:
+            raise ValueError(f"unknown store {self.store!r}; available: {', '.join(STORES)}")
+        if self.milvus_uri is not None and self.store != "milvus":
+            raise ValueError("milvus_uri applies only to the milvus store")

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .. import config
 from ..data.ledger import describe_counts
+from ..errors import FashionRecError
+from ..indexing.backends import check_store
 from ..models.registry import check_backbone_name, load_backbone_modules
-from ..settings import DEFAULT_RUNTIME, RUNTIMES, InferenceSettings
+from ..settings import DEFAULT_RUNTIME, RUNTIMES, STORES, InferenceSettings, StoreSettings
+
+MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -48,6 +53,38 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = Tru
                              "PyTorch), onnx-int8 (quantised, changes embeddings; only when asked)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_store_arguments(parser, default: str | None = "faiss",
+                        what: str = "vector store that ranks the gallery") -> None:
+    """``--store`` and ``--milvus-uri``; ``default`` None: the index folder decides (recommend, app, updates)."""
+    parser.add_argument("--store", default=default, choices=STORES,
+                        help=f"{what}: faiss (in this process) or milvus (default: "
+                             f"{default or 'where the index folder was built'})")
+    parser.add_argument("--milvus-uri", default=None,
+                        help="with --store milvus: a Milvus Lite file (a path ending in .db; default "
+                             "results/milvus.db) or a server/cluster, http://host:19530 (token from $MILVUS_TOKEN)")
+
+
+def serving_store(args) -> StoreSettings | None:
+    """What ``--store``/``--milvus-uri`` ask of an index folder: None (as it was built) or the store and its URI."""
+    if args.milvus_uri is not None and args.store not in (None, "milvus"):
+        raise FashionRecError("--milvus-uri applies only with --store milvus")
+    if args.store is None and args.milvus_uri is None:
+        return None
+    return StoreSettings(args.store or "milvus", args.milvus_uri, os.environ.get(MILVUS_TOKEN_ENV, ""))
+
+
+def store_settings(args, metric: str, index: str, search_params: str = "") -> StoreSettings:
+    """The store the arguments name, checked now (index counterpart, URI reachable) rather than after embedding."""
+    if args.milvus_uri is not None and args.store != "milvus":
+        raise FashionRecError("--milvus-uri applies only with --store milvus")
+    settings = StoreSettings(args.store, args.milvus_uri, os.environ.get(MILVUS_TOKEN_ENV, ""))
+    try:
+        check_store(settings, metric, index, search_params)
+    except ValueError as error:
+        raise FashionRecError(f"--store {args.store} --index {index}: {error}") from None
+    return settings
 
 
 def inference_settings(args) -> InferenceSettings:

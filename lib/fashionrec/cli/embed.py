@@ -8,10 +8,12 @@ from pathlib import Path
 from .. import config
 from ..data.catalog import load_dataset
 from ..data.ledger import count_by_stage, describe_counts
+from ..errors import FashionRecError
 from ..features.embed import embed_catalog
 from ..features.files import save_embeddings
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
+from ..settings import ENGINES
 from .common import add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json
 
 
@@ -22,6 +24,12 @@ def add_parser(commands) -> None:
     parser.add_argument("--out", default=None,
                         help="directory for <backbone>.npy/.parquet/.json (default: results/embeddings/<dataset>, "
                              "with the data directory's name for folder and catalog datasets)")
+    parser.add_argument("--engine", default="local", choices=ENGINES,
+                        help="local: this process and its decoding workers (default); ray: a Ray Data job, one "
+                             "actor per --threads CPUs, writing the same cache")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --engine ray: the cluster to run on ('auto' on a node of it, or host:6379 of "
+                             "`ray start --head`); default: a private local Ray on 127.0.0.1")
     parser.set_defaults(handler=run)
 
 
@@ -32,8 +40,13 @@ def default_out_dir(dataset: str, root: Path) -> Path:
 
 
 def run(args) -> int:
+    if args.ray_address is not None and args.engine != "ray":
+        raise FashionRecError("--ray-address applies only with --engine ray")
+    if args.engine == "ray" and args.runtime == "onnx-int8":
+        raise FashionRecError("--engine ray runs --runtime eager or onnx; onnx-int8 is calibrated on this machine's "
+                              "images and not rebuilt on Ray workers yet (use --engine local)")
     load_user_backbones(args)
-    settings = inference_settings(args)
+    settings = inference_settings(args).but(engine=args.engine, ray_address=args.ray_address)
     # The whole catalog, unsplit: categories too small for the split are embedded too.
     loaded = load_dataset(args.dataset, args.data_dir, max_per_class=args.max_per_class, seed=args.split_seed,
                           category_map=args.category_map, progress=settings.progress)
@@ -51,6 +64,7 @@ def run(args) -> int:
         "data_dir": str(loaded.root),
         "backbone": args.backbone,
         "runtime": settings.runtime,
+        "engine": settings.engine,
         "weights_sha256": embeddings.weights_sha256,
         "n_images": int(len(loaded.catalog)),
         "n_embedded": int(len(embeddings.vectors)),

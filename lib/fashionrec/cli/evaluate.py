@@ -13,18 +13,22 @@ from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
-from .common import (add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json,
-                     print_metrics, print_skipped)
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
+                     load_user_backbones, print_json, print_metrics, print_skipped, store_settings)
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("evaluate", help="query -> gallery retrieval metrics for one backbone and index")
     add_data_arguments(parser)
     add_backbone_arguments(parser)
-    parser.add_argument("--index", default="Flat", help="FAISS factory string, e.g. Flat, HNSW32, IVF{nlist},PQ{m}")
-    parser.add_argument("--search-params", default="", help="e.g. nprobe=16 or efSearch=128")
+    parser.add_argument("--index", default="Flat",
+                        help="FAISS factory string, e.g. Flat, HNSW32, IVF{nlist},PQ{m}; with --store milvus: Flat, "
+                             "HNSW<M>, HNSW<M>_SQ8, IVF<nlist>,Flat, IVF<nlist>,SQ8 or a Milvus index type, "
+                             "e.g. HNSW:M=16")
+    parser.add_argument("--search-params", default="", help="e.g. nprobe=16 or efSearch=128 (Milvus: ef=128)")
     parser.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"])
     parser.add_argument("--k", type=int, default=10)
+    add_store_arguments(parser)
     finetune = parser.add_argument_group(
         "fine-tuning", "--finetune trains on the train split (or reuses the cached model for the same data and "
         "settings) and reports the fine-tuned metrics, with the frozen backbone's as baseline_*")
@@ -56,22 +60,24 @@ def run(args) -> int:
     if searched and args.finetune_level != 1:
         raise FashionRecError(f"--finetune on {args.backbone!r} searches its members, views and heads on validation "
                               "(level 1); level 2 fine-tunes one backbone: name a single backbone for it")
+    store = store_settings(args, args.metric, args.index, args.search_params)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
     prepared.check_k(args.k)
     settings = inference_settings(args)
     if searched:
-        return _run_searched(args, prepared, settings)
+        return _run_searched(args, prepared, settings, store)
     if args.finetune:
-        return _run_finetuned(args, prepared, settings)
+        return _run_finetuned(args, prepared, settings, store)
     record, embeddings = evaluate_backbone(prepared, args.backbone, index=args.index, k=args.k, metric=args.metric,
-                                           search_params=args.search_params, settings=settings)
+                                           search_params=args.search_params, settings=settings, store=store)
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,
                         "embed_seconds": round(embeddings.seconds, 3)}
     if args.json:
         print_json(record)
     else:
-        print(f"{record['dataset']} | {record['backbone']} | {record['index']} ({record['metric']}) | "
+        print(f"{record['dataset']} | {record['backbone']} | {record['store']} {record['index']} "
+              f"({record['metric']}) | "
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)
@@ -88,10 +94,10 @@ def _finetune_config(args, seed: int) -> FinetuneConfig:
                           losses=LOSSES if args.loss == "auto" else (args.loss,))
 
 
-def _run_finetuned(args, prepared, settings) -> int:
+def _run_finetuned(args, prepared, settings, store) -> int:
     result = evaluate_finetuned(prepared, args.backbone, _finetune_config(args, args.split_seed), index=args.index,
                                 k=args.k, metric=args.metric, search_params=args.search_params, settings=settings,
-                                model_path=args.head_out, retrain=args.retrain)
+                                model_path=args.head_out, retrain=args.retrain, store=store)
     record = result.record
     embeddings = result.embeddings
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,
@@ -120,12 +126,12 @@ def _run_finetuned(args, prepared, settings) -> int:
     return 0
 
 
-def _run_searched(args, prepared, settings) -> int:
+def _run_searched(args, prepared, settings, store) -> int:
     head = HeadConfig(k=args.k, seed=args.split_seed, **({"epochs": args.epochs} if args.epochs else {}))
     cfg = SearchConfig(head=head, losses=LOSSES if args.loss == "auto" else (args.loss,))
     result = search_finetuned(prepared, args.backbone, cfg, index=args.index, k=args.k, metric=args.metric,
                               search_params=args.search_params, settings=settings, model_path=args.head_out,
-                              retrain=args.retrain)
+                              retrain=args.retrain, store=store)
     record = result.record
     record["timing"] = {"train_seconds": record["train_seconds"]}
     if args.cost_images > 0:

@@ -1,6 +1,7 @@
 """``index``: build a servable index folder of a catalog, or update one in place.
 
     python -m fashionrec index --dataset D [--data-dir DIR] --backbone NAME [--index SPEC|auto] --out OUTDIR [--json]
+        [--store faiss|milvus --milvus-uri URI]     (vectors in index.faiss, or in a Milvus collection)
     python -m fashionrec index --update OUTDIR [--add DIR_OR_CSV] [--remove ID [ID ...]] [--json]
 
 ``--add`` takes an ImageFolder tree (one sub-folder per category), a folder holding
@@ -20,8 +21,9 @@ from ..indexing.faiss_index import METRICS
 from ..serving.build import (DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset)
 from ..serving.folder import current_version
 from ..serving.recommender import Recommender
-from .common import (add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones,
-                     print_json)
+from ..settings import StoreSettings
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
+                     load_user_backbones, print_json, serving_store)
 
 
 def add_parser(commands) -> None:
@@ -43,6 +45,7 @@ def add_parser(commands) -> None:
     build.add_argument("--recall-target", type=float, default=DEFAULT_RECALL_TARGET,
                        help="--index auto: recall@10 the index must reach (default %(default)s)")
     build.add_argument("--out", default=None, help="the index folder to write (replaced atomically if it exists)")
+    add_store_arguments(build, default=None, what="where the vectors are indexed (an update: where they are)")
     update = parser.add_argument_group("update")
     update.add_argument("--update", default=None, metavar="OUTDIR", help="update this index folder")
     update.add_argument("--add", default=None, metavar="DIR_OR_CSV", help="images to add (see above)")
@@ -66,7 +69,8 @@ def run(args) -> int:
                            max_per_class=args.max_per_class, category_map=args.category_map,
                            split_seed=args.split_seed, index=args.index, metric=args.metric,
                            search_params=args.search_params, settings=settings,
-                           memory_budget_bytes=args.memory_budget * 2**30, recall_target=args.recall_target)
+                           memory_budget_bytes=args.memory_budget * 2**30, recall_target=args.recall_target,
+                           store=serving_store(args) or StoreSettings())
     record = report.to_record()
     if args.json:
         print_json(record)
@@ -103,27 +107,16 @@ def _update(args) -> int:
     if args.dataset or args.out:
         raise FashionRecError("index --update: --dataset and --out build a new index; an update takes only "
                               "--add / --remove")
+    store = serving_store(args)
     current_version(args.update)   # a clear error for a missing or broken folder before anything else
     load_user_backbones(args)
     to_add = _catalog_to_add(args.add) if args.add else None
-    recommender = Recommender.load(args.update, inference_settings(args))
-    if args.remove:
-        unknown = [item_id for item_id in args.remove if item_id not in set(recommender.ids)]
-        if unknown:
-            raise FashionRecError(f"index --update: unknown id(s) {', '.join(unknown[:5])}; nothing was changed")
-    removed = recommender.remove(args.remove) if args.remove else None
-    added = recommender.add(*to_add[:3]) if to_add else None
-    version = recommender.save()
-    record = {"out": str(args.update), "version": version,
-              "added": added.added if added else [], "removed": removed.removed if removed else [],
-              "skipped": [*(to_add[3] if to_add else []), *(added.skipped if added else [])],
-              "compacted": bool(removed and removed.compacted),
-              "n_items": len(recommender), "n_tombstones": recommender.describe()["tombstones"],
-              "index": recommender.info["index"]["factory"]}
+    with Recommender.load(args.update, inference_settings(args), store=store) as recommender:
+        record = _apply_update(recommender, args, to_add)
     if args.json:
         print_json(record)
         return 0
-    print(f"updated {record['out']} ({version}): added {len(record['added'])}, removed {len(record['removed'])}, "
+    print(f"updated {record['out']} ({record['version']}): added {len(record['added'])}, removed {len(record['removed'])}, "
           f"{describe_counts(record['skipped'])}; {record['n_items']} items"
           + (f", {record['n_tombstones']} tombstones" if record["n_tombstones"] else "")
           + (" (index rebuilt without its tombstones)" if record["compacted"] else ""))
@@ -131,3 +124,19 @@ def _update(args) -> int:
         print(f"  ({item['stage']}) {item['path']}: {item['reason']}")
     return 0
 
+
+def _apply_update(recommender: Recommender, args, to_add) -> dict:
+    """Removes, adds and saves a new version; the update's record."""
+    if args.remove:
+        unknown = [item_id for item_id in args.remove if item_id not in set(recommender.ids)]
+        if unknown:
+            raise FashionRecError(f"index --update: unknown id(s) {', '.join(unknown[:5])}; nothing was changed")
+    removed = recommender.remove(args.remove) if args.remove else None
+    added = recommender.add(*to_add[:3]) if to_add else None
+    version = recommender.save()
+    return {"out": str(args.update), "version": version,
+            "added": added.added if added else [], "removed": removed.removed if removed else [],
+            "skipped": [*(to_add[3] if to_add else []), *(added.skipped if added else [])],
+            "compacted": bool(removed and removed.compacted),
+            "n_items": len(recommender), "n_tombstones": recommender.describe()["tombstones"],
+            "index": recommender.info["index"]["factory"]}

@@ -2,6 +2,7 @@
 
     python -m fashionrec recommend --index-dir OUTDIR --image PATH [--image PATH ...] --k 5 [--category C] [--json]
     python -m fashionrec recommend --index-dir OUTDIR --id ID --k 5 [--json]        # "more like this"
+        [--milvus-uri URI]       (a folder built with --store milvus: where its collection lives now)
 
 With ``--json``, one object: ``{"results": [{"id", "path", "label", "score"}, ...], "timing_ms":
 {"decode", "preprocess", "embed", "search", "total"}}`` (plus ``predicted_category`` when the index
@@ -19,7 +20,7 @@ from ..errors import FashionRecError, ImageError
 from ..serving.folder import current_version
 from ..serving.recommender import Recommendation, Recommender
 from ..settings import InferenceSettings
-from .common import print_json
+from .common import add_store_arguments, print_json, serving_store
 
 
 def add_parser(commands) -> None:
@@ -36,6 +37,7 @@ def add_parser(commands) -> None:
                         help="never return this item (repeatable), e.g. the query photo's own catalog id")
     parser.add_argument("--threads", type=int, default=None, help="threads of the query model (default: all CPUs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_store_arguments(parser, default=None, what="where the index's vectors are searched")
     parser.set_defaults(handler=run)
 
 
@@ -47,8 +49,18 @@ def run(args) -> int:
             probe_image(path)
         except ImageError as error:
             raise FashionRecError(f"--image {error.path}: {error.reason}") from None
+    store = serving_store(args)
     current_version(args.index_dir)
-    recommender = Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False))
+    with Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False),
+                          store=store) as recommender:
+        queries, failed = _answer(recommender, args)
+    if args.json:
+        print_json(queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries})
+    return 2 if failed else 0
+
+
+def _answer(recommender: Recommender, args) -> tuple[list[dict], int]:
+    """Every query's answer (or its error) and how many failed."""
     queries, failed = [], 0
     for value in args.image or args.id:
         try:
@@ -64,9 +76,7 @@ def run(args) -> int:
         queries.append({("image" if args.image else "id"): value, **answer.to_dict()})
         if not args.json:
             _print(value, answer)
-    if args.json:
-        print_json(queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries})
-    return 2 if failed else 0
+    return queries, failed
 
 
 def _print(query: str, answer: Recommendation) -> None:

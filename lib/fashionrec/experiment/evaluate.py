@@ -20,7 +20,7 @@ from ..features.embed import Embeddings, embed_catalog
 from ..models.backbone import Backbone
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, StoreSettings
 
 
 @dataclass
@@ -117,17 +117,20 @@ def embed_with(prepared: PreparedData, model: Backbone, splits=SPLITS,
 
 def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat", k: int = 10,
                       metric: str = "cosine", search_params: str = "",
-                      settings: InferenceSettings = InferenceSettings()) -> tuple[dict, Embeddings]:
+                      settings: InferenceSettings = InferenceSettings(),
+                      store: StoreSettings = StoreSettings()) -> tuple[dict, Embeddings]:
     """Embeds gallery and query images and scores query -> gallery retrieval.
 
     Returns the JSON-ready record (protocol, metrics with 95% intervals, per-category
     table, provenance, the ledger of files left out) and the embeddings it used. A ``k``
-    larger than the gallery is refused before anything is embedded.
+    larger than the gallery is refused before anything is embedded. ``store`` says which
+    vector store ranks the gallery (faiss in this process, or Milvus); the record has the same
+    keys for each.
     """
     prepared.check_k(k)
     embeddings = embed(prepared, backbone, splits=("gallery", "query"), settings=settings)
     evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed)
+                                     search_params=search_params, seed=prepared.split_seed, store=store)
     return evaluation_record(prepared, backbone, settings.runtime, embeddings, embeddings.metadata,
                              evaluation), embeddings
 

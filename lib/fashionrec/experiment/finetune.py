@@ -23,7 +23,7 @@ from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, head_fr
 from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_aware_on_queries, category_metrics
 from ..training.finetune import FinetuneConfig, TrainedModel, default_model_path, model_cache_key, train_model
 from ..training.heads import HeadConfig
@@ -62,7 +62,7 @@ class FinetunedEvaluation:
 def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfig | None = None, index: str = "Flat",
                        k: int = 10, metric: str = "cosine", search_params: str = "",
                        settings: InferenceSettings = InferenceSettings(), model_path=None,
-                       retrain: bool = False) -> FinetunedEvaluation:
+                       retrain: bool = False, store: StoreSettings = StoreSettings()) -> FinetunedEvaluation:
     """Trains (or reuses) a fine-tuned model on the train split and scores it on query -> gallery.
 
     The model file is cached under ``data/processed/heads/<backbone>-<key>.pt``, where the
@@ -87,7 +87,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
     multi_view, views_skipped = _multi_view(prepared, base, metadata, frozen, cfg, settings)
     eval_meta = metadata[evaluated].reset_index(drop=True)
     baseline = evaluate_embeddings(frozen[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                   search_params=search_params, seed=prepared.split_seed)
+                                   search_params=search_params, seed=prepared.split_seed, store=store)
 
     trained = None
     if cached.is_file() and not retrain:
@@ -103,7 +103,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
 
     vectors = _finetuned_vectors(prepared, backbone, payload, cached, metadata, frozen, trained, settings)
     evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed)
+                                     search_params=search_params, seed=prepared.split_seed, store=store)
     predicted = _predicted_categories(payload, frozen, vectors, multi_view, len(metadata))
     labels = metadata["label"].astype(str).to_numpy()
     query, gallery = split == "query", split == "gallery"

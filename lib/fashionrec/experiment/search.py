@@ -38,7 +38,7 @@ from ..models.finetuned import (FORMAT, HEAD_SEPARATOR, classifier_from_payload,
 from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import RETRIEVAL_VIEW, view_backbone
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_metrics
 from ..training.heads import HeadConfig
 from ..training.search import SearchConfig, SearchOutcome, refit_chosen, search_models
@@ -260,7 +260,7 @@ def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classi
 def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | None = None, index: str = "Flat",
                      k: int = 10, metric: str = "cosine", search_params: str = "",
                      settings: InferenceSettings = InferenceSettings(), model_path=None, retrain: bool = False,
-                     reference: bool = True) -> SearchedEvaluation:
+                     reference: bool = True, store: StoreSettings = StoreSettings()) -> SearchedEvaluation:
     """Searches the combination ``backbone`` on the train split, refits the choice, scores it on query -> gallery.
 
     The model file (the chosen feature set's head, its classifier, its ranking and every
@@ -317,17 +317,17 @@ def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | 
     boost = float(payload["ranking"]["boost"])
     eval_meta = metadata[evaluated].reset_index(drop=True)
     evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed,
+                                     search_params=search_params, seed=prepared.split_seed, store=store,
                                      categories=predicted[evaluated], boost=boost)
     plain = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                search_params=search_params, seed=prepared.split_seed)
+                                search_params=search_params, seed=prepared.split_seed, store=store)
     first = members[0].backbone
     baseline = evaluate_embeddings(leaves.vectors[bases[first].cache_key][evaluated], eval_meta, k=k, index=index,
-                                   metric=metric, search_params=search_params, seed=prepared.split_seed)
+                                   metric=metric, search_params=search_params, seed=prepared.split_seed, store=store)
     finetuned_first = None
     if reference:
         finetuned_first = evaluate_finetuned(prepared, first, k=k, index=index, metric=metric,
-                                             search_params=search_params, settings=settings)
+                                             search_params=search_params, settings=settings, store=store)
     query = split == "query"
     classification = category_metrics(labels[query], predicted[query], payload["categories"], seed=prepared.split_seed)
     classification["classifier"] = {"model": "logistic regression", "features": payload["classifier_backbone"],

@@ -33,12 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import config
 from ..console import progress_bar
-from ..data.images import file_digest, load_image
+from ..data.images import file_digest
 from ..data.ledger import skipped_entry
-from ..errors import FashionRecError, ImageError
+from ..errors import FashionRecError
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone, preprocessing
 from ..settings import InferenceSettings
+from .batches import collate, decode, embed_batch
+from .ray_engine import embed_on_ray
 
 # Images per cache shard: the most work a kill can lose. Overridable so tests can kill
 # a real run between shards without embedding thousands of images.
@@ -72,25 +74,12 @@ class _ImageFiles(Dataset):
     def __init__(self, paths: list[str], transform):
         self.paths = paths
         self.transform = transform
-        # Set by fashionrec.runtime.DraftTransform (the fast runtimes): JPEGs much larger
-        # than the first resize are decoded at a reduced scale. The transform's repr says
-        # so, and with it the cache key.
-        self.draft_size = getattr(transform, "draft_size", None)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, position):
-        try:
-            return self.transform(load_image(self.paths[position], draft_size=self.draft_size)), ""
-        except ImageError as error:
-            return None, error.reason
-
-
-def _collate(items):
-    tensors = [tensor for tensor, _ in items if tensor is not None]
-    reasons = [reason for _, reason in items]
-    return (torch.stack(tensors) if tensors else None), reasons
+        return decode(self.paths[position], self.transform)
 
 
 class EmbeddingCache:
@@ -173,7 +162,8 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone | CombinedBackbone,
 
     started = time.perf_counter()
     if pending:
-        _compute_missing(catalog, backbone, cache, digests, pending, settings)
+        compute = _compute_missing_on_ray if settings.engine == "ray" else _compute_missing
+        compute(catalog, backbone, cache, digests, pending, settings)
     seconds = time.perf_counter() - started
 
     keep = []
@@ -246,33 +236,50 @@ def _compute_missing(catalog, backbone: Backbone, cache: EmbeddingCache, digests
     loader = DataLoader(
         _ImageFiles([paths[p] for p in pending], backbone.transform),
         batch_sampler=_shard_batches(len(pending), batch_size), num_workers=min(num_workers, len(pending)),
-        collate_fn=_collate,
+        collate_fn=collate,
     )
     batches = iter(loader)
-    with torch.inference_mode():
-        for start in range(0, len(pending), SHARD_SIZE):
-            shard_positions = pending[start:start + SHARD_SIZE]
-            vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
-            errors: list[str] = []
-            offset = 0
-            while offset < len(shard_positions):
-                batch, reasons = next(batches)
-                ok = np.array([not reason for reason in reasons])
-                if batch is not None:
-                    vectors[offset + np.flatnonzero(ok)] = _checked_output(backbone, backbone.model(batch))
-                errors.extend(reasons)
-                offset += len(reasons)
-                bar.update(len(reasons))
-            cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
+    for start in range(0, len(pending), SHARD_SIZE):
+        shard_positions = pending[start:start + SHARD_SIZE]
+        vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
+        errors: list[str] = []
+        offset = 0
+        while offset < len(shard_positions):
+            batch, reasons = next(batches)
+            vectors[offset:offset + len(reasons)] = embed_batch(backbone, batch, reasons)
+            errors.extend(reasons)
+            offset += len(reasons)
+            bar.update(len(reasons))
+        cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
     bar.close()
 
 
-def _checked_output(backbone: Backbone, output: torch.Tensor) -> np.ndarray:
-    """The model's output as float32 rows, after checking it has the width the backbone declares."""
-    if output.ndim != 2 or output.shape[1] != backbone.dim:
-        raise FashionRecError(f"backbone {backbone.name!r} declares dim={backbone.dim} but its model returned "
-                              f"features of shape {tuple(output.shape)}; fix the dim it was registered with")
-    return output.float().numpy()
+def _compute_missing_on_ray(catalog, backbone: Backbone, cache: EmbeddingCache, digests, pending,
+                            settings: InferenceSettings):
+    """The same shards as :func:`_compute_missing`, computed by a Ray Data job (fashionrec.features.ray_engine).
+
+    Rows come back in any order; each shard (the same cut of ``pending`` as in-process) is
+    written as soon as all its rows are in, so a killed job loses at most the shards in flight.
+    """
+    paths = catalog["path"].to_numpy()
+    shards = [pending[start:start + SHARD_SIZE] for start in range(0, len(pending), SHARD_SIZE)]
+    vectors = [np.zeros((len(shard), backbone.dim), dtype=np.float32) for shard in shards]
+    errors = [[""] * len(shard) for shard in shards]
+    missing = [len(shard) for shard in shards]
+    bar = progress_bar(total=len(pending), desc=f"embedding with {backbone.name} on Ray", unit="img",
+                       progress=settings.progress)
+    for positions, batch_vectors, reasons in embed_on_ray([paths[p] for p in pending], backbone, settings):
+        for position, vector, reason in zip(positions.tolist(), batch_vectors, reasons):
+            shard, row = divmod(position, SHARD_SIZE)
+            vectors[shard][row], errors[shard][row] = vector, reason
+            missing[shard] -= 1
+            if missing[shard] == 0:
+                cache.write_shard([digests[p] for p in shards[shard]], vectors[shard], errors[shard])
+        bar.update(len(reasons))
+    bar.close()
+    unfinished = sum(count > 0 for count in missing)
+    if unfinished:
+        raise FashionRecError(f"the Ray job returned no result for some images of {unfinished} cache shard(s)")
 
 
 def _display_path(path, root: Path | None) -> str:

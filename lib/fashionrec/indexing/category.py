@@ -1,11 +1,12 @@
 """Category-aware search: a score bonus for gallery items of the query's (predicted) category.
 
-The gallery is partitioned by category, one index per partition (the same FAISS factory,
-or ``Flat`` where a partition is too small to train it); each query searches every
-partition and the hits are merged after adding ``boost`` to its own category's scores.
-With exact partitions this is exactly "cosine + boost x same category" over the whole
-gallery; ``boost = inf`` ranks the query's category first (by similarity), then the rest,
-so a query never gets fewer than k results.
+The gallery sits in a vector store (:mod:`fashionrec.indexing.stores`: faiss or Milvus) with
+each row's category as its label; each query searches every category (the store's
+per-category search: an index of the same kind over that category, or exact search where
+it is too small to train one) and the hits are merged after adding ``boost`` to its own
+category's scores. With exact search this is exactly "similarity + boost x same category"
+over the whole gallery; ``boost = inf`` ranks the query's category first (by similarity),
+then the rest, so a query never gets fewer than k results.
 """
 from __future__ import annotations
 
@@ -13,44 +14,36 @@ import math
 
 import numpy as np
 
-from ..errors import IndexBuildError
-from .faiss_index import build_index, search
+from .stores import PAD_ID, VectorStore
 
 # Larger than any difference of two cosine (or inner product of unit vectors) scores.
 HARD_BOOST = 4.0
 
 
-def category_aware_search(gallery: np.ndarray, gallery_categories, queries: np.ndarray, query_categories, k: int,
-                          boost: float, factory: str = "Flat", metric: str = "cosine", params: str = "",
-                          seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(scores, ids, partitions) of the top ``k`` gallery rows per query, ``boost`` added to its category's rows.
+def category_aware_search(store: VectorStore, queries: np.ndarray, query_categories, categories, k: int,
+                          boost: float, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the top ``k`` stored rows per query, ``boost`` added to the query's category's rows.
 
-    ``scores`` are similarities (the negated distance for ``l2``) plus the bonus; ``ids`` are
-    gallery row positions (-1 where an approximate index found fewer). ``partitions`` maps
-    each gallery category to the factory its index was built with.
+    ``store`` holds the gallery labelled with the categories to rank by (e.g. predicted ones),
+    ``categories`` lists them. Scores are similarities plus the bonus; ids are the store's
+    (``PAD_ID`` where an approximate index found fewer). Similarities only: ``l2`` is refused.
     """
-    gallery_categories = np.asarray(gallery_categories).astype(str)
+    if metric == "l2":
+        raise ValueError("category-aware ranking adds a bonus to similarities: use the cosine or ip metric")
     query_categories = np.asarray(query_categories).astype(str)
     bonus = HARD_BOOST if math.isinf(boost) else float(boost)
-    n_queries = len(queries)
-    all_scores, all_ids, partitions = [], [], {}
-    for category in sorted(set(gallery_categories)):
-        rows = np.flatnonzero(gallery_categories == category)
-        try:
-            index = build_index(gallery[rows], factory=factory, metric=metric, seed=seed)
-            partitions[category] = factory
-        except IndexBuildError:
-            index = build_index(gallery[rows], factory="Flat", metric=metric, seed=seed)
-            partitions[category] = "Flat"
-        scores, ids = search(index, queries, min(k, len(rows)), metric=metric, params=params)
-        similarity = -scores if metric == "l2" else scores
-        similarity = similarity + bonus * (query_categories == category)[:, None]
-        found = ids >= 0
-        all_scores.append(np.where(found, similarity, -np.inf))
-        all_ids.append(np.where(found, rows[np.clip(ids, 0, None)], -1))
-    scores = np.concatenate(all_scores, axis=1) if all_scores else np.zeros((n_queries, 0))
-    ids = np.concatenate(all_ids, axis=1) if all_ids else np.zeros((n_queries, 0), np.int64)
+    all_scores, all_ids = [], []
+    for category in categories:
+        n = store.count(category)
+        if n == 0:
+            continue
+        scores, ids = store.search(queries, min(k, n), category=category)
+        found = ids != PAD_ID
+        all_scores.append(np.where(found, scores + bonus * (query_categories == category)[:, None], -np.inf))
+        all_ids.append(ids)
+    scores = np.concatenate(all_scores, axis=1) if all_scores else np.zeros((len(queries), 0))
+    ids = np.concatenate(all_ids, axis=1) if all_ids else np.zeros((len(queries), 0), np.int64)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top_scores = np.take_along_axis(scores, order, axis=1)
     top_ids = np.take_along_axis(ids, order, axis=1)
-    return top_scores.astype(np.float32), np.where(np.isfinite(top_scores), top_ids, -1), partitions
+    return top_scores.astype(np.float32), np.where(np.isfinite(top_scores), top_ids, PAD_ID)

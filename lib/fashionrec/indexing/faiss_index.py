@@ -191,7 +191,7 @@ def default_search_params(index: faiss.Index) -> str:
     params = []
     for node, _ in _components(index):
         if isinstance(node, faiss.IndexIVF):
-            nprobe = min(node.nlist, max(16, int(math.sqrt(node.nlist))))
+            nprobe = default_nprobe(node.nlist)
             params.append(f"nprobe={nprobe}")
             if isinstance(faiss.downcast_index(node.quantizer), faiss.IndexHNSW):
                 params.append(f"quantizer_efSearch={max(DEFAULT_EF_SEARCH, 2 * nprobe)}")
@@ -200,6 +200,11 @@ def default_search_params(index: faiss.Index) -> str:
         elif isinstance(node, faiss.IndexRefine):
             params.append(f"k_factor_rf={_refine_k_factor(node)}")
     return ",".join(params)
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists an IVF index visits by default: sqrt(nlist), at least 16, at most nlist."""
+    return min(nlist, max(16, int(math.sqrt(nlist))))
 
 
 def _refine_k_factor(refine: faiss.IndexRefine) -> int:

@@ -28,6 +28,63 @@ def recall_vs_exact(ids, exact_ids, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
+def compare_rankings(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> dict:
+    """How far two top-k lists of the same queries (e.g. two engines' exact search) agree.
+
+    Where the lists differ at a slot, the two engines put different items at that rank; if
+    their scores there agree within ``atol``, those items tie (equal or near-equal distance)
+    and either order is right. Returns rows, identical_rows (same ids in the same order),
+    tied_rows (rows that differ only at tied slots), other_rows (rows that differ at a slot
+    whose scores differ by more than ``atol``: a real disagreement), differing_slots, and
+    max_gap_at_differing_slots / max_score_difference (largest |score_a - score_b| over the
+    differing slots / over all slots; 0.0 when there are none).
+    """
+    ids_a, ids_b = np.asarray(ids_a), np.asarray(ids_b)
+    scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if ids_a.shape != ids_b.shape or scores_a.shape != ids_a.shape or scores_b.shape != ids_b.shape:
+        raise ValueError(f"shapes differ: ids {ids_a.shape} / {ids_b.shape}, "
+                         f"scores {scores_a.shape} / {scores_b.shape}")
+    differ = ids_a != ids_b
+    gap = np.abs(scores_a - scores_b)
+    real = differ & (gap > atol)
+    return {
+        "rows": int(len(ids_a)),
+        "identical_rows": int((~differ).all(axis=1).sum()),
+        "tied_rows": int((differ.any(axis=1) & ~real.any(axis=1)).sum()),
+        "other_rows": int(real.any(axis=1).sum()),
+        "differing_slots": int(differ.sum()),
+        "max_gap_at_differing_slots": float(gap[differ].max()) if differ.any() else 0.0,
+        "max_score_difference": float(gap.max()) if gap.size else 0.0,
+    }
+
+
+def measure_store(store, queries, k: int, exact_ids, single_queries: int = 100, min_seconds: float = 0.2) -> dict:
+    """Recall against exact search and speed of one vector store (any :class:`~fashionrec.indexing.stores.VectorStore`).
+
+    ``queries`` are searched as one batch (first searched once untimed: that is when a store
+    builds or loads its index) and the batch is repeated until ``min_seconds`` have passed
+    (at most 20 times): ``qps``. The first ``single_queries`` are then searched one request
+    each, as an application would: ``latency_ms_p50`` / ``latency_ms_p95``. ``recall_at_k``
+    compares the batch's ids with ``exact_ids`` (padding ids -1 never count).
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    _, ids = store.search(queries, k)
+    rounds, elapsed = 0, 0.0
+    while rounds == 0 or (elapsed < min_seconds and rounds < 20):
+        started = time.perf_counter()
+        store.search(queries, k)
+        elapsed += time.perf_counter() - started
+        rounds += 1
+    latencies = []
+    for query in queries[:single_queries]:
+        started = time.perf_counter()
+        store.search(query[None], k)
+        latencies.append(time.perf_counter() - started)
+    return {"recall_at_k": recall_vs_exact(ids, exact_ids, k), "qps": rounds * len(queries) / elapsed,
+            "latency_ms_p50": 1000 * float(np.percentile(latencies, 50)),
+            "latency_ms_p95": 1000 * float(np.percentile(latencies, 95))}
+
+
 def benchmark_index(
     vectors,
     queries,

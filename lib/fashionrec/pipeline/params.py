@@ -26,6 +26,7 @@ from .. import config
 from ..data.catalog import LOADERS
 from ..errors import FashionRecError, did_you_mean
 from ..indexing.faiss_index import METRICS, SPINE_FACTORIES
+from ..indexing.milvus_store import STORE_FAISS_INDEXES, STORE_MILVUS_INDEXES
 from ..settings import DEFAULT_RUNTIME, RUNTIMES
 from ..training.heads import LOSSES
 
@@ -61,7 +62,7 @@ class Parameter:
 
 
 PIPELINE = "pipeline"
-ALL_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06")
+ALL_NOTEBOOKS = ("00", "01", "02", "03", "04", "05", "06", "07")
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("run_name", "str", None, "Name of the run: its results go to `results/<run_name>/`. Null: the "
@@ -85,10 +86,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "before sampling and splitting. An entry that matches no label is an error. Null: labels as they are.",
               ("00", "06"), nullable=True),
     Parameter("k", "int", 10, "Results per query: every metric is @k. Checked against the gallery size by "
-              "00-prepare-data, before anything is embedded.", ("00", "02", "03", "04", "05", "06"), minimum=1),
+              "00-prepare-data, before anything is embedded.", ("00", "02", "03", "04", "05", "06", "07"),
+              minimum=1),
     Parameter("backbones", "list[str]", ["efficientnet_lite0", "colorhist"], "Backbones to embed with and compare "
               "(`python -m fashionrec backbones` lists them; your own come from `backbone_modules`). One whose "
-              "weights cannot be had is reported as skipped.", ("01",)),
+              "weights cannot be had is reported as skipped; 07-scale-out uses the first one that was available.",
+              ("01", "07")),
     Parameter("backbone_modules", "list[path]", [], "Your modules that register backbones with "
               "`@register_backbone`: `.py` files or importable module names (docs/custom-backbones.md). "
               "The pipeline loads them and passes them to every notebook's kernel.", (PIPELINE,)),
@@ -105,7 +108,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("indexes", "list[str]", list(SPINE_FACTORIES), "FAISS factory strings to build and evaluate; "
               "`{nlist}` and `{m}` are filled from the gallery size and dimension. The first one is the primary "
               "index of the per-category tables.", ("02", "03")),
-    Parameter("metric", "str", "cosine", "Distance of the retrieval of record.", ("02", "03", "04"), choices=METRICS),
+    Parameter("metric", "str", "cosine", "Distance of the retrieval of record.", ("02", "03", "04", "07"),
+              choices=METRICS),
     Parameter("n_grid_queries", "int", 6, "Queries shown in each recommendation grid (seeded choice, then the "
               "hardest ones; 06-recommend: catalog photos asked about when `query_images` is empty).", ("03", "04", "06"),
               minimum=1),
@@ -137,6 +141,16 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("query_images", "list[path]", [], "Photos 06-recommend asks about: any image files, inside the catalog "
               "or not. Empty: `n_grid_queries` catalog photos (a seeded pick), each left out of its own results.",
               ("06",)),
+    Parameter("milvus_uri", "str", None, "Where 07-scale-out puts its Milvus collections: a Milvus Lite file (a "
+              "path ending in `.db`, relative to the repository root) or a Milvus server or cluster, "
+              "`http://host:19530` (credentials in `$MILVUS_TOKEN`). Null: Milvus Lite at "
+              "`results/<run_name>/milvus.db`.", ("07",), nullable=True),
+    Parameter("store_faiss_indexes", "list[str]", list(STORE_FAISS_INDEXES), "FAISS approximate indexes 07-scale-out "
+              "measures against exact search (factory strings, as `indexes`).", ("07",)),
+    Parameter("store_milvus_indexes", "list[str]", list(STORE_MILVUS_INDEXES), "Milvus approximate indexes "
+              "07-scale-out measures: `HNSW<M>`, `HNSW<M>_SQ8`, `IVF{nlist},Flat` and `IVF{nlist},SQ8` get the FAISS "
+              "store's parameters; native Milvus names take build parameters after a colon (docs/vector-stores.md).",
+              ("07",)),
     Parameter("pca_dims", "list[int]", [64, 128, 256], "PCA dimensions that 05-report compares with the raw features "
               "on the validation part (those not below the feature size are left out).", ("05",), minimum=1),
 )
@@ -280,9 +294,9 @@ def schema_markdown() -> str:
                      f"{', '.join(parameter.notebooks)} | {parameter.meaning}{choices} | {demo} |")
     lines += [
         "",
-        "Notebooks: 00-prepare-data, 01-embed, 02-index, 03-evaluate, 04-finetune, 05-report, 06-recommend;",
-        "`pipeline` keys are used by the runner itself. The runner also passes `params_file` (the file's path) to",
-        "05-report, for the report's \"reproduce with\" line.",
+        "Notebooks: 00-prepare-data, 01-embed, 02-index, 03-evaluate, 04-finetune, 05-report, 06-recommend,",
+        "07-scale-out; `pipeline` keys are used by the runner itself. The runner also passes `params_file` (the",
+        "file's path) to 05-report, for the report's \"reproduce with\" line.",
         "",
         "Example (`params/clothing.yaml` holds a longer one):",
         "",

@@ -105,6 +105,22 @@ def index_tradeoff(table: pd.DataFrame, path=None):
     return _save(figure, path)
 
 
+def store_tradeoff(table: pd.DataFrame, path=None):
+    """Recall@k against exact search versus single-query latency and batch throughput, one colour per store."""
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
+    for store, rows in table.groupby("store", sort=True):
+        latency.scatter(rows["latency_ms_p50"], rows["recall_at_k"], label=store)
+        throughput.scatter(rows["qps"], rows["recall_at_k"], label=store)
+        for _, row in rows.iterrows():
+            latency.annotate(row["index"], (row["latency_ms_p50"], row["recall_at_k"]), fontsize=6)
+            throughput.annotate(row["index"], (row["qps"], row["recall_at_k"]), fontsize=6)
+    latency.set(xscale="log", xlabel="single-query latency, median (ms, log)", ylabel="recall@k vs exact search")
+    throughput.set(xscale="log", xlabel="batch queries / s (log)", ylabel="recall@k vs exact search")
+    latency.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def confusion_heatmap(confusion: pd.DataFrame, title: str = "", path=None):
     """Share of the top-k results of each category (columns) for queries of each category (rows)."""
     import seaborn as sns

@@ -37,10 +37,12 @@ from ..models.ensemble import is_combined_name, parse_combined_name
 from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
 from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
-from ..settings import InferenceSettings
+from ..indexing.backends import check_store, milvus_uri
+from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
+from .milvus import AUTO_INDEX, MilvusServingStore, drop_unreferenced_collections
 from .store import FaissStore
 
 FORMAT = "fashionrec-index/1"
@@ -116,7 +118,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
                        search_params: str = "", settings: InferenceSettings = InferenceSettings(), root=None,
                        dataset: dict | None = None, skipped=(), seed: int = config.DEFAULT_SEED,
                        memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
-                       recall_target: float = DEFAULT_RECALL_TARGET) -> BuildReport:
+                       recall_target: float = DEFAULT_RECALL_TARGET,
+                       store: StoreSettings = StoreSettings()) -> BuildReport:
     """Embeds ``catalog`` (id, path, label) with ``backbone`` and writes a new version of ``outdir``.
 
     ``index``: a faiss factory string or template, or ``auto`` (:func:`choose_index` for the
@@ -124,6 +127,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     for build.json (name, data_dir, split...); ``skipped``: files the loader left out, kept in
     build.json with those the embedding skipped. Everything that can be checked without
     embedding is checked first. The previous version, if any, stays loadable throughout.
+    ``store``: where the vectors are indexed, ``index.faiss`` (default) or a Milvus collection
+    (:mod:`fashionrec.serving.milvus`; ``auto`` is then Milvus's AUTOINDEX).
     """
     started = time.perf_counter()
     outdir = Path(outdir)
@@ -131,7 +136,9 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     if metric not in METRICS:
         raise FashionRecError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     check_backbone_name(backbone)
-    check_index_spec(index, backbone_dim(backbone))
+    check_folder_store(index, metric, search_params, store)
+    if store.store == "faiss":
+        check_index_spec(index, backbone_dim(backbone))
     eager = get_backbone(backbone, weights_file=settings.weights_file)
     calibration = calibration_sample(catalog["path"].tolist(), seed=seed) if settings.runtime == "onnx-int8" else None
     model = with_runtime(eager, settings.runtime, threads=settings.threads, calibration_paths=calibration,
@@ -140,22 +147,59 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     if len(embeddings.vectors) == 0:
         raise FashionRecError(f"no image of the catalog could be embedded ({len(embeddings.skipped)} skipped)")
     vectors = embeddings.vectors
-    factory, params, auto = resolve_index(index, len(vectors), vectors.shape[1], search_params, memory_budget_bytes,
-                                          recall_target)
-    try:
-        store = FaissStore.build(vectors, factory, metric, seed=seed, search_params=params, threads=settings.threads)
-    except IndexBuildError as error:
-        raise FashionRecError(f"{error}; choose another --index (Flat always works)") from None
     items = embeddings.metadata.assign(path=[str(Path(p).resolve()) for p in embeddings.metadata["path"]],
                                        deleted=False)[ITEM_COLUMNS]
+    if store.store == "milvus":
+        auto = None
+        vector_store = MilvusServingStore.build(outdir, vectors, items["label"].astype(str).tolist(), index, metric,
+                                                search_params, milvus_uri(store), store.milvus_token)
+    else:
+        factory, params, auto = resolve_index(index, len(vectors), vectors.shape[1], search_params,
+                                              memory_budget_bytes, recall_target)
+        try:
+            vector_store = FaissStore.build(vectors, factory, metric, seed=seed, search_params=params,
+                                            threads=settings.threads)
+        except IndexBuildError as error:
+            raise FashionRecError(f"{error}; choose another --index (Flat always works)") from None
     all_skipped = [*skipped, *embeddings.skipped]
     base_name, reference = split_backbone_name(backbone)
+    try:
+        staged = _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone,
+                              base_name, reference, index, metric, seed, auto, dataset, settings)
+    except BaseException:
+        if store.store == "milvus":
+            vector_store.discard(always=True)
+        raise
+    if store.store == "milvus":
+        vector_store.store.close()
+        drop_unreferenced_collections(outdir, milvus_uri(store), store.milvus_token)
+    return BuildReport(outdir, staged.version, staged.info, embeddings.n_computed, embeddings.n_reused,
+                       time.perf_counter() - started)
+
+
+def check_folder_store(index: str, metric: str, search_params: str, store: StoreSettings) -> None:
+    """For a Milvus-backed folder: the index has a Milvus counterpart and the URI opens (before any embedding)."""
+    if store.store == "milvus":
+        try:
+            check_store(store, metric, AUTO_INDEX if index == "auto" else index, search_params)
+        except ValueError as error:
+            raise FashionRecError(f"--store milvus --index {index}: {error}") from None
+
+
+@dataclass
+class _Staged:
+    version: str
+    info: dict
+
+
+def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone, base_name,
+                 reference, index, metric, seed, auto, dataset, settings) -> _Staged:
     with new_version(outdir) as staging:
         query = write_query_model(staging.path, model)
         query["check"] = check_query_path(staging.path, query, model, embeddings.metadata, vectors, settings.threads)
         base = get_backbone(base_name, weights_file=settings.weights_file) if reference else eager
         classifier = write_classifier(staging.path, backbone, base, settings.runtime, settings.threads)
-        described = store.save(staging.path)
+        described = vector_store.save(staging.path)
         info = {
             "format": FORMAT,
             "created": _now(),
@@ -180,8 +224,7 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
             "updates": [],
         }
         write_version_files(staging.path, items, vectors.astype(np.float16), info)
-    return BuildReport(outdir, staging.version, info, embeddings.n_computed, embeddings.n_reused,
-                       time.perf_counter() - started)
+    return _Staged(staging.version, info)
 
 
 def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame, vectors: np.ndarray,
@@ -246,7 +289,10 @@ def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: 
     progress = build.get("settings", InferenceSettings()).progress
     check_output_folder(Path(outdir))
     check_backbone_name(backbone)
-    check_index_spec(build.get("index", "Flat"), backbone_dim(backbone))
+    store = build.get("store", StoreSettings())
+    check_folder_store(build.get("index", "Flat"), build.get("metric", "cosine"), build.get("search_params", ""), store)
+    if store.store == "faiss":
+        check_index_spec(build.get("index", "Flat"), backbone_dim(backbone))
     if split == "all":
         loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
                               category_map=category_map, progress=progress)

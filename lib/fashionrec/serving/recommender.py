@@ -41,12 +41,13 @@ from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
 from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
 from .build import (EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder,
                     item_counts, package_versions, write_version_files)
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
+from .milvus import MilvusServingStore, drop_unreferenced_collections
 from .store import FaissStore
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
@@ -116,14 +117,18 @@ class Recommender:
     # --- opening and building ------------------------------------------------------------------
 
     @classmethod
-    def load(cls, outdir, settings: InferenceSettings | None = None, spinning: bool | None = None) -> "Recommender":
+    def load(cls, outdir, settings: InferenceSettings | None = None, spinning: bool | None = None,
+             store: StoreSettings | None = None) -> "Recommender":
         """Opens the CURRENT version of an index folder.
 
         ``settings``: threads of the query model (and batch size, workers for :meth:`add`); the
         runtime is the one the index was built with. ``spinning``: let the query model's
         threads spin during a query (lowest latency on cores nobody else needs, much higher
         on a busy machine); None decides from the machine's load average now
-        (:func:`~fashionrec.models.query_model.spinning_suits_this_machine`).
+        (:func:`~fashionrec.models.query_model.spinning_suits_this_machine`). ``store``: None
+        searches where the folder's vectors were indexed (``index.faiss`` or a Milvus collection);
+        a StoreSettings must name that same store, and its ``milvus_uri`` says where the
+        collection lives now (e.g. a server under another address).
         Raises IndexFolderError, saying how to build one, for a missing or broken folder.
         """
         outdir = Path(outdir)
@@ -140,9 +145,9 @@ class Recommender:
         try:
             items = pd.read_parquet(version / ITEMS_FILE)
             vectors16 = np.load(version / EMBEDDINGS_FILE, mmap_mode="r")
-            store = FaissStore.load(version)
-        except (OSError, ValueError, RuntimeError, FashionRecError) as error:
+        except (OSError, ValueError) as error:
             raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
+        store = _open_store(version, info["index"], store)
         if not len(items) == len(vectors16) == store.ntotal:
             raise IndexFolderError(f"{version}: {len(items)} ids, {len(vectors16)} embeddings and {store.ntotal} "
                                    "indexed vectors do not match; rebuild the index")
@@ -214,11 +219,22 @@ class Recommender:
         with self._lock:
             return self._result(self._row(item_id), float("nan"))
 
+    def close(self) -> None:
+        """Lets go of the vector store (a Milvus Lite file is then free for another process)."""
+        self._store.close()
+
+    def __enter__(self) -> "Recommender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def describe(self) -> dict:
         """The facts a user interface shows about the index."""
         info = self.info
         return {"out": str(self.outdir), "version": self.version, "backbone": info["backbone"]["name"],
-                "runtime": info["runtime"], "index": info["index"]["factory"],
+                "runtime": info["runtime"], "store": info["index"].get("store", "faiss"),
+                "index": info["index"]["factory"],
                 "search_params": info["index"]["search_params"], "metric": info["metric"],
                 "dataset": info["dataset"].get("name"), "n_items": len(self), "categories": self.categories,
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier}
@@ -409,7 +425,7 @@ class Recommender:
             return report
         new_items = embedded.metadata.assign(deleted=False)[ITEM_COLUMNS]
         with self._lock:
-            self._store.add(embedded.vectors)
+            self._store.add(embedded.vectors, new_items["label"].astype(str).tolist())
             self._items = pd.concat([self._items, new_items], ignore_index=True)
             self._vectors16 = np.concatenate([np.asarray(self._vectors16), embedded.vectors.astype(np.float16)])
             self._reindex()
@@ -489,12 +505,29 @@ class Recommender:
                     self._items.loc[~self._items["deleted"].to_numpy(), ["id", "label", "digest"]])}
                 write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), info)
             self.info, self.version = info, staging.version
+            if isinstance(self._store, MilvusServingStore):   # the collections of versions no longer kept
+                drop_unreferenced_collections(self.outdir, self._store.store.uri, self._store.store.token)
             return staging.version
 
     def _classifier_files(self) -> set:
         described = self.info.get("classifier") or {}
         frozen = described.get("frozen") or {}
         return {described.get("file"), frozen.get("file")}
+
+
+def _open_store(version: Path, described: dict, asked: StoreSettings | None):
+    """The vector store a version's build.json describes, where ``asked`` says it lives now."""
+    built_with = described.get("store", "faiss")
+    if asked is not None and asked.store != built_with:
+        raise IndexFolderError(f"{version}: its vectors are indexed in {built_with}, not {asked.store}; rebuild it "
+                               f"with `python -m fashionrec index ... --store {asked.store}`, or leave --store out")
+    try:
+        if built_with == "milvus":
+            return MilvusServingStore.load(version, described, asked.milvus_uri if asked else None,
+                                           asked.milvus_token if asked else "")
+        return FaissStore.load(version)
+    except (OSError, ValueError, RuntimeError, FashionRecError) as error:
+        raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -2,8 +2,9 @@
 
 A :class:`VectorStore` holds one vector per row of the index folder's id map, in that order,
 and answers top-k queries restricted to the rows a caller allows (live items of the chosen
-category, say). :class:`FaissStore` is the FAISS implementation; another store (a Milvus
-collection) plugs in by offering the same methods.
+category, say). :class:`FaissStore` is the FAISS implementation; another store plugs in by
+offering the same methods, as :class:`fashionrec.serving.milvus.MilvusServingStore` (a Milvus
+collection) does.
 
 Removing rows, by index type (faiss decides what it can do):
 
@@ -54,7 +55,8 @@ class VectorStore(Protocol):
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (n_queries, min(k, allowed rows)), best first; missing slots are row -1."""
 
-    def add(self, vectors: np.ndarray) -> None: ...
+    def add(self, vectors: np.ndarray, labels: list[str] | None = None) -> None:
+        """Appends rows; ``labels`` (their categories) for stores that keep them."""
 
     def remove(self, rows: np.ndarray) -> bool:
         """True if the rows were removed and later rows moved up; False if this store cannot remove."""
@@ -68,6 +70,8 @@ class VectorStore(Protocol):
     def save(self, directory: Path) -> dict: ...
 
     def describe(self) -> dict: ...
+
+    def close(self) -> None: ...
 
 
 class FaissStore:
@@ -107,6 +111,9 @@ class FaissStore:
         save_index(self.index, Path(directory) / INDEX_FILE,
                    {"factory": self.factory, "metric": self.metric, "search_params": self.search_params})
         return self.describe()
+
+    def close(self) -> None:
+        """Nothing to let go of: the index lives in this process."""
 
     def describe(self) -> dict:
         return {"store": self.kind, "factory": self.factory, "faiss_class": type(self._node).__name__,
@@ -215,7 +222,7 @@ class FaissStore:
 
     # --- updates ---------------------------------------------------------------------------
 
-    def add(self, vectors: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, labels: list[str] | None = None) -> None:
         self.index.add(self.prepare(vectors))
 
     def remove(self, rows: np.ndarray) -> bool:
