@@ -22,7 +22,8 @@
 #    the chosen head is then retrained on the whole train split for that many epochs.
 # 2. **The last MBConv block(s) of the backbone trained with the head**, on seeded augmented
 #    views (random resized crop, flip, colour jitter) whose frozen-trunk feature maps are
-#    cached once, with early stopping on the same validation part and a CPU time budget.
+#    cached once, stopped by epochs and early stopping on the same validation part (no
+#    wall-clock budget, so the same parameters give the same model on any machine).
 #
 # **What this optimises, honestly.** Relevance here is "same category as the query", so
 # the head learns one tight cluster per category: that is exactly what P@k rewards, and
@@ -37,10 +38,12 @@ k = 10
 metric = "cosine"
 finetune_losses = ["proxy_anchor", "norm_softmax", "supcon"]
 finetune_level2 = False
-finetune_time_budget_min = 10.0
+finetune_time_budget_min = None
 finetune_trainable_blocks = 2
 finetune_n_views = 2
 n_grid_queries = 6
+search_backbone = None
+search_cost_images = 64
 
 # %%
 import matplotlib.pyplot as plt
@@ -48,7 +51,8 @@ import numpy as np
 import pandas as pd
 
 from fashionrec.pipeline import plots
-from fashionrec.pipeline.stages import load_prepared, run_dir, stage_finetune
+from fashionrec.pipeline.report import condensed_candidates
+from fashionrec.pipeline.stages import load_prepared, run_dir, stage_finetune, stage_search
 
 prepared = load_prepared(run_name)
 out = run_dir(run_name)
@@ -64,7 +68,8 @@ print("categories too small for the split (left out):", [e["label"] for e in pre
 # batch-norm statistics frozen; the trunk's feature maps of the clean and
 # `finetune_n_views` augmented views per train image are computed once (cached in
 # `data/interim/finetune-trunk`), and training stops at the earliest of early stopping
-# (validation P@k), the epoch limit and the time budget. The level with the better
+# (validation P@k) and the epoch limit (`finetune_time_budget_min`, off by default, is only a
+# wall-clock safety net, reported when it stops a run). The level with the better
 # **validation** P@k becomes the model of record `results/<run>/head.pt`.
 
 # %%
@@ -183,8 +188,9 @@ plots.recommendation_grid(level1.evaluation, queries, title=f"{finetune_backbone
 
 # %% [markdown]
 # ## Level 2
-# Because its time budget is wall-clock time, how far level 2 gets depends on the machine:
-# its outputs are not checked.
+# Level 2 stops by epochs and early stopping, so the same parameters give the same model on
+# any machine; its trained digits still depend on the machine's float rounding, so its
+# outputs are not checked.
 
 # %%
 if level2 is not None:
@@ -221,3 +227,50 @@ with torch.no_grad():
     again = backbone.model(images).numpy()
 print(backbone.name, f"{backbone.dim}-d")
 print("same embeddings as evaluated:", bool(np.allclose(again, chosen.vectors[query_rows], atol=1e-3)))
+
+# %% [markdown]
+# ## The best model from several backbones
+# With `search_backbone` set to a combination (e.g.
+# `ensemble:efficientnet_lite0,efficientnet_lite1,efficientnet_lite2`, see docs/ensembles.md),
+# the workbench asks which model to ship from these backbones: subsets of the members, each
+# through its own preprocessing, that plus its mirror image, or all four views (averaged per
+# member); frozen features or a projection head (loss, hidden width); ranking by similarity
+# alone or with a bonus for the query's predicted category; the category classifier's
+# features and strength. Every candidate is compared on a **select slice** of the train
+# split that no training and no early stopping has seen; only the chosen one is scored on
+# the queries, beside frozen `efficientnet_lite0` and its fine-tuned head above. The chosen
+# model is saved as `results/<run>/best.pt` and served by name. Its embedding cost (seconds
+# per image, summed over the networks it runs) is measured in one run at the end.
+
+# %%
+from IPython.display import display
+
+search = None
+if search_backbone:
+    search = stage_search(run_name, search_backbone, k=k, metric=metric, cost_images=search_cost_images)
+    print(f"searched {len(condensed_candidates(search.candidates, k))} feature set x head candidates (each with "
+          f"{search.candidates['boost'].nunique()} rankings); "
+          f"select slice: {search.result.record['finetune']['slices']['select']} train images")
+else:
+    print("no model search: set search_backbone to a combination of backbones to run one")
+
+# %%
+if search is not None:
+    chosen = search.result.record["finetune"]["chosen"]
+    print("chosen:", chosen["features"], "| head:", chosen["head"], "| ranking:", chosen["ranking"],
+          "| classifier:", chosen["classifier"])
+    print("served as:", search.served_name)
+    display(search.table.round(4))
+
+# %% [markdown]
+# Every candidate on the select slice (validation numbers; the queries were not used to choose):
+
+# %%
+if search is not None:
+    display(condensed_candidates(search.candidates, k))
+
+# %%
+if search is not None and search.cost is not None:
+    print(f"embedding cost, measured in one run on {search.cost.attrs['n_images']} query images "
+          f"(load average {search.cost.attrs['load_average_1min']}):")
+    display(search.cost)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..models.registry import backbone_spec, list_backbones
+from ..models.views import VIEWS
 from .common import add_backbone_module_argument, load_user_backbones
 
 
@@ -16,4 +17,6 @@ def run(args) -> int:
     for name in list_backbones():
         spec = backbone_spec(name)
         print(f"{name:<20} {spec.dim:>5}-d  {spec.family:<12} {spec.description}")
+    print(f"\nCombine them: ensemble:<a>,<b>,... (concatenated), <backbone>@<view>+<view> (views averaged; views: "
+          f"{', '.join(VIEWS)}); see docs/ensembles.md")
     return 0

@@ -1,10 +1,17 @@
 """``evaluate``: query -> gallery retrieval metrics for one backbone and index, frozen or fine-tuned."""
 from __future__ import annotations
 
+from ..errors import FashionRecError
+from ..experiment.cost import measure_embedding_cost
 from ..experiment.evaluate import evaluate_backbone, prepare
 from ..experiment.finetune import evaluate_finetuned
+from ..experiment.search import search_finetuned
+from ..models.ensemble import is_combined_name
+from ..models.finetuned import split_backbone_name
+from ..models.registry import check_backbone_name
 from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
+from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
 from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
                      load_user_backbones, print_json, print_metrics, print_skipped, store_settings)
@@ -33,21 +40,33 @@ def add_parser(commands) -> None:
     finetune.add_argument("--loss", default="auto", choices=["auto", *LOSSES],
                           help="metric-learning loss; auto compares all on the validation part and keeps the best")
     finetune.add_argument("--epochs", type=int, default=None, help="maximum epochs (level 1: 100, level 2: 30)")
-    finetune.add_argument("--time-budget", type=float, default=10.0,
-                          help="level 2: minutes of training (after feature caching)")
+    finetune.add_argument("--time-budget", type=float, default=None,
+                          help="level 2: a wall-clock safety net in minutes (default none: training stops by epochs "
+                               "and early stopping only, so the same command gives the same model on any machine; "
+                               "a run the net stops is reported as such)")
     finetune.add_argument("--trainable-blocks", type=int, default=2, help="level 2: last MBConv blocks trained")
     finetune.add_argument("--head-out", default=None, help="also write the model file here, e.g. results/<run>/head.pt")
     finetune.add_argument("--retrain", action="store_true", help="train again even when a cached model fits")
+    finetune.add_argument("--cost-images", type=int, default=32,
+                          help="ensembles: embed this many query images with the chosen model and with the first "
+                               "member alone, in one run, caches bypassed, and report images/s (0: skip)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
     load_user_backbones(args)
+    check_backbone_name(args.backbone)
+    searched = args.finetune and is_combined_name(split_backbone_name(args.backbone)[0])
+    if searched and args.finetune_level != 1:
+        raise FashionRecError(f"--finetune on {args.backbone!r} searches its members, views and heads on validation "
+                              "(level 1); level 2 fine-tunes one backbone: name a single backbone for it")
     store = store_settings(args, args.metric, args.index, args.search_params)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
     prepared.check_k(args.k)
     settings = inference_settings(args)
+    if searched:
+        return _run_searched(args, prepared, settings, store)
     if args.finetune:
         return _run_finetuned(args, prepared, settings, store)
     record, embeddings = evaluate_backbone(prepared, args.backbone, index=args.index, k=args.k, metric=args.metric,
@@ -68,7 +87,8 @@ def run(args) -> int:
 
 def _finetune_config(args, seed: int) -> FinetuneConfig:
     head = HeadConfig(k=args.k, seed=seed, **({"epochs": args.epochs} if args.epochs and args.finetune_level == 1 else {}))
-    tune = BackboneTuneConfig(seed=seed, time_budget_s=args.time_budget * 60, trainable_blocks=args.trainable_blocks,
+    tune = BackboneTuneConfig(seed=seed, time_budget_s=args.time_budget * 60 if args.time_budget else None,
+                              trainable_blocks=args.trainable_blocks,
                               **({"epochs": args.epochs} if args.epochs and args.finetune_level == 2 else {}))
     return FinetuneConfig(level=args.finetune_level, head=head, tune=tune,
                           losses=LOSSES if args.loss == "auto" else (args.loss,))
@@ -97,4 +117,57 @@ def _run_finetuned(args, prepared, settings, store) -> int:
     print(f"  category accuracy {record['category_accuracy']:.4f}, macro F1 {record['macro_f1']:.4f}; "
           f"trained in {record['train_seconds']:.1f} s{' (reused cached model)' if tuned['reused_cached_model'] else ''}")
     print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
+    if "cost" in record:
+        measured = record["cost"]["measured"]
+        costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
+                          f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
+        print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
+              f"{measured['load_average_1min'][0]}): {costs}")
+    return 0
+
+
+def _run_searched(args, prepared, settings, store) -> int:
+    head = HeadConfig(k=args.k, seed=args.split_seed, **({"epochs": args.epochs} if args.epochs else {}))
+    cfg = SearchConfig(head=head, losses=LOSSES if args.loss == "auto" else (args.loss,))
+    result = search_finetuned(prepared, args.backbone, cfg, index=args.index, k=args.k, metric=args.metric,
+                              search_params=args.search_params, settings=settings, model_path=args.head_out,
+                              retrain=args.retrain, store=store)
+    record = result.record
+    record["timing"] = {"train_seconds": record["train_seconds"]}
+    if args.cost_images > 0:
+        first = result.baseline_backbone.name
+        table = measure_embedding_cost(prepared, {"chosen": result.serving_backbones, first: result.baseline_backbone},
+                                       dims={"chosen": record["finetune"]["dim"]}, n_images=args.cost_images,
+                                       settings=settings)
+        record["cost"] = {"measured": {**table.attrs, "how": "seconds per image summed over the networks serving one "
+                                                             "image runs (decode + preprocess + forward), one process, "
+                                                             "caches bypassed"},
+                          "models": table.to_dict(orient="records")}
+    if args.json:
+        print_json(record)
+        return 0
+    tuned, chosen = record["finetune"], record["finetune"]["chosen"]
+    head_text = "no head (frozen features)" if chosen["head"] is None else \
+        f"head {chosen['head']['loss']}, hidden {chosen['head']['hidden_dim']}"
+    print(f"{record['dataset']} | {record['backbone']}: searched {tuned['candidates_compared']} candidates on the "
+          f"select slice ({tuned['slices']['select']} train images) | {record['index']} ({record['metric']}) | "
+          f"k={record['k']} | split seed {record['split_seed']} | {record['n_queries']} queries -> "
+          f"{record['n_gallery']} gallery")
+    print(f"  chosen: {chosen['features']}, {head_text}, category boost {chosen['ranking']['boost']} (predicted "
+          f"categories), classifier on {chosen['classifier']['features']} (C={chosen['classifier']['C']})")
+    print_metrics(record)
+    print_skipped(record["skipped"])
+    for name, gain in record["precision_at_k_gains"].items():
+        print(f"  gain {name.replace('_', ' ')}: {gain['diff']:+.4f} "
+              f"(95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
+    low, high = record["category_accuracy_ci"]
+    print(f"  category accuracy {record['category_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+          f"macro F1 {record['macro_f1']:.4f}")
+    print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
+    if "cost" in record:
+        measured = record["cost"]["measured"]
+        costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
+                          f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
+        print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
+              f"{measured['load_average_1min'][0]}): {costs}")
     return 0

@@ -70,13 +70,15 @@ def split_counts(catalog: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(columns=[*SPLITS, "total"], fill_value=0)
 
 
-def validation_split(labels, fraction: float = 0.15, seed: int = config.DEFAULT_SEED) -> tuple[np.ndarray, list[dict]]:
+def validation_split(labels, fraction: float = 0.15, seed: int = config.DEFAULT_SEED,
+                     purpose: str = "val") -> tuple[np.ndarray, list[dict]]:
     """Boolean mask of a stratified validation part of the train rows, and the left-out categories.
 
     A category gets ``round(fraction * n)`` validation rows (at least one) only when it
     has at least 3 train rows, so at least two stay to train on; smaller categories are
     trained on entirely and listed. Each category is shuffled by its own generator seeded
-    from (seed, category), as in :func:`split_catalog`.
+    from (purpose, seed, category), as in :func:`split_catalog`; another ``purpose`` draws
+    another slice (the model search's selection slice is ``"select"``).
     """
     labels = np.asarray(labels).astype(str)
     val = np.zeros(len(labels), dtype=bool)
@@ -89,7 +91,7 @@ def validation_split(labels, fraction: float = 0.15, seed: int = config.DEFAULT_
             not_validated.append({"label": str(label), "n_train": int(len(positions)),
                                   "reason": "fewer than 3 train images: all used for training, none for validation"})
             continue
-        label_seed = int.from_bytes(hashlib.sha256(f"val:{seed}:{label}".encode()).digest()[:8], "little")
+        label_seed = int.from_bytes(hashlib.sha256(f"{purpose}:{seed}:{label}".encode()).digest()[:8], "little")
         order = positions[np.random.default_rng(label_seed).permutation(len(positions))]
         n_val = min(len(order) - 2, max(1, round(fraction * len(order))))
         val[order[:n_val]] = True

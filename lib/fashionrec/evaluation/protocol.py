@@ -15,6 +15,7 @@ import pandas as pd
 
 from . import metrics
 from ..indexing.backends import open_store
+from ..indexing.category import category_aware_search
 from ..settings import StoreSettings
 
 N_BOOTSTRAP = 1000
@@ -71,12 +72,18 @@ def dataset_fingerprint(metadata: pd.DataFrame) -> str:
 def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10, index: str = "Flat",
                         metric: str = "cosine", search_params: str = "", seed: int = 0,
                         query_split: str = "query", gallery_split: str = "gallery",
-                        store: StoreSettings = StoreSettings()) -> Evaluation:
+                        store: StoreSettings = StoreSettings(), categories: np.ndarray | None = None,
+                        boost: float = 0.0, categories_source: str = "predicted") -> Evaluation:
     """Ranks the gallery for every query and scores the top ``k`` by category match.
 
     The gallery goes into a throwaway vector store of the kind ``store`` names (faiss in this
     process by default, or a Milvus collection dropped afterwards), with gallery row positions
     as ids; the protocol record says which store ranked it.
+
+    With ``categories`` (one per ``metadata`` row, e.g. a classifier's predictions) and a
+    non-zero ``boost``, gallery items of the query's category get that score bonus
+    (:func:`fashionrec.indexing.category.category_aware_search`; ``inf``: that category first).
+    Relevance is always the true ``label``.
     """
     split = metadata["split"].to_numpy()
     query_rows = np.flatnonzero(split == query_split)
@@ -87,9 +94,18 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         raise ValueError(f"k={k} exceeds the gallery size {len(gallery_rows)}")
     queries = metadata.iloc[query_rows].reset_index(drop=True)
     gallery = metadata.iloc[gallery_rows].reset_index(drop=True)
+    ranked = bool(boost) and categories is not None
+    stored_labels = np.asarray(categories).astype(str)[gallery_rows] if ranked else gallery["label"].astype(str)
     with open_store(store, metric, index, search_params, seed=seed, drop_on_close=True) as gallery_store:
-        gallery_store.add(np.arange(len(gallery)), vectors[gallery_rows], gallery["label"].astype(str).tolist())
-        scores, positions = gallery_store.search(vectors[query_rows], k)
+        gallery_store.add(np.arange(len(gallery)), vectors[gallery_rows], list(stored_labels))
+        if ranked:
+            scores, positions = category_aware_search(
+                gallery_store, vectors[query_rows], np.asarray(categories).astype(str)[query_rows],
+                sorted(set(stored_labels)), k, boost, metric)
+        else:
+            scores, positions = gallery_store.search(vectors[query_rows], k)
+    ranking = {"boost": "inf" if np.isinf(boost) else float(boost), "categories": categories_source} \
+        if ranked else None
 
     query_labels = queries["label"].to_numpy()
     gallery_labels = gallery["label"].to_numpy()
@@ -107,6 +123,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "n_queries": int(len(queries)),
         "n_gallery": int(len(gallery)),
         "n_categories": int(len(np.unique(query_labels))),
+        **({"category_ranking": ranking} if ranking else {}),
     }
     return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query))
 

@@ -144,6 +144,7 @@ def evaluation_record(prepared: PreparedData, backbone: str, runtime: str, embed
         "runtime": runtime,
         "weights_sha256": embeddings.weights_sha256,
         "backbone_cache_key": embeddings.cache_key,
+        "preprocessing": embeddings.preprocessing,
         "dataset_fingerprint": dataset_fingerprint(evaluated_metadata),
         **evaluation.to_record(bootstrap_seed=prepared.split_seed),
         "n_skipped": len(prepared.skipped) + len(embeddings.skipped),

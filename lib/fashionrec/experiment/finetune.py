@@ -174,7 +174,7 @@ def _finetuned_vectors(prepared, backbone: str, payload: dict, cached: Path, met
     by_id = dict(zip(headed.metadata["id"], headed.vectors))
     vectors = np.zeros((len(metadata), headed.vectors.shape[1]), np.float32)
     if trained is not None:   # train rows: only when just trained (their clean views, tuned blocks + head)
-        vectors[split == "train"] = trained.tuned.train_vectors
+        vectors[split == "train"] = trained.train_vectors
     for i in np.flatnonzero(np.isin(split, ("gallery", "query"))):
         vectors[i] = by_id[metadata["id"].iloc[i]]
     return vectors
@@ -218,6 +218,7 @@ def _finetune_record(backbone: str, payload: dict, cached: Path, model_path, reu
             "train_fingerprint": train_fingerprint,
             "n_train": payload["n_train"],
             "n_validation": selection.get("n_validation"),
+            "n_selection": selection.get("n_selection"),
             "epochs": payload["epochs"],
             "head_config": payload["head_config"],
             "tune_config": payload["tune_config"],

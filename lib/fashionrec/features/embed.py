@@ -11,6 +11,10 @@ shards, and the next run resumes from them.
 Work is cut into shards in catalog order over the images still missing from the cache,
 so an interrupted-then-resumed run sees the very same batches as an uninterrupted one and
 produces bit-identical embeddings.
+
+A combination (:class:`~fashionrec.models.ensemble.CombinedBackbone`: an ensemble, or views
+of one backbone) has no cache of its own: each of its leaves (one network, one view) is
+embedded and cached under its own key, and the combination is computed from them.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from ..data.images import file_digest
 from ..data.ledger import skipped_entry
 from ..errors import FashionRecError
 from ..models.backbone import Backbone
+from ..models.ensemble import CombinedBackbone, preprocessing
 from ..settings import InferenceSettings
 from .batches import collate, decode, embed_batch
 from .ray_engine import embed_on_ray
@@ -40,6 +45,8 @@ from .ray_engine import embed_on_ray
 # Images per cache shard: the most work a kill can lose. Overridable so tests can kill
 # a real run between shards without embedding thousands of images.
 SHARD_SIZE = int(os.environ.get("FASHIONREC_SHARD_SIZE", 256))
+# Catalog position of each row while a combination's parts are embedded and aligned.
+_ROW = "_combined_row"
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Embeddings:
     n_reused: int = 0
     n_computed: int = 0
     seconds: float = 0.0
+    computed: np.ndarray | None = None     # per row: computed now (True) or found in the cache
+    preprocessing: list[dict] = field(default_factory=list)   # what each network did to an image (one row per leaf)
 
     @property
     def images_per_second(self) -> float:
@@ -114,8 +123,9 @@ def cache_dir_for(backbone: Backbone) -> Path:
     return config.INTERIM_DIR / "embeddings" / f"{backbone.name}-{backbone.cache_key[:16]}"
 
 
-def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: InferenceSettings = InferenceSettings(),
-                  cache_dir: Path | None = None, root: Path | None = None) -> Embeddings:
+def embed_catalog(catalog: pd.DataFrame, backbone: Backbone | CombinedBackbone,
+                  settings: InferenceSettings = InferenceSettings(), cache_dir: Path | None = None,
+                  root: Path | None = None) -> Embeddings:
     """Embeds every image of ``catalog`` (columns id, path, label, ...) with ``backbone``.
 
     Images that fail to decode are left out of the result and listed in ``skipped`` with
@@ -124,7 +134,10 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
     every image decoded already, so this happens only when a file changed since.
     ``n_reused + n_computed`` is the number of vectors returned. ``settings`` supplies batch
     size, decoding workers, threads and progress (the backbone already runs on its runtime).
+    A combination is embedded part by part (see :func:`embed_combined`).
     """
+    if isinstance(backbone, CombinedBackbone):
+        return embed_combined(catalog, backbone, settings, cache_dir, root)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     cache = EmbeddingCache(cache_dir or cache_dir_for(backbone), backbone.dim)
@@ -165,9 +178,42 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
     metadata = catalog.iloc[keep].reset_index(drop=True).assign(digest=[digests[p] for p in keep])
     vectors = np.stack([cache.vectors[digests[p]] for p in keep]) if keep else np.zeros((0, backbone.dim), np.float32)
     computed_now = {digests[p] for p in pending}
-    n_computed = sum(digests[p] in computed_now for p in keep)
+    computed = np.array([digests[p] in computed_now for p in keep], dtype=bool)
+    n_computed = int(computed.sum())
     return Embeddings(vectors.astype(np.float32, copy=False), metadata, backbone.name, backbone.cache_key,
-                      backbone.weights_sha256, skipped, len(keep) - n_computed, n_computed, seconds)
+                      backbone.weights_sha256, skipped, len(keep) - n_computed, n_computed, seconds, computed,
+                      preprocessing(backbone))
+
+
+def embed_combined(catalog: pd.DataFrame, backbone: CombinedBackbone, settings: InferenceSettings = InferenceSettings(),
+                   cache_dir: Path | None = None, root: Path | None = None) -> Embeddings:
+    """:func:`embed_catalog` for a combination: each part embedded (and cached) on its own, then combined.
+
+    A row is kept when every part embedded it; an image that failed in any part is listed
+    once in ``skipped``. ``seconds`` is the parts' total, ``n_computed`` the rows that any
+    part had to compute, so ``images_per_second`` is the combination's own throughput.
+    ``cache_dir`` (tests) holds one sub-directory per leaf.
+    """
+    nested = _ROW in catalog.columns
+    rows = catalog.reset_index(drop=True).assign(**{_ROW: np.arange(len(catalog))})
+    parts = []
+    for position, part in enumerate(backbone.parts):
+        part_dir = None if cache_dir is None else Path(cache_dir) / f"part{position}-{part.cache_key}"
+        parts.append(embed_catalog(rows, part, settings, part_dir, root))
+    kept = set.intersection(*(set(part.metadata[_ROW]) for part in parts))
+    metadata = parts[0].metadata[parts[0].metadata[_ROW].isin(kept)].reset_index(drop=True)
+    order = metadata[_ROW].tolist()
+    aligned, computed = [], np.zeros(len(order), dtype=bool)
+    for part in parts:
+        position = {row: i for i, row in enumerate(part.metadata[_ROW])}
+        taken = [position[row] for row in order]
+        aligned.append(part.vectors[taken] if order else np.zeros((0, part.vectors.shape[1]), np.float32))
+        computed |= part.computed[taken]
+    vectors = backbone.combine_vectors(aligned) if order else np.zeros((0, backbone.dim), np.float32)
+    skipped = list({item["path"]: item for part in parts for item in part.skipped}.values())
+    return Embeddings(vectors.astype(np.float32, copy=False), metadata if nested else metadata.drop(columns=_ROW),
+                      backbone.name, backbone.cache_key, backbone.weights_sha256, skipped, int((~computed).sum()),
+                      int(computed.sum()), sum(part.seconds for part in parts), computed, preprocessing(backbone))
 
 
 def _shard_batches(n_pending: int, batch_size: int) -> list[list[int]]:

@@ -34,6 +34,7 @@ def save_embeddings(embeddings: Embeddings, directory: Path, extra: dict | None 
         "weights_sha256": embeddings.weights_sha256,
         "n": int(len(embeddings.vectors)),
         "dim": int(embeddings.vectors.shape[1]),
+        "preprocessing": embeddings.preprocessing,
         "n_skipped": len(embeddings.skipped),
         "skipped": embeddings.skipped,
         **(extra or {}),

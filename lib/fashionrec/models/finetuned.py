@@ -11,6 +11,7 @@ imports the training code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from .. import config
 from ..errors import WeightsUnavailable
 from .backbone import Backbone
 from .classifier import CategoryClassifier
+from .ensemble import CombinedBackbone
 from .projection import HeadedModel, ProjectionHead
 
 FORMAT = "fashionrec-head/1"
@@ -79,6 +81,7 @@ def load_model(path) -> dict:
 
 
 def head_from_payload(payload: dict) -> ProjectionHead:
+    """The projection head a model file holds (a searched model that chose frozen features has none: no state_dict)."""
     config = payload["head_config"]
     head = ProjectionHead(payload["in_dim"], config["hidden_dim"], payload["out_dim"], config["input_dropout"],
                           config["dropout"])
@@ -136,10 +139,12 @@ def parameters_sha256(payload: dict) -> str:
     return digest.hexdigest()
 
 
-def headed_backbone(name: str, base: Backbone) -> Backbone:
+def headed_backbone(name: str, base: Backbone | CombinedBackbone) -> Backbone | CombinedBackbone:
     """``<base>+head:<file>``: the base backbone, its fine-tuned blocks (level 2) and the head, as a Backbone.
 
-    ``base`` is the base backbone, already built (the registry builds it from the name).
+    ``base`` is the base backbone, already built (the registry builds it from the name). A
+    combination (``ensemble:...+head:<file>``) stays a CombinedBackbone whose head maps the
+    combined vector; level-2 blocks do not apply to it.
     """
     base_name, reference = split_backbone_name(name)
     if not reference:
@@ -152,6 +157,17 @@ def headed_backbone(name: str, base: Backbone) -> Backbone:
         raise WeightsUnavailable(f"{path}: trained on {base_name} weights with sha256 "
                                  f"{str(payload.get('base_weights_sha256'))[:16]}..., but the weights in use have "
                                  f"{str(base.weights_sha256)[:16]}...")
+    level = payload.get("level", 1)
+    head = head_from_payload(payload) if payload.get("state_dict") is not None else None
+    description = (f"{base_name} + level-{level} fine-tuned head ({payload['loss']}, {payload['out_dim']}-d, "
+                   f"unit norm) from {path}") if head is not None else \
+        f"{base_name} with the category classifier and ranking of {path} (no head: frozen features)"
+    if isinstance(base, CombinedBackbone):
+        if payload.get("trunk_state_dict"):
+            raise WeightsUnavailable(f"{path}: holds fine-tuned backbone blocks, which a combination cannot take")
+        return base.with_head(name, head, parameters_sha256(payload), description)
+    if head is None:
+        return dataclasses.replace(base, name=name, weights_sha256=parameters_sha256(payload), description=description)
     model = base.model
     if payload.get("trunk_state_dict"):
         model = copy.deepcopy(model)
@@ -162,15 +178,6 @@ def headed_backbone(name: str, base: Backbone) -> Backbone:
             raise WeightsUnavailable(f"{path}: fine-tuned parameters {unknown[:3]} do not fit {base_name}")
         own.update(trunk_state)
         model.load_state_dict(own, strict=True)
-    headed = HeadedModel(model, head_from_payload(payload)).eval()
-    level = payload.get("level", 1)
-    return Backbone(
-        name=name,
-        dim=int(payload["out_dim"]),
-        transform=base.transform,
-        model=headed,
-        classifier=None,
-        weights_sha256=parameters_sha256(payload),
-        description=(f"{base_name} + level-{level} fine-tuned head ({payload['loss']}, {payload['out_dim']}-d, "
-                     f"unit norm) from {path}"),
-    )
+    headed = HeadedModel(model, head).eval()
+    return Backbone(name=name, dim=int(payload["out_dim"]), transform=base.transform, model=headed, classifier=None,
+                    weights_sha256=parameters_sha256(payload), description=description)

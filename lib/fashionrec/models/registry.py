@@ -9,6 +9,8 @@
   looks a backbone up (the CLI, papermill kernels, the app) loads them first, so a
   registered backbone is seen everywhere.
 * ``<base>+head:<file>``: a fine-tuned model (:mod:`fashionrec.models.finetuned`).
+* ``ensemble:<a>,<b>,...`` and ``<backbone>@<view>+<view>``: combinations of backbones and
+  views (:mod:`fashionrec.models.ensemble`, docs/ensembles.md); ``<base>`` above may be one.
 
 A builder takes the optional weights file (``Path`` or None) and returns a
 :class:`~fashionrec.models.backbone.BuiltBackbone`. When it states no weights checksum, the
@@ -30,6 +32,7 @@ from .. import config
 from ..errors import FashionRecError, UnknownBackbone, did_you_mean
 from .backbone import Backbone, BackboneSpec, BuiltBackbone, state_dict_sha256
 from .builtin import BUILTIN_BACKBONES
+from .ensemble import CombinedBackbone, combined_backbone, is_combined_name, parse_combined_name
 from .finetuned import HEAD_SEPARATOR, headed_backbone, split_backbone_name
 
 BACKBONE_MODULES_ENV = "FASHIONREC_BACKBONE_MODULES"
@@ -141,20 +144,32 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 def check_backbone_name(name: str) -> None:
     """Raises UnknownBackbone unless ``name`` resolves, without building anything heavy."""
-    backbone_spec(split_backbone_name(name)[0])
+    base = split_backbone_name(name)[0]
+    if is_combined_name(base):
+        for member in parse_combined_name(base)[1]:
+            backbone_spec(member.backbone)
+        return
+    backbone_spec(base)
 
 
-def get_backbone(name: str, weights_file: str | Path | None = None) -> Backbone:
+def get_backbone(name: str, weights_file: str | Path | None = None) -> Backbone | CombinedBackbone:
     """Build the named backbone in eval mode.
 
     ``weights_file`` replaces the published weights with a local state_dict file (for
     the backbones that have pretrained weights); it must fit the architecture exactly.
     ``<name>+head:<file or run>`` is a fine-tuned model: the base backbone followed by its
     trained projection head; its cache key covers the head file's parameters.
+    ``ensemble:...`` and ``<backbone>@<views>`` build a :class:`CombinedBackbone` of their
+    members (each built once); a weights file does not apply to a combination.
     """
     if HEAD_SEPARATOR in name:
         base_name, _ = split_backbone_name(name)
         return headed_backbone(name, get_backbone(base_name, weights_file=weights_file))
+    if is_combined_name(name):
+        if weights_file is not None:
+            raise FashionRecError(f"{name!r} combines several backbones: --weights-file applies to one backbone "
+                                  "only; register the other weights as a backbone of their own and name it")
+        return combined_backbone(name, get_backbone)
     spec = backbone_spec(name)
     built = spec.builder(Path(weights_file) if weights_file is not None else None)
     if not isinstance(built, BuiltBackbone):

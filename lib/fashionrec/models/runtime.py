@@ -50,6 +50,7 @@ from ..errors import FashionRecError, ImageError
 from ..settings import DEFAULT_RUNTIME, RUNTIMES
 from .backbone import Backbone
 from .builtin import ColorHistogram
+from .ensemble import CombinedBackbone
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -339,17 +340,21 @@ def _with_draft(backbone: Backbone, draft: bool) -> Backbone:
 # --- the one entry point the workflow uses -------------------------------------------------------
 
 
-def with_runtime(backbone: Backbone, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
+def with_runtime(backbone: Backbone | CombinedBackbone, runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
                  calibration_paths: Sequence[str | os.PathLike] | None = None, draft: bool | None = None,
-                 progress: bool = False) -> Backbone:
+                 progress: bool = False) -> Backbone | CombinedBackbone:
     """``backbone`` prepared for ``runtime`` (one of RUNTIMES).
 
     ``"eager"`` returns the backbone untouched (full decoding, the reference cache key)
     unless ``draft=True``; the ONNX runtimes decode JPEGs in draft mode unless
-    ``draft=False``. ``"onnx-int8"`` needs ``calibration_paths`` (training images).
+    ``draft=False``. ``"onnx-int8"`` needs ``calibration_paths`` (training images). A
+    combination gets the runtime leaf by leaf (its head, small, stays in PyTorch).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
+    if isinstance(backbone, CombinedBackbone):
+        return backbone.map_leaves(lambda leaf: with_runtime(leaf, runtime, threads, calibration_paths, draft,
+                                                             progress))
     draft = runtime != "eager" if draft is None else draft
     if runtime == "eager":
         return _with_draft(backbone, draft)
@@ -369,8 +374,10 @@ def calibration_sample(paths: Sequence[str], n: int = CALIBRATION_IMAGES, seed: 
     return [paths[i] for i in sorted(chosen)]
 
 
-def runtime_of(backbone: Backbone) -> str:
-    """Which runtime a (possibly wrapped) backbone runs on."""
+def runtime_of(backbone: Backbone | CombinedBackbone) -> str:
+    """Which runtime a (possibly wrapped) backbone runs on (a combination: its first leaf's)."""
+    if isinstance(backbone, CombinedBackbone):
+        return runtime_of(backbone.leaves()[0])
     if isinstance(backbone.model, OnnxModel):
         return "onnx-int8" if "onnx-int8" in backbone.model.describe else "onnx"
     return "eager"

@@ -118,12 +118,21 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("finetune_losses", "list[str]", list(LOSSES), "Metric-learning losses compared on the validation part "
               "of the train split; the best is kept (`--loss auto`).", ("04",), choices=LOSSES),
     Parameter("finetune_level2", "bool", False, "Also train the backbone's last blocks with the head (level 2, "
-              "efficientnet_lite* only), under `finetune_time_budget_min`.", ("04",)),
-    Parameter("finetune_time_budget_min", "float", 10.0, "Level 2: minutes of training (after the trunk's "
-              "features are cached).", ("04",), minimum=0),
+              "efficientnet_lite* only); it stops by epochs and early stopping, so the same file gives the same "
+              "model on any machine.", ("04",)),
+    Parameter("finetune_time_budget_min", "float", None, "Level 2: an opt-in wall-clock safety net, in minutes of "
+              "training (after the trunk's features are cached); a run it stops is reported as such and depends "
+              "on the machine's speed. Null: none.", ("04",), nullable=True, minimum=0),
     Parameter("finetune_trainable_blocks", "int", 2, "Level 2: the last MBConv blocks trained.", ("04",), minimum=1),
     Parameter("finetune_n_views", "int", 2, "Level 2: augmented views per train image whose trunk features are "
               "cached.", ("04",), minimum=0),
+    Parameter("search_backbone", "str", None, "A combination of backbones (`ensemble:a,b,c`, docs/ensembles.md) "
+              "that 04-finetune searches for the model to ship: members, views, heads, category-aware ranking and "
+              "classifier, every choice made on a select slice of the train split; the chosen model is saved as "
+              "`results/<run>/best.pt`. Null: no search.", ("04",), nullable=True),
+    Parameter("search_cost_images", "int", 64, "Query images the model search embeds with every candidate's "
+              "networks, in one run and caches bypassed, to state each one's seconds per image (0: not measured).",
+              ("04",), minimum=0),
     Parameter("recommend_backbone", "str", "efficientnet_lite0", "Backbone of 06-recommend's index folder; a "
               "fine-tuned `<backbone>+head:<run or file>` model too, whose category classifier then predicts each "
               "query's category.", ("06",)),

@@ -90,6 +90,100 @@ def _category_aware_lines(aware: dict, k: int) -> list[str]:
     return lines + [""]
 
 
+def _interval_text(value, low, high, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _signed_interval(gain: dict) -> str:
+    return f"{gain['diff']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
+
+
+def _search_section(out: Path, k: int) -> list[str]:
+    metrics_file = out / "search_metrics.json"
+    if not metrics_file.exists():
+        return []
+    record = json.loads(metrics_file.read_text())
+    chosen, query, slices = record["chosen"], record["query"], record["slices"]
+    head = chosen["head"]
+    head_text = "no head (the frozen features)" if head is None else \
+        f"a {head['loss']} head ({head['hidden_dim']} hidden, {head['out_dim']}-d, {head['epochs']} epochs)"
+    boost = chosen["ranking"]["boost"]
+    ranking = {0: "by similarity alone", "inf": "within the predicted category first"}.get(
+        boost, f"with a score bonus of {boost} for the predicted category")
+    lines = [f"## Model search over `{record['searched']}` (chosen on validation; P@{k} [95% CI])", "",
+             f"The train split was cut into three stratified slices: fit ({slices['fit']} images: training), stop "
+             f"({slices['stop']}: early stopping) and select ({slices['select']}: every comparison below). The select "
+             "slice was never trained on nor used to stop training; each select image ranked the other select images, "
+             "with categories predicted by the chosen classifier for both sides. **Numbers marked 'select' are "
+             "validation numbers.** Only the chosen model and the references were scored on the queries.", "",
+             f"**Chosen:** `{chosen['features']}` with {head_text}, ranked {ranking}; category classifier on "
+             f"`{chosen['classifier']['features']}` (C={chosen['classifier']['C']}). Select P@{k} "
+             f"{_interval_text(chosen['select_precision_at_k'], *chosen['select_precision_at_k_ci'])}. "
+             f"Served as `{record['served_name']}` ({record['dim']}-d, {record['bytes_per_vector']} bytes per "
+             "float32 vector).", "",
+             f"Query -> gallery (gallery categories predicted, not looked up): P@{k} "
+             f"{_interval_text(query['precision_at_k'], *query['precision_at_k_ci'])}, category accuracy "
+             f"{_interval_text(query['category_accuracy'], *query['category_accuracy_ci'])}.", ""]
+    table = _read_csv(out / "search.csv")
+    if table is not None:
+        shown = pd.DataFrame({
+            "model": table["model"],
+            f"P@{k}": [_interval_text(r.precision_at_k, r.precision_at_k_low, r.precision_at_k_high)
+                       for r in table.itertuples()],
+            "hit@1": table["hit_rate_at_1"].map(lambda v: f"{v:.3f}"),
+            f"mAP@{k}": table["map_at_k"].map(lambda v: f"{v:.3f}"),
+            "category accuracy": [_interval_text(r.category_accuracy, r.category_accuracy_low,
+                                                 r.category_accuracy_high) if r.category_accuracy == r.category_accuracy
+                                  else "" for r in table.itertuples()]})
+        lines += ["Queries (the chosen model and the references only):", "", _markdown(shown), ""]
+    gains = query["precision_at_k_gains"]
+    first = query["references"]["frozen"]["backbone"]
+    names = {"over_frozen": f"over `{first}` frozen",
+             "over_finetuned": f"over `{first}` with its fine-tuned head (`--finetune`)"}
+    for key, gain in gains.items():
+        verdict = "significant" if gain["significant"] else "not significant"
+        lines.append(f"- Paired gain in P@{k} {names.get(key, key)}: {_signed_interval(gain)} ({verdict}).")
+    lines.append("")
+    candidates = _read_csv(out / "search_candidates.csv")
+    if candidates is not None:
+        lines += [f"Every candidate on the select slice (validation): one row per feature set and head; P@{k} by "
+                  "similarity alone and with the best category bonus (`inf`: within the predicted category first). "
+                  "Dimensions are those of the stored vector; seconds per image are in the Timings section. All "
+                  "boosts: `search_candidates.csv`.", "", _markdown(condensed_candidates(candidates, k)), ""]
+    classifier = _read_csv(out / "search_classifier.csv")
+    if classifier is not None:
+        shown = classifier.assign(select_accuracy=[
+            _interval_text(r.select_accuracy, *_bounds(r.select_accuracy_ci)) for r in classifier.itertuples()])
+        lines += ["Category classifier candidates (logistic regression trained on fit + stop, accuracy on the select "
+                  "slice: validation):", "", _markdown(shown.drop(columns=["select_accuracy_ci"])), ""]
+    return lines
+
+
+def _bounds(value) -> list[float]:
+    """An interval as stored in a table: a list, or its JSON text once read back from a CSV."""
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def condensed_candidates(candidates: pd.DataFrame, k: int) -> pd.DataFrame:
+    """One row per feature set x head of a search's candidates: select P@k plain and with the best boost [95% CI]."""
+    rows = []
+    keys = ["features", "loss", "hidden_dim"]
+    for (features, loss, hidden), group in candidates.groupby(keys, dropna=False, sort=False):
+        plain = group[group["boost"] == 0]
+        best = group.loc[group["select_precision_at_k"].idxmax()]
+        plain_row = plain.iloc[0] if len(plain) else best
+        rows.append({"features": features, "head": "none" if loss == "none" else f"{loss}, {int(hidden)}",
+                     "dim": int(best["dim"]),
+                     "select plain": _interval_text(plain_row["select_precision_at_k"],
+                                                    *_bounds(plain_row["select_precision_at_k_ci"])),
+                     "best boost": str(best["boost"]),
+                     f"select P@{k}": _interval_text(best["select_precision_at_k"],
+                                                     *_bounds(best["select_precision_at_k_ci"]))})
+    return pd.DataFrame(rows)
+
+
 def _distance_dimension_section(out: Path, k: int) -> list[str]:
     summary_file = out / "distance_dimension.json"
     if not summary_file.exists():
@@ -118,6 +212,17 @@ def _distance_dimension_section(out: Path, k: int) -> list[str]:
 def _timings_section(out: Path) -> list[str]:
     lines = ["## Timings", "", "Machine-dependent, so kept apart from the metrics files: "
              "`throughput.csv`, `index_timings.csv`, `finetune_timing.json`.", ""]
+    cost = _read_csv(out / "search_cost.csv")
+    search_timing = out / "search_timing.json"
+    if cost is not None and search_timing.exists():
+        measured = json.loads(search_timing.read_text())["cost_measured_on"]
+        lines += [f"Embedding cost of the model search's candidates, measured in one run on {measured['n_images']} "
+                  f"{measured['split']} images (runtime {measured['runtime']}, batch {measured['batch_size']}, "
+                  f"{measured['workers']} decoding workers, caches bypassed; 1-minute load average "
+                  f"{measured['load_average_1min'][0]} before, {measured['load_average_1min'][1]} after): a "
+                  "combination costs the sum of its networks; 'chosen (serving)' includes the classifier's "
+                  "features when it ranks by predicted category.", "",
+                  _markdown(cost, floatfmt=".4f"), ""]
     timing_file = out / "finetune_timing.json"
     if timing_file.exists():
         timing = json.loads(timing_file.read_text())
@@ -244,6 +349,7 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
         lines += [_markdown(table), ""]
     lines += _distance_dimension_section(out, k)
     lines += _finetune_section(out, k)
+    lines += _search_section(out, k)
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     if figures:
         lines += ["## Figures", ""] + [f"- [{figure.stem}](figures/{figure.name})" for figure in figures] + [""]

@@ -8,6 +8,7 @@ Layout of a run directory:
     index_variants.csv                               02-index
     metrics.csv, metrics.json, per_category.csv      03-evaluate (no timings: byte-identical reruns)
     head.pt, finetune.csv, finetune_metrics.json     04-finetune (finetune_timing.json: its timings)
+    best.pt, search_*.csv, search_metrics.json       04-finetune's model search (search_cost.csv, search_timing.json)
     index/<backbone>-<index>/                        06-recommend (an index folder of the run's catalog)
     figures/*.png, report.md                         plots and the report
 
@@ -33,15 +34,19 @@ from ..evaluation.analysis import distance_and_dimension, umap_2d
 from ..evaluation.compare import paired_comparisons, winners
 from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
 from ..experiment.evaluate import PreparedData, embed, prepare
+from ..experiment.cost import measure_embedding_cost
 from ..experiment.finetune import FinetunedEvaluation, evaluate_finetuned
+from ..experiment.search import SearchedEvaluation, search_finetuned
 from ..features.files import load_embeddings, save_embeddings
 from ..indexing.faiss_index import build_index, index_bytes_per_vector, resolve_factory, search
 from ..indexing.measure import recall_vs_exact
+from ..models.ensemble import combined_backbone
 from ..models.finetuned import HEAD_SEPARATOR
 from ..serving.recommender import Recommender
 from ..settings import InferenceSettings
 from ..training.finetune import FinetuneConfig
 from ..training.heads import HeadConfig
+from ..training.search import NO_HEAD, SearchConfig
 from ..training.trunk import BackboneTuneConfig
 from . import plots
 
@@ -322,14 +327,15 @@ def _finetune_row(model: str, level: int, result, record: dict) -> dict:
 
 def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cosine",
                    losses=("proxy_anchor", "norm_softmax", "supcon"), level2: bool = False,
-                   time_budget_min: float = 10.0, trainable_blocks: int = 2, n_views: int = 2,
+                   time_budget_min: float | None = None, trainable_blocks: int = 2, n_views: int = 2,
                    progress: bool = True) -> FinetuneStage:
     """Level 1 (head on frozen embeddings), optionally level 2 (last blocks + head), model of record.
 
     The level with the better *validation* P@k becomes ``head.pt``. Writes
     ``finetune_metrics.json`` and ``finetune.csv`` (metrics only) and ``finetune_timing.json``
     (training seconds, machine-dependent). A rerun reuses the cached models, so its metrics
-    are byte-identical; a fresh level 2 that stops on its wall-clock budget may differ.
+    are byte-identical; level 2 stops by epochs and early stopping (``time_budget_min``, off by
+    default, is a wall-clock safety net; a run it stops is reported and may differ between machines).
     """
     prepared = load_prepared(run_name)
     out = run_dir(run_name)
@@ -339,7 +345,8 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
                                k=k, metric=metric, settings=settings, model_path=out / "head-level1.pt")
     second, skipped = None, None
     if level2:
-        tune_config = BackboneTuneConfig(seed=prepared.split_seed, time_budget_s=time_budget_min * 60,
+        tune_config = BackboneTuneConfig(seed=prepared.split_seed,
+                                         time_budget_s=time_budget_min * 60 if time_budget_min else None,
                                          trainable_blocks=trainable_blocks, n_views=n_views)
         try:
             second = evaluate_finetuned(prepared, backbone, FinetuneConfig(level=2, head=head_config, tune=tune_config,
@@ -381,6 +388,107 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
         "level2_train_seconds": None if second is None else second.payload["train_seconds"],
         "level2": None if second is None else second.payload["selection"]["level2"]})
     return FinetuneStage(first, second, chosen, headed_name, table, skipped)
+
+
+@dataclass
+class SearchStage:
+    """The model search of a run: the chosen model, its candidates and what serving it costs."""
+
+    result: SearchedEvaluation
+    served_name: str                   # the chosen model's backbone name: "<features>+head:results/<run>/best.pt"
+    candidates: pd.DataFrame           # every candidate x boost: select-slice P@k [95% CI] (search_candidates.csv)
+    table: pd.DataFrame                # query -> gallery: the references and the chosen model (search.csv)
+    cost: pd.DataFrame | None          # seconds per image, measured in one run (search_cost.csv)
+
+
+def _query_row(model: str, evaluation, seed: int, accuracy=None, accuracy_ci=None, gains=None) -> dict:
+    record = evaluation.to_record(bootstrap_seed=seed)
+    row = {"model": model}
+    for name in ("precision_at_k", "hit_rate_at_1", "map_at_k"):
+        row[name] = record[name]
+    row["precision_at_k_low"], row["precision_at_k_high"] = record["precision_at_k_ci"]
+    row["category_accuracy"] = accuracy
+    row["category_accuracy_low"], row["category_accuracy_high"] = accuracy_ci or (None, None)
+    for name, gain in (gains or {}).items():
+        row[f"gain_{name}"], row[f"gain_{name}_low"], row[f"gain_{name}_high"] = gain["diff"], gain["low"], gain["high"]
+    return row
+
+
+def stage_search(run_name: str, backbone: str, k: int = 10, metric: str = "cosine", losses=None,
+                 hidden_dims=(512, 1024), cost_images: int = 64, progress: bool = True) -> SearchStage:
+    """The model search over the combination ``backbone`` (see fashionrec.experiment.search), its model of record.
+
+    Writes ``best.pt`` (served as ``<chosen feature set>+head:results/<run>/best.pt``),
+    ``search_candidates.csv`` (every candidate x boost, select slice), ``search_classifier.csv``
+    (select slice), ``search.csv`` and ``search_metrics.json`` (the chosen model and the
+    references on the queries, paired gains) and, machine-dependent, ``search_cost.csv`` and
+    ``search_timing.json``. A rerun reuses the cached model: its metrics files are byte-identical.
+    """
+    prepared = load_prepared(run_name)
+    out = run_dir(run_name)
+    settings = InferenceSettings(progress=progress)
+    seed = prepared.split_seed
+    cfg = SearchConfig(head=HeadConfig(k=k, seed=seed), hidden_dims=tuple(hidden_dims),
+                       **({"losses": tuple(losses)} if losses else {}))
+    model_file = out / "best.pt"
+    result = search_finetuned(prepared, backbone, cfg, k=k, metric=metric, settings=settings, model_path=model_file)
+    reference = model_file.relative_to(config.PROJECT_ROOT) if model_file.is_relative_to(config.PROJECT_ROOT) \
+        else model_file
+    served = f"{result.payload['backbone']}{HEAD_SEPARATOR}{reference}"
+    selection = result.outcome
+    candidates = pd.DataFrame(selection["candidates"])
+    candidates.to_csv(out / "search_candidates.csv", index=False, float_format="%.6f")
+    pd.DataFrame(selection["classifier_selection"]).drop(columns=["seconds"]).to_csv(
+        out / "search_classifier.csv", index=False, float_format="%.6f")
+    record = result.record
+    rows = [_query_row(f"{result.baseline_backbone.name} (frozen)", result.baseline, seed)]
+    if result.reference is not None:
+        rows.append(_query_row(f"{result.baseline_backbone.name} + head (--finetune)", result.reference.evaluation,
+                               seed, result.reference.record["category_accuracy"],
+                               result.reference.record["category_accuracy_ci"]))
+    rows.append(_query_row("chosen, ranked by similarity alone", result.plain, seed))
+    rows.append(_query_row("chosen, with its ranking", result.evaluation, seed, record["category_accuracy"],
+                           record["category_accuracy_ci"], record["precision_at_k_gains"]))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "search.csv", index=False, float_format="%.6f")
+    write_json(out / "search_metrics.json", {
+        "searched": backbone, "served_name": served, "chosen": record["finetune"]["chosen"],
+        "slices": record["finetune"]["slices"], "categories_without_validation":
+            record["finetune"]["categories_without_validation"],
+        "config": selection["config"], "feature_sets": selection["feature_sets"],
+        "preprocessing": [{key: row[key] for key in ("part", "backbone", "transform")}
+                          for row in record["finetune"]["preprocessing"]],
+        "query": {key: record[key] for key in ("precision_at_k", "precision_at_k_ci", "precision_at_k_plain",
+                                               "category_accuracy", "category_accuracy_ci", "macro_f1",
+                                               "baseline_precision_at_k", "precision_at_k_gains", "references")},
+        "classification": record["classification"],
+        "dim": record["finetune"]["dim"], "bytes_per_vector": record["finetune"]["bytes_per_vector"],
+        "train_fingerprint": record["finetune"]["train_fingerprint"],
+    })
+    cost = None
+    if cost_images:
+        backbones = {"chosen (serving)": result.serving_backbones}
+        backbones.update({name: combination for name, combination in _feature_set_backbones(result).items()})
+        dims = {"chosen (serving)": record["finetune"]["dim"]}
+        dims.update(_stored_dims(candidates))
+        cost = measure_embedding_cost(prepared, backbones, dims=dims, n_images=cost_images, settings=settings)
+        cost.to_csv(out / "search_cost.csv", index=False, float_format="%.6f")
+    write_json(out / "search_timing.json", {
+        "search_seconds": selection["search_seconds"], "refit_seconds": selection["refit_seconds"],
+        "reused_cached_model": result.reused, "cost_measured_on": None if cost is None else cost.attrs})
+    return SearchStage(result, served, candidates, table, cost)
+
+
+def _feature_set_backbones(result: SearchedEvaluation) -> dict:
+    """Every retrieval feature set the search compared, as eager combinations of its members (for their cost)."""
+    return {name: combined_backbone(name, result.bases.__getitem__)
+            for name in result.outcome["feature_sets"]["retrieval"]}
+
+
+def _stored_dims(candidates: pd.DataFrame) -> dict:
+    """The dimension of a feature set's vectors as stored without a head (the head's output is 128-d or so)."""
+    frozen = candidates[candidates["loss"] == NO_HEAD]
+    return {row.features: int(row.dim) for row in frozen.drop_duplicates("features").itertuples(index=False)}
 
 
 def stage_recommender(run_name: str, backbone: str, index: str = "Flat", dataset: str = "fashion-mnist",

@@ -12,7 +12,9 @@ sets, and the folder holds what computing them for a new photo takes:
   fine-tuned one) runs on the same crop;
 * ``frozen+views``: that embedding plus the base network's embeddings of other views of the
   photo (:mod:`fashionrec.models.views`: the whole photo squashed, the shorter side cropped),
-  each L2-normalised and concatenated in the order the classifier was trained with.
+  each L2-normalised and concatenated in the order the classifier was trained with;
+* a combination's name (a model chosen by the model search, :mod:`fashionrec.experiment.search`):
+  that combination's vector, computed leaf by leaf (:class:`~fashionrec.serving.encoder.CombinedEncoder`).
 
 A view is decoded with its own JPEG draft size, as when its training features were computed.
 """
@@ -27,12 +29,14 @@ import numpy as np
 from ..errors import FashionRecError, IndexFolderError
 from ..models.backbone import Backbone, file_sha256
 from ..models.classifier import CategoryClassifier
+from ..models.ensemble import CombinedBackbone, is_combined_name, preprocessing
 from ..models.finetuned import classifier_from_payload, load_model, resolve_head_path, split_backbone_name
 from ..models.preprocess import Preprocessing
 from ..models.query_model import uint8_query_model
+from ..models.registry import get_backbone
 from ..models.runtime import OnnxModel, with_runtime
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
-from .encoder import OnnxEncoder, TorchEncoder
+from .encoder import CombinedEncoder, OnnxEncoder, TorchEncoder, encode_source
 
 QUERY_MODEL = "query.onnx"
 FROZEN_MODEL = "frozen.onnx"
@@ -41,7 +45,7 @@ CLASSIFIER_FILE = "classifier.npz"
 
 def query_preprocessing(backbone: Backbone) -> Preprocessing | None:
     """The backbone's preprocessing as data when its model runs in ONNX Runtime, else None."""
-    if not isinstance(backbone.model, OnnxModel):
+    if isinstance(backbone, CombinedBackbone) or not isinstance(backbone.model, OnnxModel):
         return None
     try:
         return Preprocessing.from_transform(backbone.transform)
@@ -50,7 +54,13 @@ def query_preprocessing(backbone: Backbone) -> Preprocessing | None:
 
 
 def write_query_model(directory: Path, backbone: Backbone, name: str = QUERY_MODEL) -> dict:
-    """Writes the uint8 query model of ``backbone`` (runtime-wrapped) if it has one; returns its description."""
+    """Writes the uint8 query model of ``backbone`` (runtime-wrapped) if it has one; returns its description.
+
+    A combination has none: it is rebuilt by name and each leaf runs on its own decode of the photo.
+    """
+    if isinstance(backbone, CombinedBackbone):
+        return {"path": CombinedEncoder.path, "file": None, "preprocessing": None,
+                "leaves": [{key: row[key] for key in ("part", "backbone", "transform")} for row in preprocessing(backbone)]}
     spec = query_preprocessing(backbone)
     if spec is None:
         return {"path": TorchEncoder.path, "file": None, "preprocessing": None}
@@ -66,6 +76,8 @@ def open_encoder(directory: Path, described: dict, rebuild: Callable[[], Backbon
         if not path.is_file() or file_sha256(path) != described["sha256"]:
             raise IndexFolderError(f"{path}: missing or changed since the index was built; rebuild the index")
         return OnnxEncoder.from_file(path, Preprocessing.from_dict(described["preprocessing"]), threads, spinning)
+    if described["path"] == CombinedEncoder.path:
+        return CombinedEncoder(rebuild())
     return TorchEncoder(rebuild())
 
 
@@ -83,7 +95,7 @@ class CategoryPredictor:
         if self.frozen is None:
             features = retrieval_vector
         else:
-            features = self.frozen.encode(image_for(self.frozen.draft_size))[0]
+            features = encode_source(self.frozen, image_for)[0]
             if self.views:
                 features = multi_view_features(features, [view.encode(image_for(view.draft_size))[0]
                                                           for view in self.views])
@@ -118,6 +130,10 @@ def write_classifier(directory: Path, backbone_name: str, eager_base: Backbone, 
                  "c": classifier.c, "frozen": None, "views": []}
     if classifier.features == "head":
         return described
+    if is_combined_name(classifier.features):
+        combination = with_runtime(get_backbone(classifier.features), runtime, threads=threads)
+        described["frozen"] = {**write_query_model(directory, combination), "backbone": classifier.features}
+        return described
     frozen = with_runtime(eager_base, runtime, threads=threads)
     described["frozen"] = write_query_model(directory, frozen, FROZEN_MODEL)
     if classifier.features == MULTI_VIEW_FEATURES:
@@ -138,6 +154,11 @@ def open_predictor(directory: Path, described: dict | None, rebuild_base: Callab
                                     arrays["intercept"], described["c"])
     if described["frozen"] is None:
         return CategoryPredictor(classifier)
+    if described["frozen"]["path"] == CombinedEncoder.path:
+        name = described["frozen"]["backbone"]
+        return CategoryPredictor(classifier, open_encoder(
+            directory, described["frozen"], lambda: with_runtime(get_backbone(name), runtime, threads=threads),
+            threads, spinning))
     base: list[Backbone] = []
 
     def eager_base() -> Backbone:

@@ -33,13 +33,14 @@ from ..experiment.evaluate import prepare
 from ..features.embed import embed_catalog
 from ..indexing.choose import choose_index
 from ..indexing.faiss_index import METRICS, resolve_factory
+from ..models.ensemble import is_combined_name, parse_combined_name
 from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
 from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
 from ..indexing.backends import check_store, milvus_uri
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
-from .encoder import decode_query
+from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
 from .milvus import AUTO_INDEX, MilvusServingStore, drop_unreferenced_collections
 from .store import FaissStore
@@ -81,9 +82,13 @@ class BuildReport:
 def backbone_dim(backbone: str) -> int:
     """The embedding size a backbone name gives, without building it (a head file is read)."""
     base, reference = split_backbone_name(backbone)
-    if reference is None:
-        return backbone_spec(base).dim
-    return int(load_model(resolve_head_path(reference))["out_dim"])
+    if reference is not None:
+        return int(load_model(resolve_head_path(reference))["out_dim"])
+    if is_combined_name(base):
+        combine, members = parse_combined_name(base)
+        dims = [backbone_spec(member.backbone).dim for member in members]
+        return sum(dims) if combine == "concat" else dims[0]
+    return backbone_spec(base).dim
 
 
 def check_index_spec(index: str, dim: int) -> None:
@@ -204,7 +209,9 @@ def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items,
                          "cache_key": embeddings.cache_key, "dim": int(vectors.shape[1]),
                          "description": eager.description},
             "runtime": settings.runtime,
-            "preprocessing": {"transform": repr(model.transform), "query": query["preprocessing"]},
+            "preprocessing": {"transform": repr(model.transform) if hasattr(model, "transform") else None,
+                              "leaves": embeddings.preprocessing, "query": query["preprocessing"]},
+            "ranking": _ranking(reference),
             "query_model": query,
             "metric": metric,
             "index": {"spec": index, **described, "seed": seed, "auto": auto,
@@ -231,13 +238,20 @@ def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame
     rows = np.random.default_rng(0).choice(len(metadata), size=min(QUERY_CHECK_IMAGES, len(metadata)), replace=False)
     worst = 0.0
     for row in sorted(rows):
-        vector, _ = encoder.encode(decode_query(metadata["path"].iloc[row], encoder.draft_size))
+        path = metadata["path"].iloc[row]
+        vector, _ = encode_source(encoder, lambda draft_size: decode_query(path, draft_size))
         expected = vectors[row]
         worst = max(worst, float(np.abs(vector[0] - expected).max() / max(np.abs(expected).max(), 1e-12)))
     if not worst <= EXPORT_RTOL:
         raise FashionRecError(f"the single-query path differs from the batch embeddings by {worst:.2e} relative "
                               f"(limit {EXPORT_RTOL:.0e}); build with --runtime eager and report this")
     return {"images": int(len(rows)), "max_relative_difference": worst, "limit": EXPORT_RTOL}
+
+
+def _ranking(reference: str | None) -> dict:
+    """How the model ranks: by similarity, or (a searched model) with its predicted category first."""
+    payload = load_model(resolve_head_path(reference)) if reference else {}
+    return payload.get("ranking") or {"boost": 0.0, "categories": None}
 
 
 def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, info: dict) -> None:

@@ -6,7 +6,13 @@ Two encoders give the vectors the index was built from:
   (:func:`~fashionrec.models.preprocess.crop_pixels`) and the index folder's uint8 query model
   (:mod:`fashionrec.models.query_model`): no torch in the query path;
 * :class:`TorchEncoder`, for anything else (the eager runtime, backbones that stay eager such
-  as ``colorhist``): the backbone's own transform and model.
+  as ``colorhist``): the backbone's own transform and model;
+* :class:`CombinedEncoder`, for a combination of backbones and views
+  (:mod:`fashionrec.models.ensemble`): each leaf decodes the photo at its own JPEG draft size
+  and runs its own preprocessing and network, as the batch path did, then they are combined.
+
+:func:`encode_source` encodes with any of them from ``image_for(draft_size)``, which decodes
+the photo (once per draft size).
 
 Both are safe to call from several threads at once.
 """
@@ -22,6 +28,7 @@ from PIL import Image
 
 from ..data.images import ensure_rgb, load_image, open_image_bytes
 from ..models.backbone import Backbone
+from ..models.ensemble import CombinedBackbone
 from ..models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact
 from ..models.query_model import query_session, run_query_model
 from ..models.runtime import available_threads
@@ -104,3 +111,38 @@ class TorchEncoder:
             vector = self.backbone.model(batch).float().numpy()
         done = time.perf_counter()
         return vector, {"preprocess": _milliseconds(started, prepared), "embed": _milliseconds(prepared, done)}
+
+
+class CombinedEncoder:
+    """A combination's leaves, each on its own decode of the photo, combined as the batch path combines them."""
+
+    path = "combined"
+
+    def __init__(self, backbone: CombinedBackbone):
+        self.backbone = backbone
+        self.leaves = {leaf.cache_key: TorchEncoder(leaf) for leaf in backbone.leaves()}
+
+    @property
+    def draft_size(self) -> int | None:
+        return None
+
+    def encode_with(self, image_for) -> tuple[np.ndarray, dict]:
+        """The combined vector, each leaf reading ``image_for(its draft size)``."""
+        vectors, timing = {}, {"preprocess": 0.0, "embed": 0.0}
+        for key, encoder in self.leaves.items():
+            vectors[key], leaf_timing = encoder.encode(image_for(encoder.draft_size))
+            timing = {name: timing[name] + leaf_timing[name] for name in timing}
+        started = time.perf_counter()
+        vector = self.backbone.combine_leaf_vectors(lambda leaf: vectors[leaf.cache_key])
+        timing["embed"] += _milliseconds(started, time.perf_counter())
+        return vector, timing
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, dict]:
+        return self.encode_with(lambda draft_size: image)
+
+
+def encode_source(encoder, image_for) -> tuple[np.ndarray, dict]:
+    """``encoder``'s vector of a photo that ``image_for(draft_size)`` decodes (once per draft size)."""
+    if isinstance(encoder, CombinedEncoder):
+        return encoder.encode_with(image_for)
+    return encoder.encode(image_for(encoder.draft_size))

@@ -23,6 +23,7 @@ at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and I
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -44,7 +45,7 @@ from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
 from .build import (EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder,
                     item_counts, package_versions, write_version_files)
-from .encoder import decode_query
+from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
 from .milvus import MilvusServingStore, drop_unreferenced_collections
 from .store import FaissStore
@@ -247,25 +248,36 @@ class Recommender:
         come best first. The photo is decoded and embedded here (never looked up in a cache);
         ``timing_ms`` has decode, preprocess, embed, search and total (and classify, when the
         index carries a category classifier). Raises ImageError for an unusable image.
+
+        A model chosen by the model search may rank with a bonus for its predicted category
+        (build.json ``ranking``); without ``category``, that bonus goes to the catalog items
+        *labelled* with the predicted category (a shop knows what it sells; the search's
+        evaluation predicted the gallery's categories too, the harder case).
         """
         self._check_query(k, category, exclude_ids)
         started = time.perf_counter()
-        decoded = {self._encoder.draft_size: decode_query(image, self._encoder.draft_size)}
+        decoded = {}
+
+        def image_for(draft_size):
+            if draft_size not in decoded:
+                decoded[draft_size] = decode_query(image, draft_size)
+            return decoded[draft_size]
+
+        image_for(self._encoder.draft_size)
         decode_done = time.perf_counter()
-        vector, timing = self._encoder.encode(decoded[self._encoder.draft_size])
+        vector, timing = encode_source(self._encoder, image_for)
         timing = {"decode": (decode_done - started) * 1000.0, **timing}
         predicted = probability = None
         if self._predictor is not None:
-            def image_for(draft_size):
-                if draft_size not in decoded:
-                    decoded[draft_size] = decode_query(image, draft_size)
-                return decoded[draft_size]
-
             predicted, probability, timing["classify"] = self._predictor.predict(image_for, vector)
         search_started = time.perf_counter()
         with self._lock:
             excluded = [self._row(item_id) for item_id in exclude_ids]
-            results = self._search(vector, k, category, excluded)
+            boost = float(self.info.get("ranking", {}).get("boost") or 0.0)
+            if boost and category is None and predicted in self._category_rows and self._store.metric != "l2":
+                results = self._boosted_search(vector, k, predicted, boost, excluded)
+            else:
+                results = self._search(vector, k, category, excluded)
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
@@ -332,6 +344,24 @@ class Recommender:
             allowed[excluded] = False
         scores, rows = self._store.search(vector, k, allowed)
         return [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
+
+    def _boosted_search(self, vector: np.ndarray, k: int, category: str, boost: float,
+                        excluded: list[int]) -> list[Result]:
+        """Top-k live rows when rows of ``category`` get ``boost`` added to their score (``inf``: those first).
+
+        Scores in the results stay the similarities; only the order carries the bonus.
+        """
+        same = self._search(vector, k, category, excluded)
+        others_allowed = self._category_mask(None) & ~self._category_mask(category)
+        others_allowed = others_allowed.copy()
+        others_allowed[excluded] = False
+        scores, rows = self._store.search(vector, k, others_allowed)
+        others = [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
+        bonus = math.inf if math.isinf(boost) else boost
+        ranked = [(result.score + bonus, 0, i, result) for i, result in enumerate(same)]
+        ranked += [(result.score, 1, i, result) for i, result in enumerate(others)]
+        ranked.sort(key=lambda entry: (-entry[0], entry[1], entry[2]))
+        return [entry[3] for entry in ranked[:k]]
 
     def _category_mask(self, category: str | None) -> np.ndarray:
         key = category or ""
