@@ -113,7 +113,7 @@ def _measure_search(index, queries, k: int, metric: str, exact_ids, threads: int
 
 SWEEP_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_EF_SEARCH = (16, 32, 64, 128, 256)
-SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32)
+SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32, 64)
 
 
 def search_param_grid(index: faiss.Index) -> list[str]:
