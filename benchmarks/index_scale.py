@@ -85,12 +85,13 @@ from fashionrec.indexing.synthetic import (NEIGHBOURS, NOISE_MODELS, QUERY_POOL_
 
 FIDELITY_SAMPLE_ROWS = 20_000
 BACKBONE = "efficientnet_lite0"
-# The new variants and today's best with vectors in memory; each re-ranking index also reports
-# its codes alone ("codes_only": IVF4096,PQ64 is the 94-byte compact index of old), which shows
-# why re-ranking is needed. PCAU: uncentred PCA (see fashionrec.indexing.faiss_index).
+# The new compact index, the same re-ranking from disk behind 8-bit PQ codes of the full vectors
+# (what the projection adds), and today's best with the vectors in memory. Each re-ranking index
+# also reports its codes alone ("codes_only": IVF4096,PQ64 is the 94-byte compact index of old),
+# which shows what re-ranking adds. PCAU: uncentred PCA (see fashionrec.indexing.faiss_index).
 DEFAULT_INDEXES = (
     "PCAU256,IVF{nlist},RaBitQ,RDisk",
-    "PCAU128,IVF{nlist},SQ8,RDisk",
+    "IVF{nlist},PQ32,RDisk",
     "IVF{nlist},PQ64,RFlat",
 )
 
@@ -233,6 +234,11 @@ class GrownCache:
         info_path = path.with_suffix(".json")
         return np.load(path), json.loads(info_path.read_text()) if info_path.is_file() else {}
 
+    def store_json(self, name: str, value) -> None:
+        """Rows measured so far, so that an interrupted run keeps them."""
+        if self.folder is not None:
+            (self.folder / f"{name}.json").write_text(json.dumps(value, indent=1, default=str) + "\n")
+
     def store(self, name: str, array: np.ndarray, info: dict | None = None) -> None:
         if self.folder is None:
             return
@@ -287,6 +293,7 @@ def run(args) -> dict:
         log(f"{template}: building")
         row = measure(base, queries, template, exact_ids, args, coarse, sweep=args.sweep, storage_dir=storage)
         rows.append(row)
+        cache.store_json("partial", {"args": {key: str(value) for key, value in vars(args).items()}, "indexes": rows})
         log(f"{template}: build {row['build_s']:.1f} s, {row['bytes_per_vector']:.1f} B/vector in memory"
             + (f" + {row['disk_bytes_per_vector']:.0f} on disk" if row["disk_bytes_per_vector"] else "")
             + f", {row['qps']:.0f} qps, recall@{args.k} {row['recall_at_k']:.3f}")
@@ -509,7 +516,7 @@ def auto_choice(base, queries, exact_ids, rows, args, coarse: SharedCoarse | Non
     """choose_index's pick for this N, built and tuned: the fastest search setting that meets the target."""
     n, d = base.shape
     try:
-        choice = choose_index(n, d, args.memory_budget, args.recall_target)
+        choice = choose_index(n, d, args.memory_budget, args.recall_target, args.disk_budget)
     except ValueError as error:
         return {"error": str(error), "memory_budget_bytes": args.memory_budget}
     log(f"auto choice: {choice['factory']} {choice['params']} ({choice['rationale']})")
@@ -642,6 +649,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mix", type=float, default=0.5, help="largest step towards a neighbour")
     parser.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("2GiB"),
                         help="memory for the auto choice, e.g. 2GiB, 512MB (default 2GiB)")
+    parser.add_argument("--disk-budget", type=parse_bytes, default=float("inf"),
+                        help="disk for the auto choice's float16 vectors file, e.g. 0 for none (default: no limit)")
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--compact-bytes", type=float, default=64,
                         help="size limit, in bytes per vector in memory, for the compact-index summaries")

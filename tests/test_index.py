@@ -240,7 +240,7 @@ def test_sweep_traces_recall_against_search_effort(small_gallery, small_exact_id
     points = row["operating_points"]
     settings = [point["params"] for point in points]
     # nprobe up to nlist=32, crossed with every re-ranking factor; the graph quantizer keeps efSearch >= 2*nprobe.
-    assert len(settings) == 6 * 5 and len(set(settings)) == len(settings)
+    assert len(settings) == 6 * 6 and len(set(settings)) == len(settings)
     assert "nprobe=32,quantizer_efSearch=64,k_factor_rf=32" in settings
     by_setting = {point["params"]: point["recall_at_10"] for point in points}
     # More lists probed and more candidates re-ranked never lose neighbours on the same index.
