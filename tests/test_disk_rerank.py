@@ -189,6 +189,19 @@ def test_rebuilding_into_the_same_folder_leaves_a_live_index_on_its_own_file(fea
     assert json.loads((tmp_path / "first.faiss.json").read_text())["vectors_file"] == "first.faiss.f16"
 
 
+def test_adding_to_a_disk_index_is_refused_and_leaves_it_intact(features):
+    vectors, queries = features
+    index = build_index(vectors, SPEC)
+    expected = search(index, queries, 10)
+    # faiss itself would abort the process here (it cannot grow a memory-mapped view).
+    for change in (lambda: index.add(vectors[:5]), index.reset, lambda: faiss.clone_index(index).add(vectors[:5])):
+        with pytest.raises(FashionRecError, match="read-only"):
+            change()
+    assert index.ntotal == len(vectors)
+    for got, want in zip(search(index, queries, 10), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def _on_ram_file_system(path: Path) -> bool:
     mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
     best = max((m for m in mounts if str(path.resolve()).startswith(m[1])), key=lambda m: len(m[1]))

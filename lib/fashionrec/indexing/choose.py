@@ -35,7 +35,8 @@ RECALL_CEILINGS_FILE = Path(__file__).with_name("recall_ceilings.json")
 DISK_BYTES_PER_DIMENSION = 2
 # 1-bit RaBitQ codes: one bit per dimension plus two float factors.
 RABITQ_FACTOR_BYTES = 8
-DISK_RERANK_TEMPLATE = "PCAU256,IVF{nlist},RaBitQ,RDisk"
+DISK_PROJECTION_DIM = 256
+DISK_RERANK_TEMPLATE = f"PCAU{DISK_PROJECTION_DIM},IVF{{nlist}},RaBitQ,RDisk"
 
 # choose_index candidates, in order of preference: template, bytes per vector in memory as
 # f(d, m), and whether it carries a d*d OPQ matrix. Measured at a million vectors, the
@@ -44,7 +45,7 @@ DISK_RERANK_TEMPLATE = "PCAU256,IVF{nlist},RaBitQ,RDisk"
 # after HNSW (never measured at that size: its graph build takes hours on two cores).
 _CHOICE_CANDIDATES = (
     ("HNSW32", lambda d, m: 4 * d + HNSW32_LINK_BYTES, False),
-    (DISK_RERANK_TEMPLATE, lambda d, m: 256 / 8 + RABITQ_FACTOR_BYTES + IVF_ID_BYTES, False),
+    (DISK_RERANK_TEMPLATE, lambda d, m: min(d, DISK_PROJECTION_DIM) / 8 + RABITQ_FACTOR_BYTES + IVF_ID_BYTES, False),
     ("IVF{nlist},PQ{m},RFlat", lambda d, m: 4 * d + m + IVF_ID_BYTES, False),
     ("IVF{nlist},PQ{m}x4fs,RFlat", lambda d, m: 4 * d + m / 2 + IVF_ID_BYTES, False),
     ("OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)", lambda d, m: d + m + IVF_ID_BYTES, True),
@@ -66,8 +67,8 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
 
     1. Flat (exact) when a query scans at most ``EXACT_SCAN_MAX_FLOATS`` floats and the raw
        vectors fit the budget: small galleries need no approximation.
-    2. Otherwise the first candidate (HNSW32; uncentred PCA to 256 dimensions, IVF, 1-bit
-       RaBitQ codes in memory re-ranked exactly from float16 vectors on disk; IVF-PQ with exact
+    2. Otherwise the first candidate (HNSW32; uncentred PCA to 256 dimensions (none for
+       d <= 256), IVF, 1-bit RaBitQ codes in memory re-ranked exactly from float16 vectors on disk; IVF-PQ with exact
        re-ranking; IVF-PQ fast-scan with exact re-ranking; OPQ IVF-PQ re-ranked from SQ8; OPQ
        IVF-PQ; IVF-PQ fast-scan) whose estimated memory fits ``memory_budget_bytes``, whose
        float16 vectors file (if any) fits ``disk_budget_bytes`` (0: no disk), and whose recall
@@ -94,6 +95,8 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
 
     def option(template, per_vector, ceiling, has_opq):
         projected = re.match(r"PCAU(\d+),", template)
+        if projected and int(projected.group(1)) >= d:  # nothing to reduce: the same index without the projection
+            template, projected = template[projected.end():], None
         inner_d = int(projected.group(1)) if projected else d
         fixed = (nlist * inner_d * 4 if "IVF" in template else 0) + (d * d * 4 if has_opq else 0)
         if projected:

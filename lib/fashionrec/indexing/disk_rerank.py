@@ -38,7 +38,9 @@ to an unnamed temporary file, deleted as soon as it is mapped (its space is free
 index); :func:`save_index` then copies them next to the saved index. Memory accounting:
 :func:`memory_bytes` counts the serialised in-memory part, :func:`disk_bytes` the vectors
 file; :func:`evict_from_page_cache` and :func:`page_cache_fraction` make and check a cold
-start. The vectors file is read-only once written: nothing may be added to such an index.
+start. The vectors file is read-only once written: adding rows to (or resetting) such an index,
+or a ``faiss.clone_index`` of it (which maps the same file), raises FashionRecError; build a new
+one from all the vectors instead.
 """
 from __future__ import annotations
 
@@ -288,6 +290,29 @@ def link_or_copy(source, destination) -> None:
     except OSError:
         shutil.copyfile(source, partial)
     os.replace(partial, destination)
+
+
+def _read_only_when_disk_backed(method: str) -> None:
+    """faiss aborts the whole process (FAISS_ASSERT on a viewed vector) when rows are added to,
+    or removed from, an index whose float16 codes are a memory-mapped view. Guard the Python
+    entry points of IndexRefine so that such a call raises instead, before faiss changes anything."""
+    original = getattr(faiss.IndexRefine, method)
+    if getattr(original, "refuses_disk_backed", False):
+        return
+
+    def guarded(self, *args, **kwargs):
+        if is_disk_backed(self):
+            raise FashionRecError(f"{method}: an index that re-ranks from a float16 vectors file is read-only; "
+                                  "build a new one from all the vectors")
+        return original(self, *args, **kwargs)
+
+    guarded.refuses_disk_backed = True
+    guarded.__doc__ = original.__doc__
+    setattr(faiss.IndexRefine, method, guarded)
+
+
+for _method in ("add", "reset"):
+    _read_only_when_disk_backed(_method)
 
 
 def serialised_size(index: faiss.Index) -> int:
