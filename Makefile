@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
+INDEX ?=
+PORT ?= 8501
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: help setup data pipeline test test-unit test-notebooks notebooks lab clean clean-cache
+.PHONY: help setup data pipeline app test test-unit test-notebooks notebooks docs lab clean clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +31,9 @@ data: $(SETUP_STAMP) ## find or fetch each dataset on its own: Fashion-MNIST, th
 pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill (fetches the data its PARAMS file needs)
 	$(PY) -m fashionrec pipeline --params $(PARAMS)
 
+app: $(SETUP_STAMP) ## the recommendation app in the browser: make app [INDEX=OUTDIR] [PORT=8501] (no INDEX: a default index, built once)
+	$(PY) -m fashionrec app $(if $(INDEX),--index-dir "$(INDEX)") --port $(PORT)
+
 test: $(SETUP_STAMP) ## import layers, unit, integration and notebook (nbval) tests
 	$(VENV)/bin/lint-imports
 	$(PY) -m fashionrec data --dataset fashion-mnist
@@ -48,11 +53,14 @@ notebooks: $(SETUP_STAMP) ## rebuild notebooks/*.ipynb from their py:percent sou
 	  ../$(PY) -c "import sys; from fashionrec.pipeline.notebooks import keep_checked_outputs; keep_checked_outputs(sys.argv[1])" "$$notebook" \
 	  || exit 1; done
 
+docs: $(SETUP_STAMP) ## regenerate docs/parameters.md from the parameter-file schema (lib/fashionrec/pipeline/params.py)
+	$(PY) -m fashionrec params --markdown > docs/parameters.md
+
 lab: $(SETUP_STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
 clean: ## remove derived data and run results (raw data is kept)
 	rm -rf data/interim data/processed results/*/
 
-clean-cache: ## remove only the embedding cache
-	rm -rf data/interim/embeddings
+clean-cache: ## remove only the embedding cache and the cached image-check verdicts
+	rm -rf data/interim/embeddings data/interim/image-checks

@@ -16,6 +16,8 @@
 # %% tags=["parameters"]
 run_name = "interactive"
 backbones = ["efficientnet_lite0", "colorhist"]
+weights_files = {}
+runtime = "onnx"
 batch_size = 32
 num_workers = 2
 threads = None
@@ -24,15 +26,16 @@ threads = None
 from fashionrec.pipeline.stages import stage_embed
 from fashionrec.settings import InferenceSettings
 
-settings = InferenceSettings(batch_size=batch_size, workers=num_workers, threads=threads)
-table = stage_embed(run_name, backbones, settings=settings)
+settings = InferenceSettings(batch_size=batch_size, workers=num_workers, threads=threads, runtime=runtime)
+table = stage_embed(run_name, backbones, weights_files=weights_files, settings=settings)
 
 # %% [markdown]
-# Availability of each backbone (skipped ones name the missing weights):
+# Availability of each backbone (skipped ones name the missing weights), and the images each
+# embedded: all of 00-prepare-data's images, unless a file changed since it was checked.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(table[["backbone", "status"]].to_string(index=False))
+print(table[["backbone", "status", "n_images"]].to_string(index=False))
 for row in table[table["status"] != "ok"].itertuples():
     print(f"{row.backbone}: {row.reason}")
 

@@ -1,15 +1,18 @@
 """Shared fixtures: an isolated data directory per test session, real data paths."""
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from fashionrec import config
+from fashionrec.data.catalog import load_clothing
 
 REPO = Path(__file__).resolve().parents[1]
 CLOTHING_DIR = Path(os.environ.get("FASHIONREC_CLOTHING_DIR", REPO.parent / "shared" / "data" / "clothing-dataset"))
@@ -51,3 +54,86 @@ def color_folder(tmp_path) -> Path:
         for i in range(10):
             write_color_image(root / label / f"{label}-{i:02d}.jpg", color)
     return root
+
+
+def session_data_root(tmp_path_factory) -> Path:
+    """The data root ``isolated_data_dirs`` gives every test; session fixtures build into it too."""
+    return tmp_path_factory.getbasetemp() / "fashionrec-data"
+
+
+@contextlib.contextmanager
+def data_dirs(root: Path):
+    """``config`` pointed at ``root`` for the duration (for session-scoped fixtures, which run
+    before the per-test ``isolated_data_dirs``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, path in (("DATA_DIR", root), ("INTERIM_DIR", root / "interim"), ("PROCESSED_DIR", root / "processed"),
+                           ("RAW_DIR", root / "raw"), ("RESULTS_DIR", root / "results")):
+            patch.setattr(config, name, path)
+        yield
+
+
+def write_product_image(path: Path, seed: int, category: int, size=(120, 160)) -> Path:
+    """A generated product shot: one category's shape, in a seeded colour, pose and size, on white."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    colour = tuple(int(c) for c in rng.integers(0, 200, 3))
+    cx, cy = width / 2 + rng.normal(0, 6), height / 2 + rng.normal(0, 8)
+    w, h = width * rng.uniform(0.3, 0.45), height * rng.uniform(0.3, 0.45)
+    box = [cx - w, cy - h, cx + w, cy + h]
+    shape = category % 4
+    if shape == 0:
+        draw.ellipse(box, fill=colour)
+    elif shape == 1:
+        draw.rectangle(box, fill=colour)
+    elif shape == 2:
+        draw.polygon([(cx, cy - h), (cx - w, cy + h), (cx + w, cy + h)], fill=colour)
+    else:
+        draw.rectangle([cx - w, cy - h, cx + w, cy - h / 3], fill=colour)
+        draw.rectangle([cx - w, cy - h / 3, cx - w / 3, cy + h], fill=colour)
+        draw.rectangle([cx + w / 3, cy - h / 3, cx + w, cy + h], fill=colour)
+    if category >= 4:   # a striped variant of each shape
+        for y in range(int(cy - h), int(cy + h), 8):
+            draw.line([(cx - w, y), (cx + w, y)], fill=(255, 255, 255), width=2)
+    noise = rng.integers(-6, 7, (height, width, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=92)
+    return path
+
+
+def fashion_mnist_available() -> bool:
+    return config.FASHION_MNIST_SYSTEM_DIR.is_dir()
+
+
+GENERATED_CATEGORIES = ("ellipse", "box", "triangle", "trousers", "striped ellipse", "striped box",
+                        "striped triangle", "striped trousers")
+
+
+@pytest.fixture(scope="session")
+def generated_photos(tmp_path_factory):
+    """400 generated product shots in 8 category folders (ids as the folder loader gives them),
+    4 more outside the catalog, and the catalog's root folder."""
+    root = tmp_path_factory.mktemp("generated")
+    rows = []
+    for i in range(400):
+        category = i % len(GENERATED_CATEGORIES)
+        relative = f"{GENERATED_CATEGORIES[category]}/item-{i:03d}.jpg"
+        path = write_product_image(root / "catalog" / relative, seed=i, category=category)
+        rows.append({"id": relative, "path": str(path), "label": GENERATED_CATEGORIES[category]})
+    outside = [str(write_product_image(root / "outside" / f"query-{j}.jpg", seed=10_000 + j, category=j))
+               for j in range(4)]
+    return pd.DataFrame(rows), outside, root / "catalog"
+
+
+@pytest.fixture(scope="session")
+def clothing_photos():
+    """A seeded sample of 400 clothing photos (catalog order), and 4 other photos outside it."""
+    if not (CLOTHING_DIR / "images.csv").exists():
+        pytest.skip(f"clothing photos not found at {CLOTHING_DIR} (set FASHIONREC_CLOTHING_DIR)")
+    catalog = load_clothing(CLOTHING_DIR, progress=False).catalog
+    sample = catalog.sample(n=404, random_state=0).reset_index(drop=True)
+    return sample.iloc[:400].reset_index(drop=True), sample["path"].iloc[400:].tolist()

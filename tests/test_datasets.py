@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 
 from fashionrec import config
-from fashionrec.data.catalog import (FASHION_MNIST_CLASSES, apply_category_map, load_catalog_csv, load_clothing,
-                                     load_dataset, load_fashion_mnist, load_folder)
+from fashionrec.data import checks
+from fashionrec.data.catalog import (FASHION_MNIST_CLASSES, load_catalog_csv, load_clothing, load_dataset,
+                                     load_fashion_mnist, load_folder)
+from fashionrec.data.ledger import STAGES
 from fashionrec.data.split import split_catalog, split_counts, subsample
 from fashionrec.errors import DatasetError
 
-from conftest import write_color_image
+from conftest import REPO, write_color_image
 
 
 def _catalog(counts: dict) -> pd.DataFrame:
@@ -59,10 +61,45 @@ def test_subsample_caps_each_category_reproducibly_keeping_order():
     assert np.all(np.diff(positions) > 0)
 
 
-def test_category_map_merges_renames_and_drops():
-    catalog = _catalog({"Hoodie": 2, "Longsleeve": 3, "Hat": 1, "Skip": 2})
-    mapped = apply_category_map(catalog, {"Hoodie": "Tops", "Longsleeve": "Tops", "Skip": None})
-    assert mapped["label"].value_counts().to_dict() == {"Tops": 5, "Hat": 1}
+def _folder(root, counts: dict):
+    for label, n in counts.items():
+        for i in range(n):
+            write_color_image(root / label / f"{label}-{i}.jpg", (200, 10 * i, 10))
+    return root
+
+
+def test_category_map_merges_renames_and_drops_before_the_cap(tmp_path):
+    root = _folder(tmp_path / "shop", {"Hoodie": 2, "Longsleeve": 3, "Hat": 1, "Skip": 2})
+    loaded = load_dataset("folder", root, category_map={"Hoodie": "Tops", "Longsleeve": "Tops", "Skip": None},
+                          progress=False)
+    assert loaded.counts().to_dict() == {"Tops": 5, "Hat": 1}
+    assert [(e["path"], e["stage"], e["reason"]) for e in loaded.skipped] == [
+        (f"Skip/Skip-{i}.jpg", "label", "category 'Skip' dropped by the category map") for i in range(2)]
+    capped = load_dataset("folder", root, max_per_class=4, category_map={"Hoodie": "Tops", "Longsleeve": "Tops"},
+                          progress=False)
+    assert capped.counts().to_dict() == {"Hat": 1, "Skip": 2, "Tops": 4}
+    assert capped.n_not_sampled == 1
+
+
+def test_a_category_map_entry_matching_no_label_is_an_error_naming_close_matches(tmp_path):
+    root = _folder(tmp_path / "shop", {"T-Shirt": 1, "Hoodie": 1})
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("T-shirt: Tops\nHodie: Tops\n")
+    with pytest.raises(DatasetError) as raised:
+        load_dataset("folder", root, category_map=mapping, progress=False)
+    message = str(raised.value)
+    assert "'T-shirt' matches no label (did you mean 'T-Shirt'?)" in message
+    assert "'Hodie' matches no label (did you mean 'Hoodie'?)" in message
+    assert str(mapping) in message and "\n" not in message
+
+
+def test_a_missing_or_malformed_category_map_file_is_a_clear_error(tmp_path):
+    root = _folder(tmp_path / "shop", {"Hat": 1})
+    with pytest.raises(DatasetError, match="missing.yaml: category map file not found"):
+        load_dataset("folder", root, category_map=tmp_path / "missing.yaml", progress=False)
+    (tmp_path / "list.yaml").write_text("- Hat\n")
+    with pytest.raises(DatasetError, match="list.yaml: a category map is a YAML mapping"):
+        load_dataset("folder", root, category_map=tmp_path / "list.yaml", progress=False)
 
 
 def test_folder_loader_reports_every_bad_file(color_folder):
@@ -76,6 +113,9 @@ def test_folder_loader_reports_every_bad_file(color_folder):
     assert loaded.counts().to_dict() == {"blue": 10, "green": 11, "red": 10}
     reasons = {entry["path"]: entry["reason"] for entry in loaded.skipped}
     assert set(reasons) == {"red/notes.jpg", "red/empty.png", "blue/album.jpg", "blue/gone.jpg"}
+    stages = {entry["path"]: entry["stage"] for entry in loaded.skipped}
+    assert stages == {"red/notes.jpg": "header", "red/empty.png": "header", "blue/album.jpg": "file",
+                      "blue/gone.jpg": "file"}
     assert "empty" in reasons["red/empty.png"]
     assert "symlink" in reasons["blue/gone.jpg"]
     assert "director" in reasons["blue/album.jpg"]
@@ -99,6 +139,7 @@ def test_catalog_loader_reports_missing_labels_duplicate_ids_and_absent_files(tm
     assert reasons["img/b.jpg"] == "missing label"
     assert "duplicate id" in reasons["img/c.jpg"]
     assert "not found" in reasons["img/absent.jpg"]
+    assert [entry["stage"] for entry in loaded.skipped] == ["label", "duplicate", "file"]
 
 
 def test_catalog_loader_names_the_file_when_columns_are_missing(tmp_path):
@@ -110,8 +151,36 @@ def test_catalog_loader_names_the_file_when_columns_are_missing(tmp_path):
 def test_unknown_dataset_and_missing_directory_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("imagenet")
-    with pytest.raises(DatasetError, match="not a directory"):
+    with pytest.raises(DatasetError, match="nope: no such directory .*<data-dir>/<category>/<image>"):
         load_dataset("folder", tmp_path / "nope")
+    with pytest.raises(DatasetError, match="--dataset catalog needs --data-dir"):
+        load_dataset("catalog")
+
+
+def test_a_flat_folder_of_images_says_it_needs_one_sub_folder_per_category(tmp_path):
+    for i in range(3):
+        write_color_image(tmp_path / "flat" / f"photo-{i}.jpg", (200, 10, 10))
+    with pytest.raises(DatasetError, match="its 3 files lie directly in it, but --dataset folder needs one "
+                                           "sub-folder per category"):
+        load_dataset("folder", tmp_path / "flat", progress=False)
+
+
+def test_a_truncated_jpeg_is_caught_before_the_split_and_its_verdict_is_cached(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "shop", {"Hat": 4})
+    good = write_color_image(tmp_path / "big.jpg", (30, 40, 210), size=(400, 400)).read_bytes()
+    (root / "Hat" / "cut.jpg").write_bytes(good[: len(good) // 2])   # the header is intact, the pixels are not
+    (root / "Hat" / "notes.jpg").write_text("just some notes\n")
+    loaded = load_dataset("folder", root, progress=False)
+    assert len(loaded.catalog) == 4
+    assert {(e["path"], e["stage"]) for e in loaded.skipped} == {("Hat/cut.jpg", "decode"), ("Hat/notes.jpg", "header")}
+    assert "truncated" in next(e["reason"] for e in loaded.skipped if e["stage"] == "decode")
+
+    def no_decoding(*args):
+        raise AssertionError("a cached verdict was decoded again")
+
+    monkeypatch.setattr(checks, "check_image_file", no_decoding)
+    again = load_dataset("folder", root, progress=False)
+    assert again.skipped == loaded.skipped and again.catalog.equals(loaded.catalog)
 
 
 def test_clothing_loader_on_the_real_photos(clothing_dir):
@@ -122,6 +191,13 @@ def test_clothing_loader_on_the_real_photos(clothing_dir):
     # The five rows whose file is absent all carry non-category labels in this copy.
     assert len(loaded.catalog) == 5096
     assert loaded.catalog["id"].is_unique
+    # Every file in images/ is either used or in the ledger, once.
+    on_disk = {path.name for path in (clothing_dir / "images").iterdir() if not path.name.startswith(".")}
+    used = {path.rsplit("/", 1)[-1] for path in loaded.catalog["path"]}
+    left_out = [entry["path"].rsplit("/", 1)[-1] for entry in loaded.skipped]
+    assert len(left_out) == len(set(left_out)) and not used & set(left_out)
+    assert used | set(left_out) >= on_disk
+    assert len(set(left_out) - on_disk) == 5    # the rows whose file is absent
 
 
 def test_clothing_loader_reports_rows_whose_file_is_absent(tmp_path):
@@ -129,9 +205,14 @@ def test_clothing_loader_reports_rows_whose_file_is_absent(tmp_path):
     write_color_image(tmp_path / "images" / "b2.jpg", (10, 10, 200))
     (tmp_path / "images.csv").write_text(
         "image,sender_id,label,kids\na1,1,Shirt,False\nb2,1,Skip,False\nc3,2,Dress,False\n")
+    write_color_image(tmp_path / "images" / "d4.jpg", (10, 200, 10))
     loaded = load_clothing(tmp_path, progress=False)
     assert loaded.catalog["id"].tolist() == ["a1"]
-    assert loaded.skipped == [{"path": "images/c3.jpg", "reason": "file not found"}]
+    assert loaded.skipped == [
+        {"path": "images/d4.jpg", "stage": "label", "reason": "no row in images.csv"},
+        {"path": "images/b2.jpg", "stage": "label", "reason": "label 'Skip' names no category"},
+        {"path": "images/c3.jpg", "stage": "file", "reason": "file not found"},
+    ]
 
 
 @pytest.mark.skipif(not (config.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
@@ -142,3 +223,9 @@ def test_fashion_mnist_loader_samples_and_writes_only_what_it_needs():
     written = sorted(p.name for p in (config.INTERIM_DIR / "fashion-mnist" / "images").glob("*.png"))
     assert len(written) >= 50
     assert set(loaded.catalog["path"].map(lambda p: p.rsplit("/", 1)[-1])) <= set(written)
+
+
+def test_every_ledger_stage_is_documented():
+    documented = (REPO / "docs" / "skipped-files.md").read_text()
+    for stage in STAGES:
+        assert f"| `{stage}` |" in documented, stage

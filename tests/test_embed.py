@@ -65,17 +65,17 @@ def test_embeddings_follow_catalog_order_and_rerun_reuses_the_cache(color_folder
         "colorhist+head_runs_a_b_head.pt.parquet"]
 
 
-def test_an_image_that_fails_to_decode_is_skipped_and_the_rest_embedded(color_folder, colorhist):
-    # Large enough that the cut falls in the pixel data: the header check passes, decoding fails.
-    good = write_color_image(color_folder / "blue.jpg", (30, 40, 210), size=(400, 400)).read_bytes()
-    (color_folder / "blue.jpg").unlink()
-    (color_folder / "blue" / "blue-cut.jpg").write_bytes(good[: len(good) // 2])
+def test_an_image_that_no_longer_decodes_is_skipped_at_embedding_and_the_rest_embedded(color_folder, colorhist):
     loaded = load_folder(color_folder, progress=False)
     assert loaded.skipped == []
+    # The file is cut after the catalog was checked: the header still passes, decoding fails.
+    good = write_color_image(color_folder / "blue.jpg", (30, 40, 210), size=(400, 400)).read_bytes()
+    (color_folder / "blue" / "blue-04.jpg").write_bytes(good[: len(good) // 2])
     result = embed_catalog(loaded.catalog, colorhist, InferenceSettings(workers=2, progress=False), root=color_folder)
-    assert len(result.vectors) == 30
-    assert [entry["path"] for entry in result.skipped] == ["blue/blue-cut.jpg"]
+    assert len(result.vectors) == 29
+    assert [(entry["path"], entry["stage"]) for entry in result.skipped] == [("blue/blue-04.jpg", "embed")]
     assert "truncated" in result.skipped[0]["reason"] or "corrupt" in result.skipped[0]["reason"]
+    assert result.n_computed + result.n_reused == len(result.vectors)
 
 
 def _embed_command(data_dir: Path, out: Path):

@@ -16,7 +16,8 @@ from fashionrec.models.classifier import CategoryClassifier
 from fashionrec.models.finetuned import head_from_payload, load_model, save_model
 from fashionrec.models.projection import project
 from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone, view_transform
-from fashionrec.training.classify import category_aware_effect, category_metrics, select_classifier, train_classifier
+from fashionrec.training.classify import (category_aware_on_queries, category_metrics, choose_category_boost,
+                                         select_classifier, train_classifier)
 from fashionrec.training.finetune import head_payload
 from fashionrec.training.heads import (LOSSES, HeadConfig, fit_head, leave_one_out_precision, train_head,
                                        validation_precision, validation_split, validation_uses_fit_rows)
@@ -109,8 +110,11 @@ def test_every_loss_trains_and_is_deterministic(loss):
 def test_classifier_selection_and_metrics():
     vectors, labels = clusters(n_per_class=40, n_classes=3)
     val, _ = validation_split(labels, 0.2)
-    classifier, table = select_classifier(vectors, labels, val, cs=(0.1, 1.0))
+    classifier, table, val_predicted = select_classifier(vectors, labels, val, cs=(0.1, 1.0))
     assert len(table) == 2 and classifier.features == "frozen"
+    # The validation predictions come from a classifier fitted without the validation rows.
+    best = table["val_accuracy"].max()
+    assert len(val_predicted) == val.sum() and (val_predicted == labels[val]).mean() == pytest.approx(best)
     metrics = category_metrics(labels, classifier.predict(vectors), classifier.categories)
     assert metrics["accuracy"] > 0.9 and 0 < metrics["macro_f1"] <= 1
     low, high = metrics["accuracy_ci"]
@@ -128,14 +132,28 @@ def test_classifier_selection_and_metrics():
     assert set(one.predict(vectors)) == {"only"}
 
 
-def test_category_aware_ranking_with_a_perfect_classifier_is_perfect():
+def test_category_boost_is_chosen_on_validation_and_kept_only_when_it_helps():
     vectors, labels = clusters(n_per_class=30, n_classes=4)
-    query, gallery = slice(0, 40), slice(40, None)
-    table = category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery],
-                                           labels[query], labels[gallery], k=10)
-    plain = table[table["boost"] == 0].iloc[0]
-    within = table[(table["boost"] == np.inf) & (table["gallery_category"] == "known")].iloc[0]
-    assert within["precision_at_k"] == 1.0 > plain["precision_at_k"]
+    order = np.random.default_rng(0).permutation(len(labels))
+    validation, ranked = order[:40], order[40:]
+    table, choice = choose_category_boost(vectors[validation], vectors[ranked], labels[validation], labels[ranked],
+                                          labels[validation], k=10)
+    assert list(table["boost"]) == [0.0, 0.05, 0.1, 0.2, "inf"]
+    assert choice["boost"] == choice["best_on_validation"] and choice["boost"] != 0.0
+    assert choice["validation_gain_over_plain"]["low"] > 0 and table["chosen"].sum() == 1
+    # Predictions that are always wrong never help: the plain ranking stays.
+    wrong = np.roll(labels[validation], 1)
+    wrong[wrong == labels[validation]] = "nowhere"
+    _, none = choose_category_boost(vectors[validation], vectors[ranked], labels[validation], labels[ranked], wrong,
+                                    k=10)
+    assert none["boost"] == 0.0
+
+    on_queries = category_aware_on_queries(vectors[validation], vectors[ranked], labels[validation], labels[ranked],
+                                           labels[validation], "inf", k=10)
+    assert on_queries["chosen"]["precision_at_k"] == 1.0 > on_queries["plain"]["precision_at_k"]
+    low, high = on_queries["plain"]["precision_at_k_ci"]
+    assert low <= on_queries["plain"]["precision_at_k"] <= high
+    assert on_queries["gain"]["diff"] == pytest.approx(1.0 - on_queries["plain"]["precision_at_k"])
 
 
 def _colorhist_head(tmp_path, folder):
@@ -265,6 +283,9 @@ def test_finetune_stage_writes_the_model_of_record_and_the_report_section(tmp_pa
     section = "\n".join(report._finetune_section(out, 5))
     assert "Model of record: level 1" in section and "colorhist+head:tiny" in section
     assert f"accuracy {metrics['level1']['classification']['accuracy']:.3f}" in section
+    aware = metrics["level1"]["category_aware"]
+    assert "Category-aware ranking" in section and f"Chosen on: {aware['chosen_on']}" in section
+    assert set(aware["query"]) == {"plain", "chosen"}   # one setting on the queries, chosen on validation
     timings = "\n".join(report._timings_section(out))
     assert f"{json.loads((out / 'finetune_timing.json').read_text())['level1_train_seconds']:.1f} s" in timings
 
@@ -307,7 +328,7 @@ def test_multi_view_classifier_is_a_candidate_chosen_on_validation():
     assert multi.shape == (len(labels), vectors.shape[1] + 6)
     assert np.allclose(np.linalg.norm(multi[:, :vectors.shape[1]], axis=1), 1, atol=1e-5)
     val_mask, _ = validation_split(labels, seed=0)
-    classifier, table = select_classifier(vectors, labels, val_mask, cs=(1.0,), multi_view=multi)
+    classifier, table, _ = select_classifier(vectors, labels, val_mask, cs=(1.0,), multi_view=multi)
     assert set(table["features"]) == {"frozen", MULTI_VIEW_FEATURES}
     assert classifier.features == MULTI_VIEW_FEATURES
     assert (classifier.predict(multi) == labels).mean() > 0.95

@@ -27,15 +27,30 @@ def notebook_dir(tmp_path, monkeypatch):
     return directory
 
 
-def test_pipeline_passes_each_notebook_only_its_declared_parameters(notebook_dir, tmp_path, capsys):
-    _notebook(notebook_dir / "00-first.ipynb", "run_name = 'x'\nk = 1",
-              "import json, pathlib\npathlib.Path('seen.json').write_text(json.dumps({'run': run_name, 'k': k}))")
+def test_pipeline_passes_each_notebook_its_declared_parameters_defaults_included(notebook_dir, tmp_path, capsys):
+    # The notebook's demo literals (max_per_class 40) must not reach a run whose file leaves the key out.
+    _notebook(notebook_dir / "00-first.ipynb", "run_name = 'x'\nk = 1\nmax_per_class = 40",
+              "import json, pathlib\npathlib.Path('seen.json').write_text(json.dumps("
+              "{'run': run_name, 'k': k, 'max_per_class': max_per_class}))")
     params = tmp_path / "p.yaml"
-    params.write_text("run_name: demo\nk: 7\nunused_setting: 3\n")
+    params.write_text("run_name: demo\ndataset: folder\nk: 7\npca_dims: [8]\n")
     assert pipeline.run_pipeline(params) == 0
-    assert json.loads((notebook_dir / "seen.json").read_text()) == {"run": "demo", "k": 7}
+    assert json.loads((notebook_dir / "seen.json").read_text()) == {"run": "demo", "k": 7, "max_per_class": None}
     assert (config.RESULTS_DIR / "demo" / "00-first.ipynb").exists()
-    assert "unused_setting" in capsys.readouterr().err
+    assert "used by none of the notebooks run: ['dataset', 'pca_dims']" in capsys.readouterr().err
+
+
+def test_unknown_keys_and_notebooks_stop_the_run_before_any_notebook(notebook_dir, tmp_path):
+    _notebook(notebook_dir / "00-first.ipynb", "run_name = 'x'", "raise RuntimeError('must not run')")
+    params = tmp_path / "p.yaml"
+    params.write_text("dataset: folder\nbackbone: colorhist\n")
+    with pytest.raises(FashionRecError, match="unknown parameter 'backbone' \\(did you mean 'backbones'"):
+        pipeline.run_pipeline(params)
+    params.write_text("dataset: folder\nnotebooks: [00-frist]\n")
+    with pytest.raises(FashionRecError, match="'00-frist' \\(did you mean '00-first'\\?\\) is not a pipeline notebook"):
+        pipeline.run_pipeline(params)
+    params.write_text("dataset: folder\nbackbones: [colorhsit]\nnotebooks: [00-first]\n")
+    assert pipeline.run_pipeline(params) == 1   # 00 runs (and fails); the backbones are checked only for 01
 
 
 def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(notebook_dir, tmp_path, capsys):
@@ -43,7 +58,7 @@ def test_a_failing_notebook_stops_the_run_naming_notebook_and_cell(notebook_dir,
     _notebook(notebook_dir / "01-broken.ipynb", "run_name = 'x'", "raise ValueError('bad catalog')")
     _notebook(notebook_dir / "02-never.ipynb", "run_name = 'x'", "print('not reached')")
     params = tmp_path / "p.yaml"
-    params.write_text("run_name: failing\n")
+    params.write_text("run_name: failing\ndataset: folder\n")
     assert pipeline.run_pipeline(params) == 1
     error = capsys.readouterr().err
     assert "FAILED in 01-broken.ipynb, cell" in error and "ValueError: bad catalog" in error

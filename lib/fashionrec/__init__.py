@@ -2,15 +2,18 @@
 
 One plain function per stage, each callable from a notebook or the command line:
 
-    from fashionrec import prepare, evaluate_backbone
+    from fashionrec import prepare, evaluate_backbone, Recommender
     prepared = prepare("clothing", split_seed=0)                 # load, validate, split
     record, embeddings = evaluate_backbone(prepared, "efficientnet_lite0", index="Flat", k=10)
+    recommender = Recommender.load("indexes/clothing")           # built by `python -m fashionrec index`
+    recommender.recommend("photo.jpg", k=5).results
 
 The package is layered; each layer imports only from the ones below it (``make test``
 checks this with import-linter):
 
     cli                      the command line
     pipeline                 the notebooks' stages, report and plots, the papermill runner
+    serving                  the servable index folder and the Recommender (photo in, similar products out)
     experiment               prepare -> embed -> evaluate, frozen or fine-tuned
     training                 fine-tuning: heads, last blocks, category classifier
     evaluation               the protocol of record, metrics, comparisons
@@ -29,9 +32,10 @@ _PUBLIC = {
     "PreparedData": "experiment.evaluate", "evaluate_finetuned": "experiment.finetune",
     "load_dataset": "data.catalog", "split_catalog": "data.split", "load_image": "data.images",
     "get_backbone": "models.registry", "list_backbones": "models.registry", "register_backbone": "models.registry",
+    "load_backbone_modules": "models.registry",
     "BuiltBackbone": "models.backbone", "InferenceSettings": "settings",
     "embed_catalog": "features.embed", "build_index": "indexing.faiss_index", "search": "indexing.faiss_index",
-    "evaluate_embeddings": "evaluation.protocol",
+    "evaluate_embeddings": "evaluation.protocol", "Recommender": "serving.recommender",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,4 +1,7 @@
 """Exceptions the workbench raises on purpose, each carrying a message a user can act on."""
+from __future__ import annotations
+
+import difflib
 
 
 class FashionRecError(Exception):
@@ -28,3 +31,16 @@ class IndexBuildError(FashionRecError, ValueError):
 
 class UnknownBackbone(FashionRecError, ValueError):
     """No backbone is registered under this name."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'T-Shirt'?)`` for the choices closest to ``name`` (same letters in another case
+    first), or "" when none is close: the tail of an error message about a misspelt name."""
+    choices = [str(choice) for choice in choices]
+    same_letters = [choice for choice in choices if choice.lower() == name.lower()]
+    close = same_letters or difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(choice) for choice in close)}?)" if close else ""
+
+
+class IndexFolderError(FashionRecError):
+    """An index folder is missing, incomplete or inconsistent; the message says how to (re)build it."""

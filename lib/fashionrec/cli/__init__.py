@@ -1,4 +1,4 @@
-"""Command line: ``python -m fashionrec {evaluate,embed,backbones,data,pipeline} ...``.
+"""Command line: ``python -m fashionrec {evaluate,embed,index,recommend,app,backbones,data,pipeline,params} ...``.
 
 Machine-readable results go to stdout (``--json``: exactly one JSON object); progress
 and diagnostics go to stderr, so ``... --json | jq`` always works. A mistake a user can
@@ -8,14 +8,15 @@ what is wrong and how to fix it, and a non-zero exit code; a traceback means a b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import FashionRecError, WeightsUnavailable
-from . import backbones, data, embed, evaluate, pipeline
+from . import app, backbones, data, embed, evaluate, index, params, pipeline, recommend
 
 EXIT_ERROR = 2
 EXIT_WEIGHTS_UNAVAILABLE = 3
-COMMANDS = (evaluate, embed, backbones, data, pipeline)
+COMMANDS = (evaluate, embed, index, recommend, app, backbones, data, pipeline, params)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,3 +37,8 @@ def main(argv=None) -> int:
     except FashionRecError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader stopped early (``... | head``): nothing went wrong here. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

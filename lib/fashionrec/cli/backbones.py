@@ -1,16 +1,19 @@
 """``backbones``: list the backbones, built-in and registered."""
 from __future__ import annotations
 
-from ..models.registry import BACKBONES, list_backbones
+from ..models.registry import backbone_spec, list_backbones
+from .common import add_backbone_module_argument, load_user_backbones
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("backbones", help="list the backbones")
+    parser = commands.add_parser("backbones", help="list the backbones (built-in, and those your modules register)")
+    add_backbone_module_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    load_user_backbones(args)
     for name in list_backbones():
-        spec = BACKBONES[name]
-        print(f"{name:<20} {spec.dim:>5}-d  {spec.description}")
+        spec = backbone_spec(name)
+        print(f"{name:<20} {spec.dim:>5}-d  {spec.family:<12} {spec.description}")
     return 0

@@ -6,19 +6,38 @@ import json
 import sys
 
 from .. import config
+from ..data.ledger import describe_counts
+from ..models.registry import check_backbone_name, load_backbone_modules
 from ..settings import DEFAULT_RUNTIME, RUNTIMES, InferenceSettings
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="fashion-mnist, clothing, folder or catalog")
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--dataset", required=required, help="fashion-mnist, clothing, folder or catalog")
     parser.add_argument("--data-dir", default=None, help="where the dataset lies (default: the dataset's usual place)")
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per category (seeded sample)")
     parser.add_argument("--category-map", default=None, help="YAML mapping old label -> new label (null drops)")
     parser.add_argument("--split-seed", type=int, default=config.DEFAULT_SEED)
 
 
-def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="a name from `python -m fashionrec backbones`")
+def add_backbone_module_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone-module", action="append", default=[], metavar="PATH_OR_MODULE",
+                        help="a .py file or importable module that registers backbones with "
+                             "@register_backbone (repeatable; see docs/custom-backbones.md)")
+
+
+def load_user_backbones(args) -> None:
+    """Imports the ``--backbone-module`` modules, then checks ``--backbone`` (if any) names a backbone.
+
+    Both happen before any data is read, so a typo costs nothing.
+    """
+    load_backbone_modules(args.backbone_module)
+    if getattr(args, "backbone", None):
+        check_backbone_name(args.backbone)
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--backbone", required=required, help="a name from `python -m fashionrec backbones`")
+    add_backbone_module_argument(parser)
     parser.add_argument("--weights-file", default=None, help="explicit local weights file for torchvision backbones")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
@@ -45,3 +64,12 @@ def print_metrics(record: dict) -> None:
 def print_json(record: dict) -> None:
     json.dump(record, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
+
+
+def print_skipped(skipped: list[dict], limit: int = 10) -> None:
+    """The ledger's summary line and its first entries (``--json`` has them all)."""
+    print(f"  {describe_counts(skipped)}")
+    for item in skipped[:limit]:
+        print(f"    ({item['stage']}) {item['path']}: {item['reason']}")
+    if len(skipped) > limit:
+        print(f"    ... and {len(skipped) - limit} more (--json lists them all)")

@@ -1,25 +1,38 @@
-"""``embed``: embed every image of a dataset and report what was skipped."""
+"""``embed``: embed every image of a dataset, write the vectors, and report what was left out."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
+from .. import config
 from ..data.catalog import load_dataset
+from ..data.ledger import count_by_stage, describe_counts
 from ..features.embed import embed_catalog
 from ..features.files import save_embeddings
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
-from .common import add_backbone_arguments, add_data_arguments, inference_settings, print_json
+from .common import add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("embed", help="embed every image of a dataset and report what was skipped")
+    parser = commands.add_parser("embed", help="embed every image of a dataset and report what was left out")
     add_data_arguments(parser)
     add_backbone_arguments(parser)
-    parser.add_argument("--out", default=None, help="directory for <backbone>.npy/.parquet/.json")
+    parser.add_argument("--out", default=None,
+                        help="directory for <backbone>.npy/.parquet/.json (default: results/embeddings/<dataset>, "
+                             "with the data directory's name for folder and catalog datasets)")
     parser.set_defaults(handler=run)
 
 
+def default_out_dir(dataset: str, root: Path) -> Path:
+    """``results/embeddings/<dataset>`` (``<dataset>-<folder name>`` for user catalogs, which live anywhere)."""
+    name = dataset if dataset in ("fashion-mnist", "clothing") else f"{dataset}-{root.resolve().name}"
+    return config.RESULTS_DIR / "embeddings" / re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
 def run(args) -> int:
+    load_user_backbones(args)
     settings = inference_settings(args)
     # The whole catalog, unsplit: categories too small for the split are embedded too.
     loaded = load_dataset(args.dataset, args.data_dir, max_per_class=args.max_per_class, seed=args.split_seed,
@@ -32,24 +45,31 @@ def run(args) -> int:
                          progress=settings.progress)
     embeddings = embed_catalog(loaded.catalog, model, settings, root=loaded.root)
     skipped = loaded.skipped + embeddings.skipped
+    out_dir = Path(args.out) if args.out else default_out_dir(args.dataset, loaded.root)
     record = {
         "dataset": args.dataset,
         "data_dir": str(loaded.root),
         "backbone": args.backbone,
         "runtime": settings.runtime,
         "weights_sha256": embeddings.weights_sha256,
+        "n_images": int(len(loaded.catalog)),
         "n_embedded": int(len(embeddings.vectors)),
         "dim": int(embeddings.vectors.shape[1]),
         "n_reused": embeddings.n_reused,
         "n_computed": embeddings.n_computed,
+        "n_not_sampled": loaded.n_not_sampled,
+        "n_skipped": len(skipped),
+        "n_skipped_by_stage": count_by_stage(skipped),
         "skipped": skipped,
     }
-    if args.out:
-        record["output"] = str(save_embeddings(embeddings, Path(args.out), extra={"skipped": skipped}))
+    if embeddings.vectors.size:
+        record["out_dir"] = str(out_dir)
+        record["output"] = str(save_embeddings(embeddings, out_dir, extra={"skipped": skipped}))
+        print(f"[embed] wrote {record['output']} (+ .parquet, .json)", file=sys.stderr)
     if args.json:
         print_json(record)
     else:
-        print(f"embedded {record['n_embedded']} images with {args.backbone}; skipped {len(skipped)}")
+        print(f"embedded {record['n_embedded']} images with {args.backbone}; {describe_counts(skipped)}")
         for item in skipped:
-            print(f"  skipped {item['path']}: {item['reason']}")
+            print(f"  left out ({item['stage']}) {item['path']}: {item['reason']}")
     return 0 if record["n_embedded"] > 0 else 2

@@ -6,7 +6,8 @@ from ..experiment.finetune import evaluate_finetuned
 from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.trunk import BackboneTuneConfig
-from .common import add_backbone_arguments, add_data_arguments, inference_settings, print_json, print_metrics
+from .common import (add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json,
+                     print_metrics, print_skipped)
 
 
 def add_parser(commands) -> None:
@@ -37,8 +38,10 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
+    load_user_backbones(args)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
+    prepared.check_k(args.k)
     settings = inference_settings(args)
     if args.finetune:
         return _run_finetuned(args, prepared, settings)
@@ -53,6 +56,7 @@ def run(args) -> int:
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)
+        print_skipped(record["skipped"])
     return 0
 
 
@@ -80,6 +84,7 @@ def _run_finetuned(args, prepared, settings) -> int:
           f"{record['index']} ({record['metric']}) | k={record['k']} | split seed {record['split_seed']} | "
           f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
     print_metrics(record)
+    print_skipped(record["skipped"])
     gain = record["precision_at_k_gain"]
     print(f"  frozen backbone precision_at_k {record['baseline_precision_at_k']:.4f}  "
           f"(gain {gain['diff']:+.4f}, 95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")

@@ -6,8 +6,10 @@ from ..pipeline.notebooks import run_pipeline
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("pipeline", help="run the numbered notebooks with papermill")
-    parser.add_argument("--params", default="params/default.yaml")
-    parser.add_argument("--run-name", default=None)
+    parser.add_argument("--params", default="params/default.yaml",
+                        help="YAML parameter file; its keys are listed in docs/parameters.md")
+    parser.add_argument("--run-name", default=None, help="results/<run-name>/ (default: run_name in the file, "
+                                                         "else the file's name)")
     parser.set_defaults(handler=run)
 
 

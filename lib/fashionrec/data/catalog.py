@@ -1,9 +1,15 @@
 """Named dataset loaders that all return the same catalog table.
 
 Every loader returns a :class:`LoadedDataset`: ``catalog`` has one row per usable image with
-columns ``id`` (unique string), ``path`` (absolute) and ``label``; ``skipped`` lists every
-file or row that was left out, with the path relative to the dataset root and a specific
-reason. Bad input never stops a load; only a missing dataset does.
+columns ``id`` (unique string), ``path`` (absolute) and ``label``; ``skipped`` is the ledger of
+every file or row that was left out (:mod:`fashionrec.data.ledger`: path relative to the
+dataset root, stage, specific reason). Bad input never stops a load; only a missing dataset,
+an unreadable catalog file or a category map that names labels the catalog does not have do.
+
+Every loader goes through the same steps, in this order: labels (missing ones, the category
+map, labels that name no category), duplicate ids, then the files themselves, decoded in full
+(:mod:`fashionrec.data.checks`, cached by content), and only then the ``max_per_class``
+sample. So a file that cannot be used never takes a sample or split slot.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ import pandas as pd
 
 from .. import config
 from ..console import progress_bar
-from ..errors import DatasetError, ImageError
+from ..errors import DatasetError, did_you_mean
+from .checks import check_files
 from .fetch import FASHION_MNIST_FILES, clothing_dirs, fetch_fashion_mnist, locate_clothing, locate_fashion_mnist
-from .images import probe_image
+from .ledger import describe_counts, skipped_entry
 from .split import subsample
 
 CATALOG_COLUMNS = ["id", "path", "label"]
@@ -31,6 +38,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+OUTSIDE_CATEGORY_FOLDER = "not inside a category sub-folder (--dataset folder reads <data-dir>/<category>/<image>)"
 
 
 @dataclass
@@ -39,13 +47,10 @@ class LoadedDataset:
     root: Path
     catalog: pd.DataFrame
     skipped: list[dict] = field(default_factory=list)
+    n_not_sampled: int = 0   # images max_per_class left out (by design, so not in the ledger)
 
     def counts(self) -> pd.Series:
         return self.catalog["label"].value_counts().sort_index()
-
-
-def _skip(skipped: list[dict], root: Path, path, reason: str) -> None:
-    skipped.append({"path": _relative(root, path), "reason": reason})
 
 
 def _relative(root: Path, path) -> str:
@@ -55,42 +60,74 @@ def _relative(root: Path, path) -> str:
         return str(path)
 
 
-def _keep_readable_images(rows: pd.DataFrame, root: Path, skipped: list[dict], progress: bool) -> pd.DataFrame:
-    """Drops rows whose file fails the header check (missing, not an image, bomb...)."""
-    keep = []
-    for path in progress_bar(rows["path"], desc="checking images", progress=progress, leave=False):
-        try:
-            probe_image(path)
-            keep.append(True)
-        except ImageError as error:
-            _skip(skipped, root, path, error.reason)
-            keep.append(False)
-    return rows[np.array(keep, dtype=bool)].reset_index(drop=True)
-
-
-def _drop_duplicate_ids(rows: pd.DataFrame, root: Path, skipped: list[dict]) -> pd.DataFrame:
-    duplicated = rows["id"].duplicated(keep="first")
-    for _, row in rows[duplicated].iterrows():
-        _skip(skipped, root, row["path"], f"duplicate id {row['id']!r} (first occurrence kept)")
-    return rows[~duplicated].reset_index(drop=True)
+def _leave_out(rows: pd.DataFrame, drop: np.ndarray, root: Path, skipped: list[dict], stage: str,
+               reasons) -> pd.DataFrame:
+    """Rows without the ``drop`` ones, each of those entered in the ledger with its reason."""
+    drop = np.asarray(drop, dtype=bool)
+    reasons = [reasons] * int(drop.sum()) if isinstance(reasons, str) else list(reasons)
+    for path, reason in zip(rows.loc[drop, "path"], reasons):
+        skipped.append(skipped_entry(_relative(root, path), stage, reason))
+    return rows[~drop].reset_index(drop=True)
 
 
 def _drop_missing_labels(rows: pd.DataFrame, root: Path, skipped: list[dict]) -> pd.DataFrame:
     labels = rows["label"].astype("string").str.strip()
-    missing = labels.isna() | (labels == "")
-    for path in rows.loc[missing, "path"]:
-        _skip(skipped, root, path, "missing label")
-    rows = rows.assign(label=labels)
-    return rows[~missing].reset_index(drop=True)
+    missing = (labels.isna() | (labels == "")).to_numpy(dtype=bool)
+    return _leave_out(rows.assign(label=labels), missing, root, skipped, "label", "missing label")
 
 
-def _finish(name: str, root: Path, rows: pd.DataFrame, skipped: list[dict], progress: bool) -> LoadedDataset:
+def _apply_map(rows: pd.DataFrame, mapping: dict, source: str, root: Path, skipped: list[dict]) -> pd.DataFrame:
+    check_category_map(mapping, rows["label"].unique(), source)
+    labels = rows["label"].map(lambda label: mapping.get(label, label))
+    dropped = labels.isna().to_numpy(dtype=bool)
+    reasons = [f"category {label!r} dropped by the category map" for label in rows.loc[dropped, "label"]]
+    return _leave_out(rows.assign(label=labels), dropped, root, skipped, "label", reasons)
+
+
+def _drop_non_categories(rows: pd.DataFrame, non_categories, root: Path, skipped: list[dict]) -> pd.DataFrame:
+    dropped = rows["label"].isin(non_categories).to_numpy(dtype=bool)
+    reasons = [f"label {label!r} names no category" for label in rows.loc[dropped, "label"]]
+    return _leave_out(rows, dropped, root, skipped, "label", reasons)
+
+
+def _drop_duplicate_ids(rows: pd.DataFrame, root: Path, skipped: list[dict]) -> pd.DataFrame:
+    duplicated = rows["id"].duplicated(keep="first").to_numpy(dtype=bool)
+    reasons = [f"duplicate id {item_id!r} (first occurrence kept)" for item_id in rows.loc[duplicated, "id"]]
+    return _leave_out(rows, duplicated, root, skipped, "duplicate", reasons)
+
+
+def _keep_usable_images(rows: pd.DataFrame, root: Path, skipped: list[dict], progress: bool) -> pd.DataFrame:
+    """Drops rows whose file is missing, refused from its header or not decodable in full."""
+    verdicts = check_files(rows["path"], progress=progress)
+    unusable = np.array([verdict is not None for verdict in verdicts], dtype=bool)
+    for path, verdict in zip(rows.loc[unusable, "path"], [v for v in verdicts if v is not None]):
+        skipped.append(skipped_entry(_relative(root, path), *verdict))
+    return rows[~unusable].reset_index(drop=True)
+
+
+def _finish(name: str, root: Path, rows: pd.DataFrame, skipped: list[dict], progress: bool,
+            category_map: dict | None = None, category_map_source: str = "category map",
+            non_categories=frozenset(), max_per_class: int | None = None, seed: int = config.DEFAULT_SEED,
+            materialise: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> LoadedDataset:
+    """The steps every loader shares (see the module docstring); ``materialise`` writes the
+    image files of the rows it is given (Fashion-MNIST writes only the sampled ones)."""
     rows = _drop_missing_labels(rows, root, skipped)
+    if category_map:
+        rows = _apply_map(rows, category_map, category_map_source, root, skipped)
+    rows = _drop_non_categories(rows, non_categories, root, skipped)
     rows = _drop_duplicate_ids(rows, root, skipped)
-    rows = _keep_readable_images(rows, root, skipped, progress)
+    n_not_sampled = 0
+    if materialise is not None:
+        sampled = subsample(rows, max_per_class, seed)
+        n_not_sampled = len(rows) - len(sampled)
+        rows = materialise(sampled)
+    rows = _keep_usable_images(rows, root, skipped, progress)
+    capped = subsample(rows, max_per_class, seed)
+    n_not_sampled += len(rows) - len(capped)
+    rows = capped.copy()
     rows["label"] = rows["label"].astype(str)
     rows["id"] = rows["id"].astype(str)
-    return LoadedDataset(name, root, rows[CATALOG_COLUMNS].reset_index(drop=True), skipped)
+    return LoadedDataset(name, root, rows[CATALOG_COLUMNS].reset_index(drop=True), skipped, n_not_sampled)
 
 
 # --- fashion-mnist -------------------------------------------------------------------------
@@ -114,7 +151,8 @@ def _find_fashion_mnist(data_dir: Path | None, progress: bool) -> Path:
 
 
 def load_fashion_mnist(data_dir=None, max_per_class: int | None = None, seed: int = config.DEFAULT_SEED,
-                       progress: bool = True) -> LoadedDataset:
+                       progress: bool = True, category_map: dict | None = None,
+                       category_map_source: str = "category map") -> LoadedDataset:
     """The 70,000 Fashion-MNIST articles (train and test files together: the split is ours).
 
     Images are written once as PNG files under ``data/interim/fashion-mnist`` so that every
@@ -130,33 +168,42 @@ def load_fashion_mnist(data_dir=None, max_per_class: int | None = None, seed: in
         labels.append(part_labels)
         ids.extend(f"{part}-{i:05d}" for i in range(len(part_labels)))
     images = np.concatenate(images)
+    out_dir = config.INTERIM_DIR / "fashion-mnist" / "images"
     rows = pd.DataFrame({
         "id": ids,
+        "path": [str(out_dir / f"{item_id}.png") for item_id in ids],
         "label": [FASHION_MNIST_CLASSES[i] for i in np.concatenate(labels)],
-        "row": np.arange(len(ids)),
     })
-    rows = subsample(rows, max_per_class, seed)
-    out_dir = config.INTERIM_DIR / "fashion-mnist" / "images"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    from PIL import Image
 
-    for item_id, row in progress_bar(zip(rows["id"], rows["row"]), total=len(rows), desc="writing fashion-mnist PNGs",
-                             progress=progress, leave=False):
-        path = out_dir / f"{item_id}.png"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(images[row], mode="L").save(tmp)
-            os.replace(tmp, path)
-        paths.append(str(path))
-    rows = rows.assign(path=paths)
-    return _finish("fashion-mnist", out_dir, rows, [], progress)
+    def write_pngs(sampled: pd.DataFrame) -> pd.DataFrame:
+        from PIL import Image
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item_id, path in progress_bar(zip(sampled["id"], sampled["path"]), total=len(sampled),
+                                          desc="writing fashion-mnist PNGs", progress=progress, leave=False):
+            if not os.path.exists(path):
+                tmp = f"{path[:-len('.png')]}.tmp.png"
+                Image.fromarray(images[_fashion_mnist_row(item_id)], mode="L").save(tmp)
+                os.replace(tmp, path)
+        return sampled
+
+    return _finish("fashion-mnist", out_dir, rows, [], progress, category_map, category_map_source,
+                   max_per_class=max_per_class, seed=seed, materialise=write_pngs)
+
+
+def _fashion_mnist_row(item_id: str) -> int:
+    """Row of the concatenated train + test arrays: ``train-00005`` -> 5, ``test-00005`` -> 60005."""
+    part, number = item_id.split("-")
+    return int(number) + (60000 if part == "test" else 0)
 
 
 # --- clothing photos -----------------------------------------------------------------------
 
 def find_clothing_dir(data_dir=None) -> Path:
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise DatasetError(f"{data_dir}: no such directory (--data-dir should be the clothing dataset, "
+                               "the folder holding images.csv and images/)")
         if not (Path(data_dir) / "images.csv").is_file():
             raise DatasetError(f"{data_dir}: not the clothing dataset (no images.csv there)")
         return Path(data_dir)
@@ -167,57 +214,81 @@ def find_clothing_dir(data_dir=None) -> Path:
     return found
 
 
-def load_clothing(data_dir=None, progress: bool = True) -> LoadedDataset:
-    """The clothing photos: ``images.csv`` (image, sender_id, label, kids) + ``images/<image>.jpg``."""
+def load_clothing(data_dir=None, progress: bool = True, category_map: dict | None = None,
+                  category_map_source: str = "category map", max_per_class: int | None = None,
+                  seed: int = config.DEFAULT_SEED) -> LoadedDataset:
+    """The clothing photos: ``images.csv`` (image, sender_id, label, kids) + ``images/<image>.jpg``.
+
+    Rows labelled ``Not sure``, ``Skip`` or ``Other`` name no category and are left out (after
+    the category map, which may rename them); so are files in ``images/`` without a row.
+    """
     root = find_clothing_dir(data_dir)
     table = pd.read_csv(root / "images.csv", dtype=str)
     missing_columns = {"image", "label"} - set(table.columns)
     if missing_columns:
         raise DatasetError(f"{root / 'images.csv'}: missing columns {sorted(missing_columns)}")
-    table = table[~table["label"].isin(CLOTHING_NON_CATEGORIES)]
     rows = pd.DataFrame({
         "id": table["image"].values,
         "path": [str(root / "images" / f"{image}.jpg") for image in table["image"]],
         "label": table["label"].values,
     })
-    return _finish("clothing", root, rows, [], progress)
+    listed = set(rows["path"])
+    on_disk = sorted((root / "images").iterdir()) if (root / "images").is_dir() else []
+    skipped = [skipped_entry(_relative(root, path), "label", "no row in images.csv")
+               for path in on_disk if not path.name.startswith(".") and str(path) not in listed]
+    return _finish("clothing", root, rows, skipped, progress, category_map, category_map_source,
+                   non_categories=CLOTHING_NON_CATEGORIES, max_per_class=max_per_class, seed=seed)
 
 
 # --- user catalogs -------------------------------------------------------------------------
 
-def load_folder(data_dir, progress: bool = True) -> LoadedDataset:
+def load_folder(data_dir, progress: bool = True, category_map: dict | None = None,
+                category_map_source: str = "category map", max_per_class: int | None = None,
+                seed: int = config.DEFAULT_SEED) -> LoadedDataset:
     """An ImageFolder-style tree: one sub-folder per category, images anywhere below it.
 
     Hidden files (``.DS_Store``, ``._*``) are ignored, as ImageFolder does; every other
-    file is either a catalog item or reported as skipped.
+    file is either a catalog item or in the ledger, files lying directly in the top folder too.
     """
-    root = _existing_dir(data_dir)
-    records = []
-    for category in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(category.rglob("*")):
+    root = _existing_dir(data_dir, "folder", "one sub-folder per category: <data-dir>/<category>/<image>")
+    records, skipped = [], []
+    for entry in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not entry.is_dir():
+            skipped.append(skipped_entry(entry.name, "label", OUTSIDE_CATEGORY_FOLDER))
+            continue
+        for path in sorted(entry.rglob("*")):
             # A directory is reported only when its name poses as an image (``look.jpg/``).
             if path.name.startswith(".") or (path.is_dir() and path.suffix.lower() not in IMAGE_SUFFIXES):
                 continue
             relative = path.relative_to(root).as_posix()
-            records.append({"id": relative, "path": str(path), "label": category.name})
+            records.append({"id": relative, "path": str(path), "label": entry.name})
     rows = pd.DataFrame(records, columns=CATALOG_COLUMNS)
-    return _finish("folder", root, rows, [], progress)
+    return _finish("folder", root, rows, skipped, progress, category_map, category_map_source,
+                   max_per_class=max_per_class, seed=seed)
 
 
-def load_catalog_csv(data_dir, progress: bool = True) -> LoadedDataset:
-    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``."""
-    root = _existing_dir(data_dir)
-    csv_path = root / "catalog.csv"
+def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None = None,
+                     category_map_source: str = "category map", max_per_class: int | None = None,
+                     seed: int = config.DEFAULT_SEED) -> LoadedDataset:
+    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``.
+
+    ``data_dir`` may also name the CSV file itself; its paths are then relative to its folder.
+    """
+    if data_dir is not None and Path(data_dir).is_file():
+        csv_path = Path(data_dir)
+        root = csv_path.parent
+    else:
+        root = _existing_dir(data_dir, "catalog", "a folder holding catalog.csv with columns path,label")
+        csv_path = root / "catalog.csv"
     if not csv_path.exists():
         raise DatasetError(f"{csv_path}: not found (a catalog directory needs catalog.csv with columns path,label)")
     table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
     missing_columns = {"path", "label"} - set(table.columns)
     if missing_columns:
         raise DatasetError(f"{csv_path}: missing columns {sorted(missing_columns)}")
-    skipped: list[dict] = []
     no_path = table["path"].isna()
-    for line in table.index[no_path]:
-        skipped.append({"path": f"catalog.csv line {line + 2}", "reason": "missing path"})
+    skipped = [skipped_entry(f"{csv_path.name} line {line + 2}", "catalog", "missing path")
+               for line in table.index[no_path]]
     table = table[~no_path]
     ids = table["id"] if "id" in table.columns else table["path"]
     rows = pd.DataFrame({
@@ -225,15 +296,16 @@ def load_catalog_csv(data_dir, progress: bool = True) -> LoadedDataset:
         "path": [str(root / p) for p in table["path"]],
         "label": table["label"].values,
     })
-    return _finish("catalog", root, rows, skipped, progress)
+    return _finish("catalog", root, rows, skipped, progress, category_map, category_map_source,
+                   max_per_class=max_per_class, seed=seed)
 
 
-def _existing_dir(data_dir) -> Path:
+def _existing_dir(data_dir, dataset: str, layout: str) -> Path:
     if data_dir is None:
-        raise DatasetError("this dataset needs --data-dir")
+        raise DatasetError(f"--dataset {dataset} needs --data-dir ({layout})")
     root = Path(data_dir)
     if not root.is_dir():
-        raise DatasetError(f"{root}: not a directory")
+        raise DatasetError(f"{root}: no such directory (--data-dir for --dataset {dataset} is {layout})")
     return root
 
 
@@ -250,38 +322,70 @@ def load_dataset(name: str, data_dir=None, max_per_class: int | None = None, see
     """Loads a named dataset, optionally remaps its categories and caps the images per category.
 
     ``category_map`` merges or renames categories (``{"Hoodie": "Tops"}``); a category
-    mapped to ``None`` is dropped. It is applied before sampling and splitting, so every
-    later step sees the mapped labels.
+    mapped to ``None`` is dropped; an entry that matches no label of the catalog is an
+    error (naming close matches), raised before any image is checked. The map applies
+    before sampling and splitting, so every later step sees the mapped labels, and
+    ``max_per_class`` caps the mapped categories.
     """
     if name not in LOADERS:
-        raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(LOADERS)}")
-    if name == "fashion-mnist":
-        loaded = load_fashion_mnist(data_dir, max_per_class=max_per_class, seed=seed, progress=progress)
-    else:
-        loaded = LOADERS[name](data_dir, progress=progress)
-        loaded.catalog = subsample(loaded.catalog, max_per_class, seed)
-    if category_map:
-        loaded.catalog = apply_category_map(loaded.catalog, read_category_map(category_map))
+        raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, LOADERS)}; available: {', '.join(LOADERS)}")
+    if max_per_class is not None and max_per_class < 1:
+        raise DatasetError(f"max_per_class must be a positive number or None (no cap), got {max_per_class}")
+    mapping = read_category_map(category_map) if category_map else None
+    source = str(category_map) if category_map and not isinstance(category_map, dict) else "category map"
+    loaded = LOADERS[name](data_dir, progress=progress, category_map=mapping, category_map_source=source,
+                           max_per_class=max_per_class, seed=seed)
     if loaded.catalog.empty:
-        raise DatasetError(f"{name} at {loaded.root}: no usable images ({len(loaded.skipped)} skipped)")
+        raise _no_images_error(loaded)
     return loaded
 
 
+def _no_images_error(loaded: LoadedDataset) -> DatasetError:
+    outside = [entry for entry in loaded.skipped if entry["reason"] == OUTSIDE_CATEGORY_FOLDER]
+    if loaded.name == "folder" and outside and len(outside) == len(loaded.skipped):
+        return DatasetError(f"{loaded.root}: no usable images: its {len(outside)} files lie directly in it, but "
+                            "--dataset folder needs one sub-folder per category "
+                            f"({loaded.root}/<category>/<image>); move them into category folders")
+    if not loaded.skipped:
+        return DatasetError(f"{loaded.root}: no images found for --dataset {loaded.name}")
+    first = loaded.skipped[0]
+    return DatasetError(f"{loaded.name} at {loaded.root}: no usable images, {describe_counts(loaded.skipped)} "
+                        f"(first: {first['path']}: {first['reason']})")
+
+
 def read_category_map(category_map: dict | str | Path) -> dict:
+    """The category map as a dict of old label -> new label (None drops), from a dict or a YAML file."""
     if isinstance(category_map, dict):
-        return category_map
-    import yaml
+        mapping, source = category_map, "category map"
+    else:
+        import yaml
 
-    with open(category_map) as stream:
-        mapping = yaml.safe_load(stream)
+        source = str(category_map)
+        try:
+            text = Path(category_map).read_text()
+        except FileNotFoundError:
+            raise DatasetError(f"{category_map}: category map file not found (a YAML file of old label: new label)") \
+                from None
+        except OSError as error:
+            raise DatasetError(f"{category_map}: cannot read the category map ({error.strerror})") from None
+        try:
+            mapping = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise DatasetError(f"{category_map}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(mapping, dict):
-        raise DatasetError(f"{category_map}: a category map is a YAML mapping of old label -> new label")
-    return mapping
+        raise DatasetError(f"{source}: a category map is a YAML mapping of old label -> new label (null drops)")
+    bad = {key: value for key, value in mapping.items() if value is not None and not isinstance(value, str)}
+    if bad:
+        key, value = next(iter(bad.items()))
+        raise DatasetError(f"{source}: {key!r} maps to {value!r}; a new label is a string, or null to drop it")
+    return {str(key): value for key, value in mapping.items()}
 
 
-def apply_category_map(catalog: pd.DataFrame, mapping: dict) -> pd.DataFrame:
-    labels = catalog["label"].map(lambda label: mapping.get(label, label))
-    keep = labels.notna()
-    return catalog.assign(label=labels)[keep].reset_index(drop=True)
-
-
+def check_category_map(mapping: dict, labels, source: str = "category map") -> None:
+    """Raises DatasetError naming every entry of ``mapping`` that matches none of ``labels``, with close matches."""
+    labels = sorted({str(label) for label in labels})
+    unmatched = [key for key in mapping if key not in labels]
+    if not unmatched:
+        return
+    described = "; ".join(f"{key!r} matches no label{did_you_mean(key, labels)}" for key in unmatched)
+    raise DatasetError(f"{source}: {described} (labels are case-sensitive; the catalog has: {', '.join(labels)})")

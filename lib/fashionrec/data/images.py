@@ -56,9 +56,12 @@ from ..errors import ImageError
 __all__ = [
     "MAX_PIXELS",
     "ImageInfo",
+    "check_image_file",
     "ensure_rgb",
+    "file_digest",
     "load_image",
     "open_image_bytes",
+    "open_regular_file",
     "probe_image",
 ]
 
@@ -109,7 +112,7 @@ class ImageInfo:
 
 def probe_image(path: str | os.PathLike) -> ImageInfo:
     """Check ``path`` from its header alone (no pixel decoding) and describe it."""
-    with _open_regular_file(path) as fp, _open_checked(fp, path) as image:
+    with open_regular_file(path) as fp, _open_checked(fp, path) as image:
         return ImageInfo(image.format, image.width, image.height, image.mode)
 
 
@@ -121,8 +124,27 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     keeping both sides >= ``draft_size``. Pass the size a later resize shrinks the image
     to, so that resize still downsamples; other formats are decoded in full.
     """
-    with _open_regular_file(path) as fp:
+    with open_regular_file(path) as fp:
         return _decode(fp, path, draft_size)
+
+
+def check_image_file(fp: BinaryIO, name: str | os.PathLike) -> tuple[str, str] | None:
+    """Check an open image file in full: ``("header", reason)`` when its header alone is refused,
+    ``("decode", reason)`` when its pixels do not decode completely, None when it loads.
+
+    This is exactly what :func:`load_image` would do (no draft scaling: every pixel is decoded).
+    """
+    try:
+        with _open_checked(fp, name):
+            pass
+    except ImageError as error:
+        return "header", error.reason
+    fp.seek(0)
+    try:
+        _decode(fp, name)
+    except ImageError as error:
+        return "decode", error.reason
+    return None
 
 
 def open_image_bytes(data: bytes, name: str = "<bytes>", *, draft_size: int | None = None) -> Image.Image:
@@ -155,7 +177,8 @@ def _sixteen_bit_gray_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray((samples >> 8).astype(np.uint8))
 
 
-def _open_regular_file(path: str | os.PathLike) -> BinaryIO:
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading after checking it is a regular file (so a FIFO cannot block), or raise ImageError."""
     try:
         status = os.stat(path)
     except FileNotFoundError:

@@ -12,8 +12,10 @@ import pandas as pd
 
 from .. import config
 from ..data.catalog import load_dataset
+from ..data.ledger import count_by_stage, skipped_entry
 from ..data.split import SPLIT_FRACTIONS, SPLITS, split_catalog
 from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
+from ..errors import FashionRecError
 from ..features.embed import Embeddings, embed_catalog
 from ..models.backbone import Backbone
 from ..models.registry import get_backbone
@@ -23,7 +25,12 @@ from ..settings import InferenceSettings
 
 @dataclass
 class PreparedData:
-    """A loaded, validated and split catalog, with everything that was left out."""
+    """A loaded, validated and split catalog, with the ledger of every file left out.
+
+    ``catalog`` holds the images used (each in one split); ``skipped`` every file left out,
+    at any stage up to the split (:mod:`fashionrec.data.ledger`); ``n_not_sampled`` the
+    images that ``max_per_class`` did not sample (Fashion-MNIST: never decoded; others: usable).
+    """
 
     dataset: str
     root: Path
@@ -33,6 +40,7 @@ class PreparedData:
     too_small: list[dict] = field(default_factory=list)
     max_per_class: int | None = None
     category_map: str | None = None
+    n_not_sampled: int = 0
 
     def describe(self) -> dict:
         return {
@@ -44,18 +52,45 @@ class PreparedData:
             "category_map": self.category_map,
             "n_images": int(len(self.catalog)),
             "n_skipped": len(self.skipped),
+            "n_skipped_by_stage": count_by_stage(self.skipped),
+            "n_not_sampled": self.n_not_sampled,
             "skipped_categories": self.too_small,
         }
+
+    def check_k(self, k: int) -> None:
+        """Raises FashionRecError when ``k`` exceeds the gallery, so it is said before any embedding."""
+        n_gallery = int((self.catalog["split"] == "gallery").sum())
+        if k < 1 or k > n_gallery:
+            raise FashionRecError(f"k={k} does not fit this catalog: its gallery split holds {n_gallery} images "
+                                  f"(20% of each category of {len(self.catalog)} images); use a k between 1 and "
+                                  f"{n_gallery}, or a larger catalog")
 
 
 def prepare(dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
             category_map=None, progress: bool = True) -> PreparedData:
-    """Loads and validates a named dataset, then splits it (seeded)."""
+    """Loads and validates a named dataset (every image decoded in full), then splits it (seeded).
+
+    The images of a category too small to fill train, gallery and query enter the ledger
+    with stage ``split``.
+    """
     loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
                           category_map=category_map, progress=progress)
     catalog, too_small = split_catalog(loaded.catalog, seed=split_seed)
-    return PreparedData(dataset, loaded.root, catalog, split_seed, loaded.skipped, too_small, max_per_class,
-                        str(category_map) if category_map and not isinstance(category_map, dict) else None)
+    left_out = {entry["label"]: entry for entry in too_small}
+    split_skips = [skipped_entry(_relative(loaded.root, path), "split",
+                                 f"category {label!r} has only {left_out[label]['n_images']} usable image(s): "
+                                 "too few to fill train, gallery and query")
+                   for path, label in zip(loaded.catalog["path"], loaded.catalog["label"]) if label in left_out]
+    if catalog.empty:
+        raise FashionRecError(f"{dataset} at {loaded.root}: no category has the 3 usable images it needs to fill "
+                              f"train, gallery and query ({len(too_small)} categories, {len(loaded.catalog)} images)")
+    return PreparedData(dataset, loaded.root, catalog, split_seed, loaded.skipped + split_skips, too_small,
+                        max_per_class, str(category_map) if category_map and not isinstance(category_map, dict)
+                        else None, loaded.n_not_sampled)
+
+
+def _relative(root: Path, path: str) -> str:
+    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 def embed(prepared: PreparedData, backbone: str, splits=SPLITS,
@@ -86,8 +121,10 @@ def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat"
     """Embeds gallery and query images and scores query -> gallery retrieval.
 
     Returns the JSON-ready record (protocol, metrics with 95% intervals, per-category
-    table, provenance) and the embeddings it used.
+    table, provenance, the ledger of files left out) and the embeddings it used. A ``k``
+    larger than the gallery is refused before anything is embedded.
     """
+    prepared.check_k(k)
     embeddings = embed(prepared, backbone, splits=("gallery", "query"), settings=settings)
     evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
                                      search_params=search_params, seed=prepared.split_seed)
@@ -107,5 +144,7 @@ def evaluation_record(prepared: PreparedData, backbone: str, runtime: str, embed
         "dataset_fingerprint": dataset_fingerprint(evaluated_metadata),
         **evaluation.to_record(bootstrap_seed=prepared.split_seed),
         "n_skipped": len(prepared.skipped) + len(embeddings.skipped),
+        "n_skipped_by_stage": count_by_stage(prepared.skipped + embeddings.skipped),
+        "skipped": prepared.skipped + embeddings.skipped,
         "versions": software_versions(),
     }

@@ -6,7 +6,6 @@ backbone is measured, against that frozen backbone on the same queries.
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from ..settings import InferenceSettings
-from ..training.classify import category_aware_effect, category_metrics
+from ..training.classify import category_aware_on_queries, category_metrics
 from ..training.finetune import FinetuneConfig, TrainedModel, default_model_path, model_cache_key, train_model
 from ..training.heads import HeadConfig
 from ..training.trunk import BackboneTuneConfig, check_level2_backbone
@@ -50,7 +49,7 @@ class FinetunedEvaluation:
     frozen: np.ndarray
     metadata: pd.DataFrame
     classification: dict
-    category_aware: pd.DataFrame
+    category_aware: dict               # the boost chosen on validation, and it vs the plain ranking on the queries
     predicted: np.ndarray              # predicted category of every ``metadata`` row
     embeddings: Embeddings             # the frozen embeddings (train, gallery, query)
     trained: TrainedModel | None       # None when a cached model was reused
@@ -68,8 +67,10 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
 
     The model file is cached under ``data/processed/heads/<backbone>-<key>.pt``, where the
     key covers the base backbone, the fingerprint of the train rows, the level and every
-    setting; ``model_path`` writes a copy there as well.
+    setting; ``model_path`` writes a copy there as well. A ``k`` larger than the gallery is
+    refused before anything is embedded or trained.
     """
+    prepared.check_k(k)
     cfg = cfg or FinetuneConfig(head=HeadConfig(k=k, seed=prepared.split_seed),
                                 tune=BackboneTuneConfig(seed=prepared.split_seed))
     base = get_backbone(backbone, weights_file=settings.weights_file)
@@ -113,8 +114,8 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
         "C": classifier.c if classifier else None,
         "views": ["centre_crop", *cfg.head.classifier_views] if multi_view is not None else ["centre_crop"],
         "views_skipped": views_skipped}
-    aware = category_aware_effect(vectors[query], vectors[gallery], labels[query], labels[gallery], predicted[query],
-                                  predicted[gallery], k=k)
+    aware = _category_aware(payload, vectors[query], vectors[gallery], labels[query], labels[gallery],
+                            predicted[query], k, prepared.split_seed)
     paired = metrics.paired_bootstrap(evaluation.per_query["precision_at_k"], baseline.per_query["precision_at_k"],
                                       seed=prepared.split_seed)
     measured = plain_values({
@@ -188,8 +189,21 @@ def _predicted_categories(payload: dict, frozen: np.ndarray, vectors: np.ndarray
     return classifier.predict(features)
 
 
+def _category_aware(payload: dict, query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted,
+                    k: int, seed: int) -> dict:
+    """The validation choice of the boost (from the model file) and that one setting scored on the queries."""
+    choice = payload["selection"]["category_boost"]
+    on_queries = category_aware_on_queries(query_vectors, gallery_vectors, query_labels, gallery_labels,
+                                           query_predicted, choice["boost"], k=k, seed=seed)
+    return plain_values({"boost": choice["boost"], "gallery_categories": "known (the catalog's own labels)",
+                         "chosen_on": choice["chosen_on"], "validation": choice["table"],
+                         "validation_gain_over_plain": choice.get("validation_gain_over_plain"),
+                         "query": {"plain": on_queries["plain"], "chosen": on_queries["chosen"]},
+                         "query_gain_over_plain": on_queries["gain"]})
+
+
 def _finetune_record(backbone: str, payload: dict, cached: Path, model_path, reused: bool, train_fingerprint: str,
-                     classification: dict, baseline: Evaluation, paired: dict, aware: pd.DataFrame, seed: int) -> dict:
+                     classification: dict, baseline: Evaluation, paired: dict, aware: dict, seed: int) -> dict:
     selection = payload.get("selection", {})
     baseline_record = {"backbone": backbone, **baseline.to_record(bootstrap_seed=seed)}
     baseline_record.pop("per_category", None)
@@ -220,6 +234,6 @@ def _finetune_record(backbone: str, payload: dict, cached: Path, model_path, reu
         "baseline_precision_at_k": round(baseline.summary["precision_at_k"], 6),
         "baseline": baseline_record,
         "precision_at_k_gain": plain_values(paired),
-        "category_aware": plain_values(aware.replace({math.inf: "inf"}).to_dict(orient="records")),
+        "category_aware": aware,
         "train_seconds": round(float(payload["train_seconds"]), 3),
     }

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import config
 from ..console import progress_bar
 from ..data.images import file_digest, load_image
+from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, ImageError
 from ..models.backbone import Backbone
 from ..settings import InferenceSettings
@@ -129,7 +130,9 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
     """Embeds every image of ``catalog`` (columns id, path, label, ...) with ``backbone``.
 
     Images that fail to decode are left out of the result and listed in ``skipped`` with
-    their reason (paths relative to ``root`` when given); the other rows keep their order.
+    their reason and stage ``embed`` (paths relative to ``root`` when given); the other rows
+    keep their order. A catalog from :func:`fashionrec.data.catalog.load_dataset` has had
+    every image decoded already, so this happens only when a file changed since.
     ``n_reused + n_computed`` is the number of vectors returned. ``settings`` supplies batch
     size, decoding workers, threads and progress (the backbone already runs on its runtime).
     """
@@ -143,7 +146,7 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
             digests.append(file_digest(path))
         except OSError as error:
             digests.append(None)
-            skipped.append({"path": _display_path(path, root), "reason": f"cannot read file: {error.strerror}"})
+            skipped.append(skipped_entry(_display_path(path, root), "embed", f"cannot read file: {error.strerror}"))
 
     pending = []
     seen = set()
@@ -165,7 +168,8 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone, settings: Inference
         if digest is None:
             continue
         if digest in cache.errors:
-            skipped.append({"path": _display_path(catalog["path"].iloc[position], root), "reason": cache.errors[digest]})
+            path = _display_path(catalog["path"].iloc[position], root)
+            skipped.append(skipped_entry(path, "embed", cache.errors[digest]))
         else:
             keep.append(position)
     metadata = catalog.iloc[keep].reset_index(drop=True).assign(digest=[digests[p] for p in keep])

@@ -1,4 +1,4 @@
-"""FAISS index variants for searching image embeddings, and the tools to compare them.
+"""FAISS index variants for searching image embeddings: build, search, save and load.
 
 Vectors go in as float arrays of shape (n, d); the metric says how they are compared:
 

@@ -27,7 +27,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .. import config
-from ..errors import FashionRecError, UnknownBackbone
+from ..errors import FashionRecError, UnknownBackbone, did_you_mean
 from .backbone import Backbone, BackboneSpec, BuiltBackbone, state_dict_sha256
 from .builtin import BUILTIN_BACKBONES
 from .finetuned import HEAD_SEPARATOR, headed_backbone, split_backbone_name
@@ -133,9 +133,9 @@ def backbone_spec(name: str) -> BackboneSpec:
     _load_configured_modules()
     spec = BACKBONES.get(name)
     if spec is None:
-        raise UnknownBackbone(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}. Fine-tuned models "
-                              f"are named <backbone>{HEAD_SEPARATOR}<file>; add your own backbone with "
-                              "--backbone-module (see the README, 'Add your own backbone')")
+        raise UnknownBackbone(f"unknown backbone {name!r}{did_you_mean(name, BACKBONES)}; available: "
+                              f"{', '.join(BACKBONES)}. Fine-tuned models are named <backbone>{HEAD_SEPARATOR}<file>; "
+                              "add your own backbone with --backbone-module (docs/custom-backbones.md)")
     return spec
 
 

@@ -181,3 +181,40 @@ def metrics_with_intervals(table: pd.DataFrame, metric_names, index: str, path=N
     figure.suptitle(f"index {index}", fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def recommendations(queries, title: str = "", path=None):
+    """One row per query: the query photo, then its results with label and score, best first.
+
+    ``queries``: (query image — a path or a PIL image, caption, Recommendation, query label or
+    None) tuples. With a query label, results of that category are framed green, others red.
+    """
+    n_results = max((len(answer.results) for _, _, answer, _ in queries), default=0)
+    figure, axes = plt.subplots(len(queries), n_results + 1, figsize=(1.45 * (n_results + 1), 1.75 * len(queries)),
+                                squeeze=False)
+    for row, (image, caption, answer, label) in enumerate(queries):
+        _show_query(axes[row, 0], image, caption)
+        for column in range(n_results):
+            axis = axes[row, column + 1]
+            if column >= len(answer.results):
+                axis.axis("off")
+                continue
+            item = answer.results[column]
+            color = None if label is None else RIGHT if item.label == label else WRONG
+            _show_image(axis, item.path, f"{item.label}\n{item.score:.3f}", color)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _show_query(axis, image, caption: str):
+    if isinstance(image, (str, Path)):
+        _show_image(axis, image, caption, fontsize=7)
+        return
+    shown = image.copy()
+    shown.thumbnail((THUMBNAIL, THUMBNAIL))
+    axis.imshow(np.asarray(shown))
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(caption, fontsize=7)

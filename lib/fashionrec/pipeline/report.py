@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import config
+from ..data.ledger import describe_counts
+from .stages import small_gallery_caveat
 
 PRIMARY_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k", "hit_rate_at_k", "recall_at_k")
 
@@ -59,9 +61,33 @@ def _finetune_section(out: Path, k: int) -> list[str]:
                          + f", macro F1 {classification['macro_f1']:.3f}.")
     if record.get("level2_skipped"):
         lines.append(f"- level 2 skipped: {record['level2_skipped']}")
-    aware = pd.DataFrame(record["level1"]["category_aware"])
-    return lines + ["", "Category-aware ranking (level 1; boost added to gallery items of the query's "
-                    "predicted category):", "", _markdown(aware), ""]
+    chosen_level = "level2" if record["chosen_level"] == 2 else "level1"
+    return lines + [""] + _category_aware_lines(record[chosen_level]["category_aware"], k)
+
+
+def _interval(record: dict, name: str = "precision_at_k") -> str:
+    low, high = record[f"{name}_ci"]
+    return f"{record[name]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _category_aware_lines(aware: dict, k: int) -> list[str]:
+    """The boost chosen on validation, then that one setting against the plain ranking on the queries."""
+    boost, query, gain = aware["boost"], aware["query"], aware["query_gain_over_plain"]
+    lines = [f"Category-aware ranking (gallery items of the query's predicted category get a score bonus; "
+             f"gallery categories {aware['gallery_categories']}). Chosen on: {aware['chosen_on']}; "
+             "a non-zero bonus is kept only when its paired validation gain is significant.", ""]
+    if float(boost) == 0:
+        lines.append(f"- Chosen bonus: **0** (none helped significantly on validation): the plain fine-tuned "
+                     f"ranking, P@{k} {_interval(query['plain'])} on the queries.")
+    else:
+        how = "rank within the predicted category first" if boost == "inf" else "added to the cosine score"
+        lines.append(f"- Chosen bonus: **{boost}** ({how}); on the queries P@{k} {_interval(query['chosen'])} vs "
+                     f"plain {_interval(query['plain'])}, paired difference {gain['diff']:+.3f} "
+                     f"[{gain['low']:+.3f}, {gain['high']:+.3f}].")
+    if aware["validation"]:
+        validation = pd.DataFrame(aware["validation"])[["boost", "val_precision_at_k", "val_map_at_k", "chosen"]]
+        lines += ["", "Every bonus on the validation part (not the queries):", "", _markdown(validation)]
+    return lines + [""]
 
 
 def _distance_dimension_section(out: Path, k: int) -> list[str]:
@@ -104,6 +130,37 @@ def _timings_section(out: Path) -> list[str]:
     return lines
 
 
+LEDGER_LINES_SHOWN = 20
+
+
+def _ledger_section(skipped: list[dict]) -> list[str]:
+    if not skipped:
+        return ["Files left out: none.", ""]
+    shown = pd.DataFrame(skipped[:LEDGER_LINES_SHOWN])[["path", "stage", "reason"]]
+    more = f" (the first {LEDGER_LINES_SHOWN}; all of them are in `skipped.json`)" \
+        if len(skipped) > LEDGER_LINES_SHOWN else ""
+    return [f"Files left out{more}:", "", _markdown(shown), ""]
+
+
+def verdict_lines(winners: pd.DataFrame, value_format: str = ".3f") -> list[str]:
+    """One line per metric and verdict, naming every index that gave it, instead of one per index.
+
+    Indexes share a line when they agree on the best backbone, on significance and on its
+    value written with ``value_format``.
+    """
+    lines = []
+    shown = winners["value"].map(lambda value: format(value, value_format))
+    metric_order = {metric: position for position, metric in enumerate(dict.fromkeys(winners["metric"]))}
+    ordered = winners.assign(shown=shown, order=winners["metric"].map(metric_order)).sort_values("order", kind="stable")
+    for (metric, best, significant, value), group in ordered.groupby(
+            ["metric", "best", "significant_over_all_others", "shown"], sort=False):
+        verdict = "significantly better than all others" if significant else \
+            "not significantly better than every other backbone"
+        indexes = ", ".join(f"`{index}`" for index in group["index"])
+        lines.append(f"- {metric}: **{best}** ({value}), {verdict} — {indexes}")
+    return lines
+
+
 def _read_csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
@@ -118,10 +175,13 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
         lines += [f"Reproduce with `make pipeline PARAMS={params_file}`.", ""]
     counts = _read_csv(out / "split_counts.csv")
     fingerprints = sorted({result["dataset_fingerprint"] for result in results})
+    skipped = json.loads((out / "skipped.json").read_text())
+    not_sampled = (f"; {protocol['n_not_sampled']} images not sampled (max per category "
+                   f"{protocol['max_per_class']})" if protocol.get("n_not_sampled") else "")
     lines += [
         "## Protocol", "",
         f"- Dataset: `{protocol['dataset']}` from `{protocol['data_dir']}`; {protocol['n_images']} images used, "
-        f"{protocol['n_skipped']} files skipped (listed in `skipped.json`); "
+        f"{describe_counts(skipped)}, every one in `skipped.json` with its stage and reason{not_sampled}; "
         f"max per category: {protocol['max_per_class']}; category map: {protocol['category_map']}.",
         f"- Fingerprint of the evaluated images (id, label, split, content digest): `{', '.join(f[:16] for f in fingerprints)}`.",
         f"- Split: stratified per category, train/gallery/query = 60/20/20 %, seed {protocol['split_seed']}. "
@@ -136,12 +196,17 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     ]
     if counts is not None:
         lines += ["Images per category and split:", "", _markdown(counts), ""]
+    lines += _ledger_section(skipped)
     lines += ["## Backbones", ""]
     backbones = json.loads((out / "backbones.json").read_text())
     for name, entry in backbones.items():
         if entry["status"] == "ok":
             sha = entry["weights_sha256"]
-            lines.append(f"- `{name}`: {entry['dim']}-d, {entry['n']} images embedded; weights sha256 "
+            failed = entry.get("skipped", [])
+            embedded = f"all {entry['n']} images embedded" if not failed else \
+                f"{entry['n']} images embedded, {len(failed)} failed at embedding (" + \
+                "; ".join(f"`{item['path']}`: {item['reason']}" for item in failed) + ")"
+            lines.append(f"- `{name}`: {entry['dim']}-d, {embedded}; weights sha256 "
                          f"{sha[:16] + '…' if sha else 'none (no learnt weights)'}")
         else:
             lines.append(f"- `{name}`: **skipped** — {entry['reason']}")
@@ -156,12 +221,8 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     winners = _read_csv(out / "winners.csv")
     if winners is not None and len(winners):
         lines += ["## Verdicts", "", "Best backbone per metric; 'significant' means its paired 95% interval "
-                  "against every other backbone excludes zero.", ""]
-        for row in winners.itertuples(index=False):
-            verdict = "significantly better than all others" if row.significant_over_all_others else \
-                "not significantly better than every other backbone"
-            lines.append(f"- `{row.index}` {row.metric}: **{row.best}** ({row.value:.3f}), {verdict}")
-        lines.append("")
+                  "against every other backbone excludes zero. Indexes with the same verdict share a line.", ""]
+        lines += verdict_lines(winners) + [""]
     if comparisons is not None and len(comparisons):
         lines += ["Paired differences (a - b, same queries):", "", _markdown(comparisons), ""]
 
@@ -177,7 +238,10 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
 
     table = _read_csv(out / "index_variants.csv")
     if table is not None and len(table):
-        lines += ["## Index variants (recall against exact search)", "", _markdown(table), ""]
+        caveat = small_gallery_caveat(table)
+        lines += ["## Index variants (recall against exact search)", ""]
+        lines += [f"**{caveat}**", ""] if caveat else []
+        lines += [_markdown(table), ""]
     lines += _distance_dimension_section(out, k)
     lines += _finetune_section(out, k)
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []

@@ -8,6 +8,7 @@ Layout of a run directory:
     index_variants.csv                               02-index
     metrics.csv, metrics.json, per_category.csv      03-evaluate (no timings: byte-identical reruns)
     head.pt, finetune.csv, finetune_metrics.json     04-finetune (finetune_timing.json: its timings)
+    index/<backbone>-<index>/                        06-recommend (an index folder of the run's catalog)
     figures/*.png, report.md                         plots and the report
 
 Files that hold timings are kept apart from the metrics files, so two runs with the same
@@ -16,6 +17,7 @@ parameters produce byte-identical metrics.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from ..features.files import load_embeddings, save_embeddings
 from ..indexing.faiss_index import build_index, index_bytes_per_vector, resolve_factory, search
 from ..indexing.measure import recall_vs_exact
 from ..models.finetuned import HEAD_SEPARATOR
+from ..serving.recommender import Recommender
 from ..settings import InferenceSettings
 from ..training.finetune import FinetuneConfig
 from ..training.heads import HeadConfig
@@ -59,9 +62,14 @@ def read_json(path: Path):
 
 
 def stage_prepare(run_name: str, dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED,
-                  max_per_class: int | None = None, category_map=None, progress: bool = True) -> PreparedData:
+                  max_per_class: int | None = None, category_map=None, k: int | None = None,
+                  progress: bool = True) -> PreparedData:
+    """Loads, checks and splits the catalog; writes ``catalog.parquet``, the ledger ``skipped.json`` and
+    ``prepare.json``. With ``k``, a gallery smaller than k is an error now, before anything is embedded."""
     prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
                        category_map=category_map, progress=progress)
+    if k is not None:
+        prepared.check_k(k)
     out = run_dir(run_name)
     prepared.catalog.to_parquet(out / "catalog.parquet", index=False)
     write_json(out / "skipped.json", prepared.skipped)
@@ -79,6 +87,7 @@ def load_prepared(run_name: str) -> PreparedData:
         catalog=pd.read_parquet(out / "catalog.parquet"), split_seed=described["split_seed"],
         skipped=read_json(out / "skipped.json"), too_small=described["skipped_categories"],
         max_per_class=described["max_per_class"], category_map=described["category_map"],
+        n_not_sampled=described["n_not_sampled"],
     )
 
 
@@ -87,6 +96,8 @@ def stage_embed(run_name: str, backbones: list[str], splits=("train", "gallery",
     """Embeds the run's catalog with each backbone; an unavailable one is a reported skip.
 
     Returns one row per backbone: status (``ok``/``skipped``), the reason, and speed.
+    ``backbones.json`` also lists, per backbone, the images that failed at embedding (none,
+    unless a file changed after 00-prepare-data checked it).
     """
     prepared = load_prepared(run_name)
     out = run_dir(run_name)
@@ -101,7 +112,8 @@ def stage_embed(run_name: str, backbones: list[str], splits=("train", "gallery",
             continue
         save_embeddings(embeddings, out / "embeddings", extra={"dataset_fingerprint": dataset_fingerprint(embeddings.metadata)})
         status[name] = {"status": "ok", "dim": int(embeddings.vectors.shape[1]), "n": int(len(embeddings.vectors)),
-                        "weights_sha256": embeddings.weights_sha256, "n_skipped_images": len(embeddings.skipped)}
+                        "weights_sha256": embeddings.weights_sha256, "n_skipped_images": len(embeddings.skipped),
+                        "skipped": embeddings.skipped}
         rows.append({
             "backbone": name, "status": "ok", "reason": "", "dim": embeddings.vectors.shape[1],
             "n_images": len(embeddings.vectors), "computed": embeddings.n_computed, "reused": embeddings.n_reused,
@@ -162,6 +174,31 @@ def stage_index(run_name: str, indexes: list[str], k: int = 10, metric: str = "c
     table.to_csv(out / "index_timings.csv", index=False)
     table.drop(columns=["build_s", "qps"]).to_csv(out / "index_variants.csv", index=False)
     return table
+
+
+# Below this many gallery vectors exact search scans the gallery in a millisecond or less per query
+# (10,000 x 1280 floats: 13M multiply-adds), so what tells index variants apart (speed, memory,
+# recall lost to approximation) does not show.
+MIN_GALLERY_FOR_INDEX_VARIANTS = 10_000
+
+
+def small_gallery_caveat(table: pd.DataFrame) -> str | None:
+    """What index variants cannot show on this gallery (from a :func:`stage_index` table); None on a large one."""
+    if table.empty or "n_gallery" not in table:
+        return None
+    n_gallery = int(table["n_gallery"].max())
+    if n_gallery >= MIN_GALLERY_FOR_INDEX_VARIANTS:
+        return None
+    lists = sorted({int(match) for factory in table["factory"].dropna() for match in re.findall(r"IVF(\d+)", factory)})
+    caveat = (f"The gallery holds only {n_gallery} vectors, too few for index variants to mean anything: exact search "
+              "already scans it in a millisecond or less per query, so queries/s measure call overhead, and "
+              "recall against exact search says nothing about a catalog of realistic size")
+    if lists == [1]:
+        caveat += "; the IVF variants get a single list, i.e. IVF1 is exhaustive search"
+    elif lists:
+        caveat += f"; the IVF variants get only {' or '.join(map(str, lists))} lists"
+    return caveat + (f". Compare indexes on {MIN_GALLERY_FOR_INDEX_VARIANTS:,}+ vectors, e.g. with "
+                     "benchmarks/index_scale.py.")
 
 
 METRIC_COLUMNS = ["precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"]
@@ -344,3 +381,23 @@ def stage_finetune(run_name: str, backbone: str, k: int = 10, metric: str = "cos
         "level2_train_seconds": None if second is None else second.payload["train_seconds"],
         "level2": None if second is None else second.payload["selection"]["level2"]})
     return FinetuneStage(first, second, chosen, headed_name, table, skipped)
+
+
+def stage_recommender(run_name: str, backbone: str, index: str = "Flat", dataset: str = "fashion-mnist",
+                      data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
+                      category_map=None, settings: InferenceSettings = InferenceSettings()) -> Recommender:
+    """An index folder of the run's whole catalog (``results/<run>/index/...``), built now and loaded.
+
+    The catalog is the one 00-prepare-data wrote for this run; a run without it loads
+    ``dataset`` with these parameters. Embeddings come from the cache, so a rebuild is quick.
+    """
+    out = run_dir(run_name)
+    if (out / "catalog.parquet").exists():
+        prepared = load_prepared(run_name)
+    else:
+        prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
+                           category_map=category_map, progress=settings.progress)
+    folder = out / "index" / "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{backbone}-{index}")
+    return Recommender.build(folder, prepared.catalog[["id", "path", "label"]], backbone, index=index,
+                             settings=settings, root=prepared.root, skipped=prepared.skipped, seed=prepared.split_seed,
+                             dataset={**prepared.describe(), "name": prepared.dataset, "split": "all"})

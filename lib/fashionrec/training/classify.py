@@ -56,8 +56,13 @@ def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vec
                       head_selection_vectors: np.ndarray | None = None, cs=(1.0, 10.0, 100.0),
                       seed: int = config.DEFAULT_SEED, head_augmented: np.ndarray | None = None,
                       head_augmented_rows: np.ndarray | None = None,
-                      multi_view: np.ndarray | None = None) -> tuple[CategoryClassifier, pd.DataFrame]:
+                      multi_view: np.ndarray | None = None
+                      ) -> tuple[CategoryClassifier, pd.DataFrame, np.ndarray | None]:
     """Chooses the features (frozen / frozen+views / head) and C on the validation part, then refits on all train rows.
+
+    Returns the refitted classifier, the validation table, and the chosen candidate's
+    predictions for the validation rows (made before the refit, so by a classifier that never
+    saw them; None without a validation part): what the category-aware boost is chosen with.
 
     ``multi_view`` are :func:`multi_view_features` of the train rows (a frozen function of
     each image, like ``frozen``).
@@ -81,22 +86,26 @@ def select_classifier(frozen: np.ndarray, labels, val_mask: np.ndarray, head_vec
         if val_mask[head_augmented_rows].any():
             raise ValueError("augmented views of validation rows would leak into classifier selection")
         extra["head"] = (head_augmented, labels[head_augmented_rows])
-    rows = []
+    rows, predictions = [], []
     if val_mask.any() and len(set(labels[~val_mask])) > 1:
         for features, (vectors, _) in candidates.items():
             for c in cs:
                 fitted = train_classifier(np.concatenate([vectors[~val_mask], extra[features][0]]),
                                           np.concatenate([labels[~val_mask], extra[features][1]]), features, c, seed)
-                accuracy = float((fitted.predict(vectors[val_mask]) == labels[val_mask]).mean())
+                predictions.append(fitted.predict(vectors[val_mask]))
+                accuracy = float((predictions[-1] == labels[val_mask]).mean())
                 rows.append({"features": features, "c": c, "val_accuracy": accuracy})
         table = pd.DataFrame(rows)
-        best = table.sort_values("val_accuracy", ascending=False, kind="stable").iloc[0]
-        features, c = best["features"], float(best["c"])
+        best_row = int(table["val_accuracy"].to_numpy().argmax())   # the first of equals, as a stable sort would
+        features, c = table.iloc[best_row]["features"], float(table.iloc[best_row]["c"])
+        validation_predicted = predictions[best_row]
     else:
         table = pd.DataFrame(columns=["features", "c", "val_accuracy"])
         features, c = "frozen", float(cs[len(cs) // 2])
+        validation_predicted = None
     final = np.concatenate([candidates[features][1], extra[features][0]])
-    return train_classifier(final, np.concatenate([labels, extra[features][1]]), features, c, seed), table
+    classifier = train_classifier(final, np.concatenate([labels, extra[features][1]]), features, c, seed)
+    return classifier, table, validation_predicted
 
 
 def category_metrics(true_labels, predicted_labels, categories: list[str] | None = None, seed: int = 0) -> dict:
@@ -132,12 +141,13 @@ def rank(query_vectors: np.ndarray, gallery_vectors: np.ndarray, k: int, query_c
          gallery_category=None, boost: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` with an optional bonus for gallery items of the query's (predicted) category.
 
-    ``boost=inf`` ranks the gallery items of that category first (by similarity) and the
+    ``boost=inf`` (or ``"inf"``) ranks the gallery items of that category first (by similarity) and the
     others after them: "rank within the predicted category", never fewer than k results.
     """
     q = torch.from_numpy(l2_normalize(query_vectors))
     g = torch.from_numpy(l2_normalize(gallery_vectors))
     scores = q @ g.T
+    boost = float(boost)
     if boost and query_category is not None:
         same = torch.from_numpy(np.asarray(gallery_category)[None, :] == np.asarray(query_category)[:, None])
         scores = scores + (_HARD_BOOST if math.isinf(boost) else float(boost)) * same.float()
@@ -145,28 +155,63 @@ def rank(query_vectors: np.ndarray, gallery_vectors: np.ndarray, k: int, query_c
     return top.values.numpy(), top.indices.numpy()
 
 
-def category_aware_effect(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted,
-                          gallery_predicted=None, k: int = 10, boosts=DEFAULT_BOOSTS) -> pd.DataFrame:
-    """P@k and friends when gallery items of the query's predicted category get a score bonus.
+def boost_label(boost) -> float | str:
+    """A boost as JSON can hold it: ``"inf"`` for ranking within the predicted category first."""
+    boost = float(boost)
+    return "inf" if math.isinf(boost) else boost
 
-    ``gallery`` = ``known`` uses the catalog's own labels for gallery items (a shop knows
-    the category of what it sells); ``predicted`` uses the classifier for them too. Boost
-    0 is the plain ranking; ``inf`` ranks within the predicted category first.
+
+def _boosted_precision(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted, k: int,
+                       boost: float) -> dict[str, np.ndarray]:
+    """Per-query metrics of the ranking with ``boost`` for gallery items of the query's predicted category."""
+    _, positions = rank(query_vectors, gallery_vectors, k, query_predicted, gallery_labels, float(boost))
+    relevance = metrics.relevance_from_labels(query_labels, gallery_labels[positions])
+    return metrics.retrieval_metrics(relevance, metrics.n_relevant_from_labels(query_labels, gallery_labels), k)
+
+
+def choose_category_boost(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted,
+                          k: int = 10, boosts=DEFAULT_BOOSTS, seed: int = config.DEFAULT_SEED
+                          ) -> tuple[pd.DataFrame, dict]:
+    """The category-aware boost, chosen on validation: every boost scored, the best kept only if it helps.
+
+    The queries are the validation part of the train split, ranking the rest of it, with
+    vectors and predicted categories from models that never saw the validation part; the
+    gallery's categories are its own labels (a shop knows what it sells). The best boost
+    replaces 0 (the plain ranking) only when its paired gain in P@k over the validation
+    images is significant (95% bootstrap interval above zero).
+
+    Returns the validation table (one row per boost) and the choice with that paired gain.
     """
-    query_labels = np.asarray(query_labels).astype(str)
-    gallery_labels = np.asarray(gallery_labels).astype(str)
-    n_relevant = metrics.n_relevant_from_labels(query_labels, gallery_labels)
-    sources = {"known": gallery_labels}
-    if gallery_predicted is not None:
-        sources["predicted"] = np.asarray(gallery_predicted).astype(str)
-    rows = []
-    for source, gallery_category in sources.items():
-        for boost in boosts:
-            if boost == 0 and source != "known":
-                continue
-            _, positions = rank(query_vectors, gallery_vectors, k, query_predicted, gallery_category, boost)
-            relevance = metrics.relevance_from_labels(query_labels, gallery_labels[positions])
-            summary = metrics.summarize(metrics.retrieval_metrics(relevance, n_relevant, k))
-            rows.append({"gallery_category": source if boost else "-", "boost": boost,
-                         **{name: round(float(v), 6) for name, v in summary.items()}})
-    return pd.DataFrame(rows)
+    query_labels, gallery_labels = np.asarray(query_labels).astype(str), np.asarray(gallery_labels).astype(str)
+    per_boost, rows = {}, []
+    for boost in boosts:
+        per_boost[boost] = _boosted_precision(query_vectors, gallery_vectors, query_labels, gallery_labels,
+                                              query_predicted, k, boost)
+        summary = metrics.summarize(per_boost[boost])
+        rows.append({"boost": boost_label(boost), "val_precision_at_k": round(summary["precision_at_k"], 6),
+                     "val_map_at_k": round(summary["map_at_k"], 6)})
+    best = max(boosts, key=lambda boost: (float(per_boost[boost]["precision_at_k"].mean()), boost == 0))
+    gain = metrics.paired_bootstrap(per_boost[best]["precision_at_k"], per_boost[0.0]["precision_at_k"], seed=seed)
+    chosen = best if best != 0 and gain["low"] > 0 else 0.0
+    table = pd.DataFrame(rows).assign(chosen=[boost == chosen for boost in boosts])
+    return table, {"boost": boost_label(chosen), "best_on_validation": boost_label(best),
+                   "validation_gain_over_plain": gain,
+                   "n_validation": int(len(query_labels)), "n_ranked": int(len(gallery_labels))}
+
+
+def category_aware_on_queries(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted,
+                              boost: float, k: int = 10, seed: int = config.DEFAULT_SEED) -> dict:
+    """The plain ranking and the chosen ``boost`` on query -> gallery: metrics with 95% intervals and their paired
+    difference in P@k (one number each: the boost was chosen on validation, not here)."""
+    query_labels, gallery_labels = np.asarray(query_labels).astype(str), np.asarray(gallery_labels).astype(str)
+    scored = {name: _boosted_precision(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted,
+                                       k, value) for name, value in (("plain", 0.0), ("chosen", boost))}
+    result = {}
+    for name, per_query in scored.items():
+        intervals = metrics.bootstrap_cis(per_query, seed=seed)
+        result[name] = {**{metric: round(float(value), 6) for metric, value in metrics.summarize(per_query).items()},
+                        **{f"{metric}_ci": [round(float(low), 6), round(float(high), 6)]
+                           for metric, (low, high) in intervals.items()}}
+    result["gain"] = metrics.paired_bootstrap(scored["chosen"]["precision_at_k"], scored["plain"]["precision_at_k"],
+                                              seed=seed)
+    return result

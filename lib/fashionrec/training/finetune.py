@@ -8,7 +8,8 @@ neighbours share the query's category. Two levels close that gap:
 * **Level 2** - the last MBConv block(s) of an EfficientNet-Lite trained together with
   the head (:mod:`.trunk`).
 
-Then a category classifier is chosen on the validation part (:mod:`.classify`).
+Then a category classifier, and the category-aware ranking boost that uses it, are chosen on
+the validation part (:mod:`.classify`).
 :func:`train_model` returns a :class:`TrainedModel` whose ``payload`` is the content of a
 model file (:mod:`fashionrec.models.finetuned`); scoring it on query -> gallery is
 :mod:`fashionrec.experiment.finetune`'s business.
@@ -29,12 +30,12 @@ from ..models.backbone import Backbone
 from ..models.classifier import CategoryClassifier
 from ..models.finetuned import FORMAT, plain_values
 from ..models.projection import project
-from .classify import select_classifier
+from .classify import choose_category_boost, select_classifier
 from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads
 from .trunk import BackboneTuneConfig, TunedBackbone, _digest, tune_backbone
 
 # Part of the model cache key: bump when training changes, so no stale model is reused.
-TRAINING_VERSION = 3
+TRAINING_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,11 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
     else:
         head_train, head_selection = project(fit.head, frozen), project(fit.selection_head, frozen)
         augmented = augmented_rows = None
-    classifier, classifier_table = select_classifier(
+    classifier, classifier_table, val_predicted = select_classifier(
         frozen, labels, fit.val_mask, head_vectors=head_train, head_selection_vectors=head_selection,
         cs=head_cfg.classifier_c, seed=head_cfg.seed, head_augmented=augmented, head_augmented_rows=augmented_rows,
         multi_view=multi_view)
+    boost = _choose_boost(head_selection, labels, fit.val_mask, val_predicted, head_cfg)
     seconds = time.perf_counter() - started
     payload = head_payload(fit, base, head_cfg, train_fingerprint, len(train_rows), classifier, tuned,
                            tune_cfg if tuned is not None else None, train_seconds=seconds)
@@ -137,12 +139,30 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
         "classifier_selection": classifier_table.to_dict(orient="records"),
         "not_validated": fit.not_validated,
         "n_validation": int(fit.val_mask.sum()),
+        "category_boost": boost,
         "level2": None if tuned is None else {
             "history": tuned.history, "best_epoch": tuned.best_epoch,
             "best_val_precision": tuned.best_val_precision, "stopped_by": tuned.stopped_by,
             "train_seconds": tuned.seconds, "feature_seconds": tuned.feature_seconds},
     })
     return TrainedModel(payload, fit, tuned, classifier_table, seconds)
+
+
+def _choose_boost(selection_vectors: np.ndarray, labels: np.ndarray, val_mask: np.ndarray,
+                  val_predicted: np.ndarray | None, head_cfg: HeadConfig) -> dict:
+    """The category-aware boost chosen on the validation part (0, the plain ranking, when there is none).
+
+    Validation images rank the rest of the train split through the head that never saw
+    them, with categories predicted by the classifier that never saw them either.
+    """
+    n_fit = int((~val_mask).sum())
+    if val_predicted is None or head_cfg.k > n_fit:
+        return {"boost": 0.0, "table": [], "chosen_on": "no validation part (too few train images), so no bonus"}
+    table, choice = choose_category_boost(selection_vectors[val_mask], selection_vectors[~val_mask], labels[val_mask],
+                                          labels[~val_mask], val_predicted, k=head_cfg.k, seed=head_cfg.seed)
+    return {**choice, "table": table.to_dict(orient="records"),
+            "chosen_on": f"validation part of the train split ({choice['n_validation']} images ranking "
+                         f"{choice['n_ranked']})"}
 
 
 def model_cache_key(backbone: Backbone, train_fingerprint: str, cfg: FinetuneConfig) -> str:

@@ -1,0 +1,172 @@
+"""fashionrec · similar products: photo in, the most similar catalog items out.
+
+A thin Streamlit shell over ``fashionrec.Recommender``: the index folder is loaded once per
+server (``st.cache_resource``), every interaction is one ``recommend`` / ``similar_to`` call,
+and the current query lives in ``st.session_state``.
+
+    make app [INDEX=OUTDIR] [PORT=8501]
+    streamlit run app/streamlit_app.py -- --index-dir OUTDIR      (or FASHIONREC_INDEX_DIR=OUTDIR)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import streamlit as st
+from PIL import Image, ImageOps
+
+from fashionrec import Recommender
+from fashionrec.data.images import load_image
+from fashionrec.errors import FashionRecError, ImageError
+from fashionrec.serving.encoder import decode_query
+
+INDEX_ENV = "FASHIONREC_INDEX_DIR"
+GRID_COLUMNS = 4
+# Every result in the same frame (the whole product, padded), so the grid lines up.
+THUMBNAIL_SIZE = (360, 480)
+THUMBNAIL_BACKGROUND = (246, 246, 246)
+BUILD_COMMANDS = ("make app                      # builds a default index once, then serves it\n"
+                  "python -m fashionrec index --dataset clothing --backbone efficientnet_lite0 --out OUTDIR\n"
+                  "streamlit run app/streamlit_app.py -- --index-dir OUTDIR")
+
+
+def index_dir() -> str | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--index-dir", default=None)
+    known, _ = parser.parse_known_args(sys.argv[1:])
+    return known.index_dir or os.environ.get(INDEX_ENV)
+
+
+@st.cache_resource(show_spinner="Loading the index…")
+def load_recommender(path: str) -> Recommender:
+    return Recommender.load(path)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail(path: str) -> Image.Image:
+    return ImageOps.pad(load_image(path, draft_size=max(THUMBNAIL_SIZE)), THUMBNAIL_SIZE, color=THUMBNAIL_BACKGROUND)
+
+
+def set_query(**query) -> None:
+    st.session_state["query"] = query
+
+
+def more_like_this(item_id: str) -> None:
+    set_query(kind="item", id=item_id)
+
+
+def sidebar(recommender: Recommender) -> tuple[int, str | None]:
+    described = recommender.describe()
+    with st.sidebar:
+        st.header("Search")
+        k = st.slider("Results", min_value=1, max_value=24, value=8, key="k")
+        choice = st.selectbox("Category", ["All categories", *described["categories"]], key="category")
+        st.header("Index")
+        st.markdown(f"**{described['n_items']:,}** items of *{described['dataset'] or 'a catalog'}*  \n"
+                    f"backbone `{described['backbone']}` ({described['runtime']})  \n"
+                    f"index `{described['index']}` {described['search_params']} · {described['metric']}  \n"
+                    f"`{described['out']}` ({described['version']})")
+    return k, None if choice == "All categories" else choice
+
+
+def query_inputs(recommender: Recommender) -> None:
+    """Upload / camera / catalog pick; each new input becomes the query."""
+    upload = st.file_uploader("Upload a photo", key="upload",
+                              help="JPEG, PNG, WebP, … A photo of one product works best.")
+    if upload is not None and st.session_state.get("upload_seen") != upload.file_id:
+        st.session_state["upload_seen"] = upload.file_id
+        set_query(kind="photo", name=upload.name, data=upload.getvalue())
+    if st.toggle("Use the camera", key="use_camera"):
+        shot = st.camera_input("Take a photo", key="camera")
+        if shot is not None and st.session_state.get("camera_seen") != shot.file_id:
+            st.session_state["camera_seen"] = shot.file_id
+            set_query(kind="photo", name="camera photo", data=shot.getvalue())
+    if st.button("Random catalog item", key="random", icon=":material/casino:", width="stretch"):
+        set_query(kind="item", id=random.choice(recommender.ids))
+    item_id = st.text_input("…or a catalog id", key="typed_id", placeholder="an id from the catalog")
+    if item_id and st.session_state.get("typed_seen") != item_id:
+        st.session_state["typed_seen"] = item_id
+        set_query(kind="item", id=item_id.strip())
+
+
+def run_query(recommender: Recommender, query: dict, k: int, category: str | None):
+    """(answer, the query's picture, its caption); an unusable query is shown as an error and gives None."""
+    try:
+        if query["kind"] == "photo":
+            answer = recommender.recommend(query["data"], k=k, category=category)
+            picture = decode_query(query["data"])
+            picture.thumbnail((640, 640))
+            return answer, picture, query["name"]
+        item = recommender.item(query["id"])
+        return recommender.similar_to(query["id"], k=k, category=category), thumbnail(item.path), \
+            f"{item.label} · {item.id}"
+    except ImageError as error:
+        st.error(f"**{query.get('name', 'upload')}** cannot be used: {error.reason}. Try another photo (JPEG, PNG, "
+                 "WebP…).", icon=":material/error:")
+    except FashionRecError as error:
+        st.error(str(error), icon=":material/error:")
+    return None, None, None
+
+
+def show_results(answer, category: str | None) -> None:
+    if not answer.results:
+        st.info("No item matches" + (f" in {category}." if category else "."))
+        return
+    for start in range(0, len(answer.results), GRID_COLUMNS):
+        columns = st.columns(GRID_COLUMNS)
+        for column, (rank, item) in zip(columns, enumerate(answer.results[start:start + GRID_COLUMNS], start + 1)):
+            with column:
+                try:
+                    picture = thumbnail(item.path)
+                except ImageError as error:   # the file changed or went away since it was indexed
+                    st.warning(f"{item.id}: {error.reason}")
+                    picture = Image.new("RGB", THUMBNAIL_SIZE, THUMBNAIL_BACKGROUND)
+                st.image(picture, caption=f"{rank}. {item.label} · {item.score:.3f}", width="stretch")
+                st.button("More like this", key=f"more-{rank}-{item.id}", on_click=more_like_this, args=(item.id,),
+                          width="stretch")
+
+
+def timing_line(timing: dict) -> str:
+    stages = " · ".join(f"{stage} {ms:.1f}" for stage, ms in timing.items() if stage != "total" and ms > 0)
+    return f"Answered in {timing['total']:.1f} ms ({stages} ms)"
+
+
+def main() -> None:
+    st.set_page_config(page_title="fashionrec · similar products", page_icon="👗", layout="wide")
+    st.title("Find similar products")
+    path = index_dir()
+    if not path:
+        st.error("No index folder given.", icon=":material/folder_off:")
+        st.code(BUILD_COMMANDS, language="bash")
+        st.stop()
+    try:
+        recommender = load_recommender(path)
+    except FashionRecError as error:
+        st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
+        st.code(BUILD_COMMANDS, language="bash")
+        st.stop()
+    k, category = sidebar(recommender)
+    left, right = st.columns([1, 3], gap="large")
+    with left:
+        query_inputs(recommender)
+        query = st.session_state.get("query")
+        answer = None
+        if query is not None:
+            answer, picture, caption = run_query(recommender, query, k, category)
+            if answer is not None:
+                st.image(picture, caption=f"Query: {caption}", width="stretch")
+                if answer.predicted_category is not None:
+                    st.success(f"Looks like **{answer.predicted_category}** ({answer.category_probability:.0%})")
+                st.caption(timing_line(answer.timing_ms))
+    with right:
+        if answer is not None:
+            st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else ""))
+            st.caption(f"Score: {recommender.describe()['metric']} similarity of the embeddings, higher is closer.")
+            show_results(answer, category)
+        elif query is None:
+            st.info("Upload a photo, take one, or pick a catalog item to see the most similar products.")
+
+
+main()

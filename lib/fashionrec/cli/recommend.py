@@ -1,0 +1,79 @@
+"""``recommend``: the catalog items most similar to a photo (any image file) or to a catalog item.
+
+    python -m fashionrec recommend --index-dir OUTDIR --image PATH [--image PATH ...] --k 5 [--category C] [--json]
+    python -m fashionrec recommend --index-dir OUTDIR --id ID --k 5 [--json]        # "more like this"
+
+With ``--json``, one object: ``{"results": [{"id", "path", "label", "score"}, ...], "timing_ms":
+{"decode", "preprocess", "embed", "search", "total"}}`` (plus ``predicted_category`` when the index
+carries a category classifier); with several queries ``{"queries": [{"image" or "id", "results",
+"timing_ms"}, ...]}``. Every image is checked before the index is loaded: a file that is not a
+usable image ends the command with its name and the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.images import probe_image
+from ..errors import FashionRecError, ImageError
+from ..serving.folder import current_version
+from ..serving.recommender import Recommendation, Recommender
+from ..settings import InferenceSettings
+from .common import print_json
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("recommend", help="catalog items most similar to a photo or to a catalog item",
+                                 description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index-dir", required=True, help="an index folder (python -m fashionrec index ... --out)")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", action="append", metavar="PATH", help="a photo (repeatable)")
+    query.add_argument("--id", action="append", metavar="ID", help="a catalog item: more like this (repeatable)")
+    parser.add_argument("--k", type=int, default=10, help="number of results (default %(default)s)")
+    parser.add_argument("--category", default=None, help="only items of this category")
+    parser.add_argument("--exclude-id", action="append", default=[], metavar="ID",
+                        help="never return this item (repeatable), e.g. the query photo's own catalog id")
+    parser.add_argument("--threads", type=int, default=None, help="threads of the query model (default: all CPUs)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    if args.k < 1:
+        raise FashionRecError(f"--k must be at least 1, got {args.k}")
+    for path in args.image or []:
+        try:
+            probe_image(path)
+        except ImageError as error:
+            raise FashionRecError(f"--image {error.path}: {error.reason}") from None
+    current_version(args.index_dir)
+    recommender = Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False))
+    queries, failed = [], 0
+    for value in args.image or args.id:
+        try:
+            if args.image:
+                answer = recommender.recommend(value, k=args.k, category=args.category, exclude_ids=args.exclude_id)
+            else:
+                answer = recommender.similar_to(value, k=args.k, category=args.category, exclude_ids=args.exclude_id)
+        except ImageError as error:   # passed the header check, failed to decode
+            print(f"error: --image {error.path}: {error.reason}", file=sys.stderr)
+            queries.append({"image": value, "error": error.reason})
+            failed += 1
+            continue
+        queries.append({("image" if args.image else "id"): value, **answer.to_dict()})
+        if not args.json:
+            _print(value, answer)
+    if args.json:
+        print_json(queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries})
+    return 2 if failed else 0
+
+
+def _print(query: str, answer: Recommendation) -> None:
+    timing = answer.timing_ms
+    print(f"{query}  ({timing['total']:.1f} ms: " + ", ".join(f"{stage} {timing[stage]:.1f}" for stage in timing
+                                                               if stage != "total") + ")")
+    if answer.predicted_category is not None:
+        print(f"  predicted category: {answer.predicted_category} ({answer.category_probability:.2f})")
+    for rank, item in enumerate(answer.results, 1):
+        print(f"  {rank:>3}. {item.score:7.4f}  {item.label:<14} {item.id}  {item.path}")

@@ -1,0 +1,117 @@
+"""The single-query model: uint8 pixels in, embedding out, in one ONNX Runtime call.
+
+:func:`uint8_query_model` takes the ONNX file a backbone's batch path runs (fp32 or int8) and
+puts the tensor half of its preprocessing in front of it, as graph nodes: the (N, H, W, 3)
+uint8 crop is cast to float, transposed to NCHW, divided by 255 (``ToTensor``), then the mean
+is subtracted and the result divided by the std (``Normalize``) — the very operations, in the
+very order, that torchvision applies, so the network receives the same numbers. The network
+nodes are untouched. A query then needs no torch at all: decode, :func:`crop_pixels` (exact
+Pillow geometry), one ``session.run``.
+
+Session settings for one image at a time (:func:`query_session`): every CPU as an intra-op
+thread, and spinning chosen for the machine (:func:`spinning_suits_this_machine`). Spinning
+threads wait for the next operator without sleeping, which saves a wake-up per operator on
+cores nobody else needs, and is ruinous on cores other processes want (measured here on a
+2-core machine at load average 5: the network took twice as long spinning). Either way they
+stop spinning when a run ends, so they do not take the cores the next query decodes on.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FashionRecError
+from .preprocess import Preprocessing
+from .runtime import INPUT_NAME, OUTPUT_NAME, available_threads
+
+PIXELS_INPUT = "pixels"
+
+
+def uint8_query_model(source, target, spec: Preprocessing) -> Path:
+    """Writes ``target``: the ONNX model ``source`` with ``spec``'s ToTensor/Normalize in front.
+
+    Input ``pixels``: uint8 (batch, height, width, 3), the crop as :func:`crop_pixels` makes
+    it; output ``embeddings`` as in ``source``. Written to a temporary name, then renamed.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    inputs = [item for item in graph.input if item.name == INPUT_NAME]
+    if len(inputs) != 1:
+        raise FashionRecError(f"{source}: expected one input named {INPUT_NAME!r}")
+    height, width = spec.input_size
+    nodes, initializers = [], []
+    current = PIXELS_INPUT
+    # Transposing the uint8 pixels before the cast moves a quarter of the bytes; both are exact.
+    steps = [("Transpose", {"perm": [0, 3, 1, 2]}, []), ("Cast", {"to": TensorProto.FLOAT}, [])]
+    if spec.scale:
+        steps.append(("Div", {}, [np.array(255.0, np.float32)]))
+    if spec.mean is not None:
+        steps.append(("Sub", {}, [np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)]))
+        steps.append(("Div", {}, [np.array(spec.std, np.float32).reshape(1, -1, 1, 1)]))
+    for position, (op, attributes, constants) in enumerate(steps):
+        output = INPUT_NAME if position == len(steps) - 1 else f"query_preprocess_{position}"
+        constant_names = []
+        for constant in constants:
+            name = f"query_preprocess_constant_{position}"
+            initializers.append(numpy_helper.from_array(constant, name))
+            constant_names.append(name)
+        nodes.append(helper.make_node(op, [current, *constant_names], [output],
+                                      name=f"query_preprocess_{op}_{position}", **attributes))
+        current = output
+    graph.input.remove(inputs[0])
+    graph.input.insert(0, helper.make_tensor_value_info(PIXELS_INPUT, TensorProto.UINT8, ["batch", height, width, 3]))
+    graph.initializer.extend(initializers)
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.checker.check_model(model)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=".onnx")
+    os.close(handle)
+    try:
+        onnx.save(model, temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+# Spin only while the machine's run queue is at most this share of its CPUs.
+SPINNING_MAX_LOAD_PER_CPU = 0.5
+
+
+def spinning_suits_this_machine() -> bool:
+    """Whether the 1-minute load average leaves the CPUs idle enough for spinning threads."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):   # no load average on this platform: do not gamble
+        return False
+    return load <= SPINNING_MAX_LOAD_PER_CPU * available_threads()
+
+
+def query_session(path, threads: int | None = None, spinning: bool = False):
+    """An ONNX Runtime session tuned for one image per run (see the module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or available_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_query_model(session, pixels: np.ndarray) -> np.ndarray:
+    """Embeddings (batch, dim) float32 for uint8 crops (batch, height, width, 3) or one crop (height, width, 3)."""
+    batch = pixels[None] if pixels.ndim == 3 else pixels
+    return session.run([OUTPUT_NAME], {PIXELS_INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})[0]

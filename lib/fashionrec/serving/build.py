@@ -1,0 +1,282 @@
+"""Building an index folder from a catalog: embed every image, index the vectors, write it all atomically.
+
+What a version of the folder holds (:mod:`fashionrec.serving.folder` for the layout):
+
+    build.json        how it was built: backbone (a fine-tuned ``+head:`` model too), preprocessing,
+                      runtime, metric, index factory and search parameters, dataset and its
+                      fingerprint, package versions, counts, skipped files with reasons, updates
+    index.faiss       the faiss index (+ index.faiss.json), row i = id-map row i
+    ids.parquet       the id map: id, path, label, digest, deleted (tombstones), in row order
+    embeddings.npy    the embeddings as float16 (memory-mapped when loaded), in row order
+    query.onnx        the single-query model (ONNX runtimes), see fashionrec.models.query_model
+    classifier.npz, frozen.onnx   the category classifier of a fine-tuned model and its features
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from .. import __version__, config
+from ..data.catalog import load_dataset
+from ..data.fetch import ensure_dataset, locate_clothing
+from ..errors import FashionRecError, IndexBuildError
+from ..evaluation.protocol import dataset_fingerprint, software_versions
+from ..experiment.evaluate import prepare
+from ..features.embed import embed_catalog
+from ..indexing.choose import choose_index
+from ..indexing.faiss_index import METRICS, resolve_factory
+from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
+from ..models.registry import backbone_spec, check_backbone_name, get_backbone
+from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
+from ..settings import InferenceSettings
+from .assets import open_encoder, write_classifier, write_query_model
+from .encoder import decode_query
+from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
+from .store import FaissStore
+
+FORMAT = "fashionrec-index/1"
+ITEMS_FILE = "ids.parquet"
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted"]
+SPLIT_CHOICES = ("all", "train", "gallery", "query")
+# --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
+DEFAULT_RECALL_TARGET = 0.95
+# HNSW / IVF keep removed rows as tombstones until they are this share of all rows, then rebuild.
+TOMBSTONE_REBUILD_FRACTION = 0.2
+QUERY_CHECK_IMAGES = 3
+
+
+@dataclass
+class BuildReport:
+    """What a build did: the folder and version written, and the numbers the CLI prints."""
+
+    outdir: Path
+    version: str
+    info: dict
+    n_computed: int
+    n_reused: int
+    seconds: float
+
+    def to_record(self) -> dict:
+        info = self.info
+        return {"out": str(self.outdir), "version": self.version, "backbone": info["backbone"]["name"],
+                "runtime": info["runtime"], "metric": info["metric"], "index": info["index"],
+                "dim": info["backbone"]["dim"], "n_items": info["counts"]["items"],
+                "n_skipped": info["counts"]["skipped"], "skipped": info["skipped"],
+                "categories": info["counts"]["categories"], "embedded": self.n_computed,
+                "reused_from_cache": self.n_reused, "seconds": round(self.seconds, 3)}
+
+
+def backbone_dim(backbone: str) -> int:
+    """The embedding size a backbone name gives, without building it (a head file is read)."""
+    base, reference = split_backbone_name(backbone)
+    if reference is None:
+        return backbone_spec(base).dim
+    return int(load_model(resolve_head_path(reference))["out_dim"])
+
+
+def check_index_spec(index: str, dim: int) -> None:
+    """Raises FashionRecError for a factory string faiss cannot parse, before any image is embedded."""
+    if index == "auto":
+        return
+    try:
+        faiss.index_factory(dim, resolve_factory(index, 100_000, dim))
+    except (ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FashionRecError(f"--index {index!r}: not a faiss factory string or template ({reason}); "
+                              "try Flat, HNSW32, IVF{nlist},Flat, IVF{nlist},PQ{m} or auto") from None
+
+
+def resolve_index(index: str, n: int, dim: int, search_params: str, memory_budget_bytes: float,
+                  recall_target: float) -> tuple[str, str, dict | None]:
+    """(factory, search params, the auto choice or None) for ``n`` vectors of ``dim`` dimensions."""
+    if index == "auto":
+        choice = choose_index(n, dim, memory_budget_bytes, recall_target)
+        auto = {key: choice[key] for key in ("rationale", "recall_ceiling", "estimated_total_bytes")}
+        auto.update(memory_budget_bytes=memory_budget_bytes, recall_target=recall_target)
+        return choice["factory"], search_params or choice["params"], auto
+    return resolve_factory(index, n, dim), search_params, None
+
+
+def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: str = "Flat", metric: str = "cosine",
+                       search_params: str = "", settings: InferenceSettings = InferenceSettings(), root=None,
+                       dataset: dict | None = None, skipped=(), seed: int = config.DEFAULT_SEED,
+                       memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
+                       recall_target: float = DEFAULT_RECALL_TARGET) -> BuildReport:
+    """Embeds ``catalog`` (id, path, label) with ``backbone`` and writes a new version of ``outdir``.
+
+    ``index``: a faiss factory string or template, or ``auto`` (:func:`choose_index` for the
+    catalog's size under ``memory_budget_bytes`` and ``recall_target``). ``dataset``: provenance
+    for build.json (name, data_dir, split...); ``skipped``: files the loader left out, kept in
+    build.json with those the embedding skipped. Everything that can be checked without
+    embedding is checked first. The previous version, if any, stays loadable throughout.
+    """
+    started = time.perf_counter()
+    outdir = Path(outdir)
+    check_output_folder(outdir)
+    if metric not in METRICS:
+        raise FashionRecError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    check_backbone_name(backbone)
+    check_index_spec(index, backbone_dim(backbone))
+    eager = get_backbone(backbone, weights_file=settings.weights_file)
+    calibration = calibration_sample(catalog["path"].tolist(), seed=seed) if settings.runtime == "onnx-int8" else None
+    model = with_runtime(eager, settings.runtime, threads=settings.threads, calibration_paths=calibration,
+                         progress=settings.progress)
+    embeddings = embed_catalog(catalog, model, settings, root=root)
+    if len(embeddings.vectors) == 0:
+        raise FashionRecError(f"no image of the catalog could be embedded ({len(embeddings.skipped)} skipped)")
+    vectors = embeddings.vectors
+    factory, params, auto = resolve_index(index, len(vectors), vectors.shape[1], search_params, memory_budget_bytes,
+                                          recall_target)
+    try:
+        store = FaissStore.build(vectors, factory, metric, seed=seed, search_params=params, threads=settings.threads)
+    except IndexBuildError as error:
+        raise FashionRecError(f"{error}; choose another --index (Flat always works)") from None
+    items = embeddings.metadata.assign(path=[str(Path(p).resolve()) for p in embeddings.metadata["path"]],
+                                       deleted=False)[ITEM_COLUMNS]
+    all_skipped = [*skipped, *embeddings.skipped]
+    base_name, reference = split_backbone_name(backbone)
+    with new_version(outdir) as staging:
+        query = write_query_model(staging.path, model)
+        query["check"] = check_query_path(staging.path, query, model, embeddings.metadata, vectors, settings.threads)
+        base = get_backbone(base_name, weights_file=settings.weights_file) if reference else eager
+        classifier = write_classifier(staging.path, backbone, base, settings.runtime, settings.threads)
+        described = store.save(staging.path)
+        info = {
+            "format": FORMAT,
+            "created": _now(),
+            "backbone": {"name": backbone, "base": base_name,
+                         "head_file": str(resolve_head_path(reference)) if reference else None,
+                         "weights_file": settings.weights_file, "weights_sha256": embeddings.weights_sha256,
+                         "cache_key": embeddings.cache_key, "dim": int(vectors.shape[1]),
+                         "description": eager.description},
+            "runtime": settings.runtime,
+            "preprocessing": {"transform": repr(model.transform), "query": query["preprocessing"]},
+            "query_model": query,
+            "metric": metric,
+            "index": {"spec": index, **described, "seed": seed, "auto": auto,
+                      "tombstone_rebuild_fraction": TOMBSTONE_REBUILD_FRACTION},
+            "dataset": {**(dataset or {}), "fingerprint": dataset_fingerprint(embeddings.metadata)},
+            "versions": package_versions(),
+            "counts": item_counts(items, all_skipped),
+            "skipped": all_skipped,
+            "classifier": classifier,
+            "updates": [],
+        }
+        write_version_files(staging.path, items, vectors.astype(np.float16), info)
+    return BuildReport(outdir, staging.version, info, embeddings.n_computed, embeddings.n_reused,
+                       time.perf_counter() - started)
+
+
+def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame, vectors: np.ndarray,
+                     threads: int | None) -> dict:
+    """Embeds a few catalog images through the single-query path and compares them with the index's vectors.
+
+    The query path (exact geometry, uint8 model) must equal the batch path within the ONNX
+    export tolerance; anything else would search the index with vectors from another space.
+    """
+    encoder = open_encoder(directory, query, lambda: model, threads, spinning=False)
+    rows = np.random.default_rng(0).choice(len(metadata), size=min(QUERY_CHECK_IMAGES, len(metadata)), replace=False)
+    worst = 0.0
+    for row in sorted(rows):
+        vector, _ = encoder.encode(decode_query(metadata["path"].iloc[row], encoder.draft_size))
+        expected = vectors[row]
+        worst = max(worst, float(np.abs(vector[0] - expected).max() / max(np.abs(expected).max(), 1e-12)))
+    if not worst <= EXPORT_RTOL:
+        raise FashionRecError(f"the single-query path differs from the batch embeddings by {worst:.2e} relative "
+                              f"(limit {EXPORT_RTOL:.0e}); build with --runtime eager and report this")
+    return {"images": int(len(rows)), "max_relative_difference": worst, "limit": EXPORT_RTOL}
+
+
+def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, info: dict) -> None:
+    items.to_parquet(directory / ITEMS_FILE, index=False)
+    np.save(directory / EMBEDDINGS_FILE, vectors16)
+    (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+
+
+def item_counts(items: pd.DataFrame, skipped) -> dict:
+    live = items[~items["deleted"]]
+    return {"items": int(len(live)), "rows": int(len(items)), "tombstones": int(items["deleted"].sum()),
+            "skipped": len(skipped), "categories": {str(k): int(v) for k, v in live["label"].value_counts()
+                                                                                .sort_index().items()}}
+
+
+def package_versions() -> dict:
+    import onnxruntime
+
+    return {"fashionrec": __version__, **software_versions(), "onnxruntime": onnxruntime.__version__}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: str = "all",
+                  max_per_class: int | None = None, category_map=None, split_seed: int = config.DEFAULT_SEED,
+                  **build) -> BuildReport:
+    """Loads a named dataset (the whole catalog, or one split of record) and builds an index folder of it.
+
+    ``build`` are :func:`build_index_folder`'s keyword arguments.
+    """
+    if split not in SPLIT_CHOICES:
+        raise FashionRecError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
+    progress = build.get("settings", InferenceSettings()).progress
+    check_output_folder(Path(outdir))
+    check_backbone_name(backbone)
+    check_index_spec(build.get("index", "Flat"), backbone_dim(backbone))
+    if split == "all":
+        loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
+                              category_map=category_map, progress=progress)
+        catalog, root, skipped = loaded.catalog, loaded.root, loaded.skipped
+    else:
+        prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
+                           category_map=category_map, progress=progress)
+        catalog = prepared.catalog[prepared.catalog["split"] == split].reset_index(drop=True)
+        root, skipped = prepared.root, prepared.skipped
+    provenance = {"name": dataset, "data_dir": str(root), "split": split, "split_seed": split_seed,
+                  "max_per_class": max_per_class,
+                  "category_map": category_map if isinstance(category_map, (dict, type(None))) else str(category_map)}
+    return build_index_folder(outdir, catalog[["id", "path", "label"]], backbone, root=root, dataset=provenance,
+                              skipped=skipped, seed=build.pop("seed", split_seed), **build)
+
+
+DEFAULT_APP_BACKBONE = "efficientnet_lite0"
+# Fashion-MNIST has 70,000 images; this many per category keep the first build to a few minutes on 2 cores.
+DEFAULT_APP_FASHION_MNIST_PER_CLASS = 300
+
+
+def default_index_dir(dataset: str, backbone: str = DEFAULT_APP_BACKBONE) -> Path:
+    return config.PROCESSED_DIR / "indexes" / f"{dataset}-{backbone}"
+
+
+def ensure_default_index(settings: InferenceSettings = InferenceSettings()) -> Path:
+    """The index served when none is named: the clothing photos when present, else Fashion-MNIST.
+
+    Built once (``data/processed/indexes/<dataset>-efficientnet_lite0``, ``--index auto``) and
+    reused while it loads; Fashion-MNIST is fetched first if needed (``ensure_dataset``).
+    """
+    clothing = locate_clothing()
+    if clothing is not None:
+        dataset, data_dir, per_class = "clothing", clothing, None
+    else:
+        dataset, data_dir, per_class = "fashion-mnist", None, DEFAULT_APP_FASHION_MNIST_PER_CLASS
+    outdir = default_index_dir(dataset)
+    if is_index_folder(outdir):
+        return outdir
+    if settings.progress:
+        print(f"[index] building the default index of {dataset} with {DEFAULT_APP_BACKBONE} into {outdir} "
+              "(once; later runs reuse it)", file=sys.stderr)
+    if dataset == "fashion-mnist":
+        ensure_dataset(dataset, progress=settings.progress)
+    index_dataset(outdir, dataset, DEFAULT_APP_BACKBONE, data_dir=data_dir, max_per_class=per_class, index="auto",
+                  settings=settings)
+    return outdir

@@ -1,0 +1,106 @@
+"""One query image -> one vector, stage by stage: decode, preprocess, embed.
+
+Two encoders give the vectors the index was built from:
+
+* :class:`OnnxEncoder`, for the ONNX runtimes: Pillow's exact geometry
+  (:func:`~fashionrec.models.preprocess.crop_pixels`) and the index folder's uint8 query model
+  (:mod:`fashionrec.models.query_model`): no torch in the query path;
+* :class:`TorchEncoder`, for anything else (the eager runtime, backbones that stay eager such
+  as ``colorhist``): the backbone's own transform and model.
+
+Both are safe to call from several threads at once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import ensure_rgb, load_image, open_image_bytes
+from ..models.backbone import Backbone
+from ..models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact
+from ..models.query_model import query_session, run_query_model
+from ..models.runtime import available_threads
+
+
+def decode_query(image, draft_size: int | None = None) -> Image.Image:
+    """An upright RGB image from a path, bytes, a file-like object (an upload) or a PIL image.
+
+    Raises ImageError naming the file (or the upload's name) and the reason.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, draft_size=draft_size)
+    if isinstance(image, Image.Image):
+        return ensure_rgb(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return open_image_bytes(bytes(image), draft_size=draft_size)
+    if hasattr(image, "read"):
+        name = getattr(image, "name", "<upload>")
+        if hasattr(image, "seek"):
+            image.seek(0)
+        return open_image_bytes(image.read(), str(name), draft_size=draft_size)
+    raise TypeError(f"expected an image path, bytes, a file object or a PIL image, got {type(image).__name__}")
+
+
+def _milliseconds(start: float, end: float) -> float:
+    return (end - start) * 1000.0
+
+
+class OnnxEncoder:
+    """Exact Pillow geometry + the uint8 query model. ``session`` may be shared with other views."""
+
+    path = "onnx-uint8"
+
+    def __init__(self, spec: Preprocessing, session, runner: GeometryRunner):
+        self.spec = spec
+        self.session = session
+        self.runner = runner
+        self.exact_shortcut = geometry_is_exact(spec, runner)
+
+    @classmethod
+    def from_file(cls, model_path: Path, spec: Preprocessing, threads: int | None = None,
+                  spinning: bool = False) -> "OnnxEncoder":
+        runner = GeometryRunner(threads or available_threads())
+        return cls(spec, query_session(model_path, threads, spinning), runner)
+
+    @property
+    def draft_size(self) -> int | None:
+        return self.spec.draft_size
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, dict]:
+        started = time.perf_counter()
+        pixels = crop_pixels(image, self.spec, self.runner, self.exact_shortcut)
+        prepared = time.perf_counter()
+        vector = run_query_model(self.session, pixels)
+        done = time.perf_counter()
+        return vector, {"preprocess": _milliseconds(started, prepared), "embed": _milliseconds(prepared, done)}
+
+    def with_spec(self, spec: Preprocessing) -> "OnnxEncoder":
+        """The same network and threads seeing another view of the image."""
+        return OnnxEncoder(spec, self.session, self.runner)
+
+
+class TorchEncoder:
+    """A backbone's own transform and model (eager PyTorch, or whatever its model runs on)."""
+
+    path = "torch"
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    @property
+    def draft_size(self) -> int | None:
+        return getattr(self.backbone.transform, "draft_size", None)
+
+    def encode(self, image: Image.Image) -> tuple[np.ndarray, dict]:
+        started = time.perf_counter()
+        batch = self.backbone.transform(image)[None]
+        prepared = time.perf_counter()
+        with torch.inference_mode():
+            vector = self.backbone.model(batch).float().numpy()
+        done = time.perf_counter()
+        return vector, {"preprocess": _milliseconds(started, prepared), "embed": _milliseconds(prepared, done)}

@@ -1,0 +1,118 @@
+"""The single-query path: exact Pillow geometry and the uint8 ONNX query model equal the batch path."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.models import ResNet50_Weights
+
+from fashionrec import config
+from fashionrec.data.catalog import load_fashion_mnist
+from fashionrec.data.images import load_image
+from fashionrec.errors import FashionRecError
+from fashionrec.models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact, resize_and_crop
+from fashionrec.models import query_model
+from fashionrec.models.query_model import query_session, run_query_model, uint8_query_model
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import onnx_backbone, with_runtime
+from fashionrec.models.views import view_transform
+from fashionrec.serving.assets import query_preprocessing
+
+from conftest import CLOTHING_DIR, fashion_mnist_available
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return get_backbone("efficientnet_lite0")
+
+
+def _specs(lite0) -> dict[str, Preprocessing]:
+    return {
+        "lite0": Preprocessing.from_transform(lite0.transform),
+        "squash view": Preprocessing.from_transform(view_transform(lite0.transform, "squash")),
+        "shorter-side view": Preprocessing.from_transform(view_transform(lite0.transform, "shorter_side")),
+        "resnet preset": Preprocessing.from_transform(ResNet50_Weights.IMAGENET1K_V2.transforms()),
+        "lanczos, no crop": Preprocessing.from_transform(transforms.Compose(
+            [transforms.Resize((96, 80), interpolation=transforms.InterpolationMode.LANCZOS), transforms.ToTensor()])),
+    }
+
+
+def test_transforms_are_described_as_data(lite0):
+    spec = Preprocessing.from_transform(lite0.transform)
+    assert (spec.resize, spec.interpolation, spec.crop, spec.scale) == (256, "bicubic", (224, 224), True)
+    assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)
+    assert Preprocessing.from_dict(spec.to_dict()) == spec
+    resnet = Preprocessing.from_transform(ResNet50_Weights.IMAGENET1K_V2.transforms())
+    assert (resnet.resize, resnet.crop, resnet.interpolation) == (232, (224, 224), "bilinear")
+    with pytest.raises(FashionRecError, match="cannot describe"):
+        Preprocessing.from_transform(transforms.Compose([transforms.ToTensor(), transforms.RandomHorizontalFlip()]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fast_geometry_equals_torchvision_pixel_for_pixel(lite0, threads):
+    """Random sizes cover both of Pillow's pass orders (tall images shrink vertically first),
+    upscaling, one-axis resizes and odd sizes."""
+    runner = GeometryRunner(threads)
+    rng = np.random.default_rng(threads)
+    sizes = [(400, 533), (533, 400), (400, 822), (224, 224), (256, 300), (40, 30), (3000, 90), (90, 3000), (1, 1),
+             (1, 500), (500, 1), (2, 3)]
+    sizes += [tuple(int(v) for v in rng.integers(20, 1200, 2)) for _ in range(40)]
+    for name, spec in _specs(lite0).items():
+        reference = spec.reference_geometry()
+        for width, height in sizes:
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            expected = np.asarray(reference(image))
+            actual = np.asarray(resize_and_crop(image, spec, runner))
+            assert actual.shape == expected.shape and np.array_equal(actual, expected), (name, width, height)
+        assert geometry_is_exact(spec, runner)
+    runner.close()
+
+
+def _real_photos(n: int) -> list[str]:
+    if (CLOTHING_DIR / "images.csv").exists():
+        table = pd.read_csv(CLOTHING_DIR / "images.csv", dtype=str)
+        names = table["image"].sample(n=n * 2, random_state=0)
+        paths = [CLOTHING_DIR / "images" / f"{name}.jpg" for name in names]
+        return [str(p) for p in paths if p.exists()][:n]
+    if fashion_mnist_available():
+        return load_fashion_mnist(max_per_class=1, progress=False).catalog["path"].tolist()[:n]
+    pytest.skip(f"no real photos: clothing photos not at {CLOTHING_DIR} and Debian's dataset-fashion-mnist not "
+                f"installed in {config.FASHION_MNIST_SYSTEM_DIR}")
+
+
+def _relative_error(actual, expected) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def test_the_uint8_query_model_equals_the_batch_and_eager_paths_on_real_photos(lite0, tmp_path):
+    photos = _real_photos(8)
+    fast = onnx_backbone(lite0, threads=2)
+    spec = Preprocessing.from_transform(fast.transform)
+    session = query_session(uint8_query_model(fast.model.path, tmp_path / "query.onnx", spec), threads=2)
+    runner = GeometryRunner(2)
+    for path in photos:
+        image = load_image(path, draft_size=spec.draft_size)
+        with torch.inference_mode():
+            batch_path = fast.model(fast.transform(image)[None]).numpy()
+            eager = lite0.model(lite0.transform(load_image(path))[None]).numpy()
+        query = run_query_model(session, crop_pixels(image, spec, runner))
+        assert query.shape == (1, lite0.dim)
+        # Same crop pixels, same float operations, same network nodes: the batch path's vector.
+        assert _relative_error(query, batch_path) < 1e-6, path
+        assert _relative_error(query, eager) < 1e-4, path
+    runner.close()
+
+
+def test_a_backbone_without_a_describable_transform_keeps_the_torch_path():
+    colorhist = with_runtime(get_backbone("colorhist"), "onnx")
+    assert query_preprocessing(colorhist) is None
+
+
+@pytest.mark.parametrize("load, spins", [(0.2, True), (1.0, True), (1.5, False), (9.0, False)])
+def test_query_threads_spin_only_when_the_cpus_are_idle_enough(load, spins, monkeypatch):
+    monkeypatch.setattr(query_model.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(query_model, "available_threads", lambda: 2)
+    assert query_model.spinning_suits_this_machine() is spins
