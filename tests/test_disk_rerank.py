@@ -19,8 +19,10 @@ import pytest
 
 from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.evaluation.protocol import evaluate_embeddings
+from fashionrec.serving.store import FaissStore
 from fashionrec.indexing import disk_rerank
-from fashionrec.indexing.faiss_index import (DISK_REFINE_K_FACTOR, METRICS, build_index, default_search_params,
+from fashionrec.indexing.faiss_index import (DISK_REFINE_K_FACTOR, METRICS, build_index, check_factory,
+                                             default_search_params,
                                              disk_bytes_per_vector, index_bytes_per_vector, load_index, save_index,
                                              search, train_coarse_centroids)
 from fashionrec.indexing.measure import benchmark_index, recall_vs_exact, search_param_grid
@@ -253,8 +255,8 @@ def test_the_protocol_of_record_evaluates_a_disk_index(features):
 
 
 @pytest.mark.parametrize("spec, error, message", [
-    ("RDisk", ValueError, "needs an in-memory index"),
-    ("IVF16,RDisk,PQ8", ValueError, "must come last"),
+    ("RDisk", IndexBuildError, "needs an in-memory index"),
+    ("IVF16,RDisk,PQ8", IndexBuildError, "must come last"),
     ("PCAU64,Flat", IndexBuildError, "fewer"),
     ("PCAU8", IndexBuildError, "needs an index after it"),
     ("IVF16,Nonsense", IndexBuildError, "not a faiss factory string"),
@@ -265,8 +267,33 @@ def test_bad_specs_say_what_is_wrong(features, spec, error, message):
         build_index(vectors[:500], spec)
 
 
+def test_check_factory_knows_every_spec_without_building():
+    assert check_factory("PCAU256,IVF{nlist},RaBitQ,RDisk", 1280, 1_000_000) == "PCAU256,IVF4096,RaBitQ,RDisk"
+    assert check_factory("HNSW32", 64) == "HNSW32"
+    for spec in ("PCAU2048,IVF{nlist},PQ8", "IVF{nlist},RDisk,PQ8", "IVF{nlist},Nonsense,RDisk"):
+        with pytest.raises(IndexBuildError):
+            check_factory(spec, 1280)
+
+
 def test_values_beyond_float16_are_refused(tmp_path):
     vectors = np.full((300, 8), 1e6, dtype=np.float32)
     with pytest.raises(IndexBuildError, match="float16"):
         build_index(vectors, "IVF4,Flat,RDisk", "l2", storage_dir=tmp_path)
     assert not (tmp_path / "vectors.f16").exists()
+
+
+def test_the_serving_store_saves_loads_and_refuses_updates_of_a_disk_index(features, tmp_path):
+
+    vectors, queries = features
+    store = FaissStore.build(vectors, SPEC, "cosine", search_params="nprobe=8,k_factor_rf=8")
+    expected = store.search(queries, 10)
+    store.save(tmp_path)
+    loaded = FaissStore.load(tmp_path)
+    for got, want in zip(loaded.search(queries, 10), expected):
+        np.testing.assert_array_equal(got, want)
+    allowed = np.zeros(len(vectors), bool)
+    allowed[::2] = True
+    _, rows = loaded.search(queries, 5, allowed=allowed)
+    assert allowed[rows].all()
+    with pytest.raises(FashionRecError, match="read-only"):
+        loaded.add(vectors[:3])

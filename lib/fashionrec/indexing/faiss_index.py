@@ -153,12 +153,7 @@ def build_index(
     if n == 0:
         raise ValueError("cannot build an index from zero vectors")
     concrete = resolve_factory(factory, n, d)
-    in_memory, on_disk = disk_rerank.split_disk_spec(concrete)
-    projection_dim, inner = _split_uncentred_pca(in_memory, d)
-    try:
-        index = faiss.index_factory(projection_dim or d, inner, _FAISS_METRIC[metric])
-    except RuntimeError as error:
-        raise IndexBuildError(f"{concrete}: not a faiss factory string ({str(error).splitlines()[0]})") from None
+    index, projection_dim, on_disk = _empty_index(concrete, d, metric)
     projection = None
     if projection_dim:
         projection = faiss.LinearTransform(d, projection_dim, False)
@@ -186,6 +181,30 @@ def build_index(
     if defaults:
         faiss.ParameterSpace().set_index_parameters(index, defaults)
     return index
+
+
+def check_factory(factory: str, d: int, n: int = 100_000, metric: str = "cosine") -> str:
+    """The concrete spec ``factory`` gives for ``n`` vectors of dimension ``d``, or IndexBuildError
+    (ValueError for a bad template) saying why it cannot be built: checks a user's spec, including
+    ``PCAU<dim>,`` and ``,RDisk``, before any expensive work."""
+    _check_metric(metric)
+    concrete = resolve_factory(factory, n, d)
+    _empty_index(concrete, d, metric)
+    return concrete
+
+
+def _empty_index(concrete: str, d: int, metric: str) -> tuple[faiss.Index, int | None, bool]:
+    """(the untrained in-memory index of a concrete spec, its PCAU dimension or None, whether it re-ranks from disk)."""
+    try:
+        in_memory, on_disk = disk_rerank.split_disk_spec(concrete)
+    except ValueError as error:
+        raise IndexBuildError(str(error)) from None
+    projection_dim, inner = _split_uncentred_pca(in_memory, d)
+    try:
+        index = faiss.index_factory(projection_dim or d, inner, _FAISS_METRIC[metric])
+    except RuntimeError as error:
+        raise IndexBuildError(f"{concrete}: not a faiss factory string ({str(error).splitlines()[0]})") from None
+    return index, projection_dim, on_disk
 
 
 _UNCENTRED_PCA = re.compile(r"PCAU(\d+),(.+)")
