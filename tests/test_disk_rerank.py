@@ -283,7 +283,6 @@ def test_values_beyond_float16_are_refused(tmp_path):
 
 
 def test_the_serving_store_saves_loads_and_refuses_updates_of_a_disk_index(features, tmp_path):
-
     vectors, queries = features
     store = FaissStore.build(vectors, SPEC, "cosine", search_params="nprobe=8,k_factor_rf=8")
     expected = store.search(queries, 10)
