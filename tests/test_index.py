@@ -7,6 +7,7 @@ faiss thread: on data this small, OpenMP synchronisation costs more than it save
 from __future__ import annotations
 
 import json
+import math
 
 import faiss
 import numpy as np
@@ -15,8 +16,8 @@ import pytest
 from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.indexing.choose import choose_index
 from fashionrec.indexing.faiss_index import (METRICS, SCALE_FACTORIES, SPINE_FACTORIES, build_index,
-                                             index_bytes_per_vector, load_index, resolve_factory, save_index, search,
-                                             train_coarse_centroids)
+                                             disk_bytes_per_vector, index_bytes_per_vector, load_index, resolve_factory,
+                                             save_index, search, train_coarse_centroids)
 from fashionrec.indexing.measure import benchmark_index, recall_vs_exact, search_param_grid, tune_search_params
 
 
@@ -240,7 +241,7 @@ def test_sweep_traces_recall_against_search_effort(small_gallery, small_exact_id
     points = row["operating_points"]
     settings = [point["params"] for point in points]
     # nprobe up to nlist=32, crossed with every re-ranking factor; the graph quantizer keeps efSearch >= 2*nprobe.
-    assert len(settings) == 6 * 5 and len(set(settings)) == len(settings)
+    assert len(settings) == 6 * 6 and len(set(settings)) == len(settings)
     assert "nprobe=32,quantizer_efSearch=64,k_factor_rf=32" in settings
     by_setting = {point["params"]: point["recall_at_10"] for point in points}
     # More lists probed and more candidates re-ranked never lose neighbours on the same index.
@@ -254,21 +255,25 @@ def test_sweep_traces_recall_against_search_effort(small_gallery, small_exact_id
     assert search_param_grid(build_index(vectors, "HNSW16")) == [f"efSearch={ef}" for ef in (16, 32, 64, 128, 256)]
 
 
-@pytest.mark.parametrize("budget_gib, target, factory", [
-    (64, 0.95, "HNSW32"),
-    (4.9, 0.95, "IVF4096,PQ64,RFlat"),
-    (4.845, 0.5, "IVF4096,PQ64x4fs,RFlat"),
-    (2, 0.95, "OPQ64,IVF4096,PQ64,Refine(SQ8)"),
-    (0.1, 0.5, "OPQ64,IVF4096,PQ64"),
-    (0.06, 0.1, "IVF4096,PQ64x4fs"),
-    (7, 0.999, "Flat"),
+@pytest.mark.parametrize("budget_gib, target, disk_gib, factory", [
+    (64, 0.95, math.inf, "HNSW32"),
+    (4.9, 0.95, math.inf, "PCAU256,IVF4096,RaBitQ,RDisk"),
+    (0.06, 0.9, math.inf, "PCAU256,IVF4096,RaBitQ,RDisk"),
+    (4.9, 0.95, 2, "IVF4096,PQ64,RFlat"),
+    (4.845, 0.5, 0, "IVF4096,PQ64x4fs,RFlat"),
+    (2, 0.95, 0, "OPQ64,IVF4096,PQ64,Refine(SQ8)"),
+    (0.1, 0.5, 0, "OPQ64,IVF4096,PQ64"),
+    (0.06, 0.1, 0, "IVF4096,PQ64x4fs"),
+    (7, 0.999, math.inf, "Flat"),
 ])
-def test_choose_index_fits_the_budget_at_a_million_vectors(budget_gib, target, factory):
-    """1M x 1280 floats: Flat 4.77 GiB, HNSW32 5.0, IVF-PQ + RFlat 4.856, IVF-PQ fast-scan +
-    RFlat 4.83 (whose measured ceiling, 0.69, rules it out for 0.95), OPQ IVF-PQ + SQ8 re-rank
-    1.3, OPQ IVF-PQ 0.09, IVF-PQ fast-scan 0.06."""
-    choice = choose_index(1_000_000, 1280, budget_gib * 2**30, target)
+def test_choose_index_fits_the_budget_at_a_million_vectors(budget_gib, target, disk_gib, factory):
+    """1M x 1280 floats: Flat 4.77 GiB, HNSW32 5.0, PCA-256 RaBitQ codes re-ranked from disk 0.05
+    (+ 2.4 GiB of float16 vectors on disk), IVF-PQ + RFlat 4.856, IVF-PQ fast-scan + RFlat 4.83
+    (whose measured ceiling, 0.69, rules it out for 0.95), OPQ IVF-PQ + SQ8 re-rank 1.3, OPQ
+    IVF-PQ 0.09, IVF-PQ fast-scan 0.06."""
+    choice = choose_index(1_000_000, 1280, budget_gib * 2**30, target, disk_gib * 2**30)
     assert choice["estimated_total_bytes"] <= budget_gib * 2**30
+    assert choice["estimated_disk_bytes"] <= disk_gib * 2**30
     assert choice["factory"] == factory, choice["rationale"]
 
 
@@ -288,7 +293,7 @@ def test_choose_index_prefers_exact_search_for_small_galleries():
 
 
 def test_choose_index_warns_when_the_budget_rules_out_the_recall_target():
-    choice = choose_index(1_000_000, 1280, 0.06 * 2**30, 0.9)
+    choice = choose_index(1_000_000, 1280, 0.06 * 2**30, 0.9, disk_budget_bytes=0)
     assert choice["factory"] == "IVF4096,PQ64x4fs"
     assert "target at risk" in choice["rationale"]
 
@@ -304,6 +309,16 @@ def test_choose_index_size_estimate_matches_the_built_index():
     assert "PQ8x4fs" in choice["factory"]
     index = build_index(vectors, choice["factory"])
     assert index_bytes_per_vector(index) == pytest.approx(choice["estimated_bytes_per_vector"], rel=0.15)
+
+
+@pytest.mark.parametrize("d", [32, 512])
+def test_choose_index_estimates_the_disk_re_ranked_index_it_picks(d):
+    vectors = np.abs(blobs(20_000, d, seed=18))
+    choice = choose_index(len(vectors), d, 2**20 * 2, 0.5)
+    assert choice["factory"].endswith("RaBitQ,RDisk") and choice["factory"].startswith("PCAU") == (d > 256)
+    index = build_index(vectors, choice["factory"])
+    assert index_bytes_per_vector(index) == pytest.approx(choice["estimated_bytes_per_vector"], rel=0.1)
+    assert disk_bytes_per_vector(index) == pytest.approx(choice["estimated_disk_bytes"] / len(vectors), rel=0.01)
 
 
 def test_save_and_load_round_trip(tmp_path, small_gallery):

@@ -11,7 +11,8 @@ import faiss
 import numpy as np
 
 from .faiss_index import (DEFAULT_EF_SEARCH, MAX_TRAIN_VECTORS, _as_matrix, _components, _parse_params,
-                          build_index, default_search_params, index_bytes_per_vector, resolve_factory, search)
+                          build_index, default_search_params, disk_bytes_per_vector, index_bytes_per_vector,
+                          resolve_factory, search)
 
 
 def recall_vs_exact(ids, exact_ids, k: int) -> float:
@@ -100,13 +101,17 @@ def benchmark_index(
     max_train: int = MAX_TRAIN_VECTORS,
     coarse_centroids: np.ndarray | None = None,
     sweep: bool = False,
+    storage_dir=None,
+    keep_index: bool = False,
 ) -> dict:
     """Build ``factory`` over ``vectors``, search all ``queries`` as one batch, and measure.
 
     ``params`` override the defaults of :func:`default_search_params`. Returns name (default:
     the factory as given), factory (resolved), params (all in effect), metric, n, d, k,
-    build_s (train + add), bytes_per_vector, qps, and recall_at_k / recall_at_10 against
-    ``exact_ids`` (None without them; recall_at_10 also when k < 10). Timings use
+    build_s (train + add, and writing the vectors file of an ``,RDisk`` index, which goes to
+    ``storage_dir``), bytes_per_vector (in memory), disk_bytes_per_vector (the vectors file of an
+    ``,RDisk`` index, else 0), qps, and recall_at_k / recall_at_10 against ``exact_ids`` (None
+    without them; recall_at_10 also when k < 10); with ``keep_index``, also the built "index". Timings use
     time.perf_counter; the batch is repeated until 0.2 s have passed (at most 20 times), so
     fast indexes are not timed on a single blip. With ``sweep``, the same index is also
     measured at every setting of :func:`search_param_grid` ("operating_points": params, qps,
@@ -116,7 +121,7 @@ def benchmark_index(
     n, d = vectors.shape
     started = time.perf_counter()
     index = build_index(vectors, factory, metric, seed, threads=threads, max_train=max_train,
-                        coarse_centroids=coarse_centroids)
+                        coarse_centroids=coarse_centroids, storage_dir=storage_dir)
     build_s = time.perf_counter() - started
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
@@ -133,6 +138,7 @@ def benchmark_index(
         "k": k,
         "build_s": build_s,
         "bytes_per_vector": index_bytes_per_vector(index),
+        "disk_bytes_per_vector": disk_bytes_per_vector(index),
         **_measure_search(index, queries, k, metric, exact_ids, threads),
     }
     if sweep:
@@ -141,6 +147,8 @@ def benchmark_index(
             faiss.ParameterSpace().set_index_parameters(index, setting)
             row["operating_points"].append({"params": setting,
                                             **_measure_search(index, queries, k, metric, exact_ids, threads)})
+    if keep_index:
+        row["index"] = index
     return row
 
 
@@ -162,7 +170,7 @@ def _measure_search(index, queries, k: int, metric: str, exact_ids, threads: int
 
 SWEEP_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_EF_SEARCH = (16, 32, 64, 128, 256)
-SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32)
+SWEEP_REFINE_K_FACTOR = (2, 4, 8, 16, 32, 64)
 
 
 def search_param_grid(index: faiss.Index) -> list[str]:

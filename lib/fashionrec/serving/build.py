@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 
@@ -32,7 +31,7 @@ from ..evaluation.protocol import dataset_fingerprint, software_versions
 from ..experiment.evaluate import prepare
 from ..features.embed import embed_catalog
 from ..indexing.choose import choose_index
-from ..indexing.faiss_index import METRICS, resolve_factory
+from ..indexing.faiss_index import METRICS, check_factory, resolve_factory
 from ..models.ensemble import is_combined_name, parse_combined_name
 from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
@@ -96,8 +95,8 @@ def check_index_spec(index: str, dim: int) -> None:
     if index == "auto":
         return
     try:
-        faiss.index_factory(dim, resolve_factory(index, 100_000, dim))
-    except (ValueError, RuntimeError) as error:
+        check_factory(index, dim)
+    except ValueError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FashionRecError(f"--index {index!r}: not a faiss factory string or template ({reason}); "
                               "try Flat, HNSW32, IVF{nlist},Flat, IVF{nlist},PQ{m} or auto") from None
@@ -107,7 +106,8 @@ def resolve_index(index: str, n: int, dim: int, search_params: str, memory_budge
                   recall_target: float) -> tuple[str, str, dict | None]:
     """(factory, search params, the auto choice or None) for ``n`` vectors of ``dim`` dimensions."""
     if index == "auto":
-        choice = choose_index(n, dim, memory_budget_bytes, recall_target)
+        # No index that re-ranks from a float16 file on disk: it is read-only, and a folder takes updates.
+        choice = choose_index(n, dim, memory_budget_bytes, recall_target, disk_budget_bytes=0)
         auto = {key: choice[key] for key in ("rationale", "recall_ceiling", "estimated_total_bytes")}
         auto.update(memory_budget_bytes=memory_budget_bytes, recall_target=recall_target)
         return choice["factory"], search_params or choice["params"], auto
