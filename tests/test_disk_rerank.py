@@ -19,7 +19,7 @@ import pytest
 
 from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.evaluation.protocol import evaluate_embeddings
-from fashionrec.serving.store import FaissStore
+from fashionrec.serving.store import FaissRowStore
 from fashionrec.indexing import disk_rerank
 from fashionrec.indexing.faiss_index import (DISK_REFINE_K_FACTOR, METRICS, build_index, check_factory,
                                              default_search_params,
@@ -284,10 +284,10 @@ def test_values_beyond_float16_are_refused(tmp_path):
 
 def test_the_serving_store_saves_loads_and_refuses_updates_of_a_disk_index(features, tmp_path):
     vectors, queries = features
-    store = FaissStore.build(vectors, SPEC, "cosine", search_params="nprobe=8,k_factor_rf=8")
+    store = FaissRowStore.build(vectors, SPEC, "cosine", search_params="nprobe=8,k_factor_rf=8")
     expected = store.search(queries, 10)
     store.save(tmp_path)
-    loaded = FaissStore.load(tmp_path)
+    loaded = FaissRowStore.load(tmp_path)
     for got, want in zip(loaded.search(queries, 10), expected):
         np.testing.assert_array_equal(got, want)
     allowed = np.zeros(len(vectors), bool)

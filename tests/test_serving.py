@@ -31,7 +31,7 @@ from fashionrec.models.runtime import with_runtime
 from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from fashionrec.serving.build import TOMBSTONE_REBUILD_FRACTION
 from fashionrec.serving.folder import CURRENT, PARTIAL_PREFIX, current_version
-from fashionrec.serving.store import EXACT_SUBSET_MAX_ROWS, FaissStore
+from fashionrec.serving.store import EXACT_SUBSET_MAX_ROWS, FaissRowStore
 from fashionrec.settings import InferenceSettings
 from fashionrec.training.classify import train_classifier
 from fashionrec.training.finetune import head_payload
@@ -223,7 +223,7 @@ def vectors():
 def test_filtered_search_equals_exact_search_over_the_allowed_rows(vectors, factory, share):
     """Few allowed rows are searched exactly; many go through faiss's selector (and fall back to
     exact search if an approximate index finds fewer than k of them)."""
-    store = FaissStore.build(vectors, factory, "cosine", search_params="nprobe=32" if "IVF" in factory else "",
+    store = FaissRowStore.build(vectors, factory, "cosine", search_params="nprobe=32" if "IVF" in factory else "",
                              fallback_vectors=lambda rows: vectors[rows])
     allowed = np.random.default_rng(1).random(len(vectors)) < share
     assert (allowed.sum() > EXACT_SUBSET_MAX_ROWS) == (share > 0.5)   # exact subset and selector paths
@@ -240,13 +240,13 @@ def test_filtered_search_equals_exact_search_over_the_allowed_rows(vectors, fact
 
 
 def test_only_row_ordered_indexes_remove_in_place_and_compaction_keeps_the_training(vectors):
-    flat = FaissStore.build(vectors, "Flat", "l2")
+    flat = FaissRowStore.build(vectors, "Flat", "l2")
     assert flat.removes_in_place and flat.remove(np.array([0, 5]))
     assert flat.ntotal == len(vectors) - 2
     assert np.array_equal(flat.stored_vectors([0, 4]), vectors[[1, 6]])   # later rows moved up
-    hnsw = FaissStore.build(vectors, "HNSW32", "cosine")
+    hnsw = FaissRowStore.build(vectors, "HNSW32", "cosine")
     assert not hnsw.removes_in_place and not hnsw.remove(np.array([0]))
-    ivf = FaissStore.build(vectors, "IVF16,Flat", "l2", search_params="nprobe=16",
+    ivf = FaissRowStore.build(vectors, "IVF16,Flat", "l2", search_params="nprobe=16",
                            fallback_vectors=lambda rows: vectors[rows])
     keep = np.arange(1, len(vectors), 2)
     centroids = faiss.extract_index_ivf(ivf.index).quantizer.reconstruct_n(0, 16)

@@ -41,8 +41,8 @@ from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
-from .milvus import AUTO_INDEX, MilvusServingStore, drop_unreferenced_collections
-from .store import FaissStore
+from .milvus import AUTO_INDEX, MilvusRowStore, drop_unreferenced_collections
+from .store import FaissRowStore
 
 FORMAT = "fashionrec-index/1"
 ITEMS_FILE = "ids.parquet"
@@ -151,13 +151,13 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
                                        deleted=False)[ITEM_COLUMNS]
     if store.store == "milvus":
         auto = None
-        vector_store = MilvusServingStore.build(outdir, vectors, items["label"].astype(str).tolist(), index, metric,
+        vector_store = MilvusRowStore.build(outdir, vectors, items["label"].astype(str).tolist(), index, metric,
                                                 search_params, milvus_uri(store), store.milvus_token)
     else:
         factory, params, auto = resolve_index(index, len(vectors), vectors.shape[1], search_params,
                                               memory_budget_bytes, recall_target)
         try:
-            vector_store = FaissStore.build(vectors, factory, metric, seed=seed, search_params=params,
+            vector_store = FaissRowStore.build(vectors, factory, metric, seed=seed, search_params=params,
                                             threads=settings.threads)
         except IndexBuildError as error:
             raise FashionRecError(f"{error}; choose another --index (Flat always works)") from None

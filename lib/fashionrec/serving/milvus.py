@@ -41,8 +41,8 @@ def recorded_uri(uri: str) -> str:
     return str(Path(uri).expanduser().resolve()) if is_lite_uri(uri) else uri
 
 
-class MilvusServingStore:
-    """A :class:`fashionrec.serving.store.VectorStore` over a Milvus collection (rows are ids)."""
+class MilvusRowStore:
+    """A :class:`fashionrec.serving.store.RowStore` over a Milvus collection (rows are ids)."""
 
     kind = "milvus"
     removes_in_place = False
@@ -58,7 +58,7 @@ class MilvusServingStore:
 
     @classmethod
     def build(cls, outdir, vectors: np.ndarray, labels: list[str], index: str, metric: str, search_params: str,
-              uri: str, token: str = "") -> "MilvusServingStore":
+              uri: str, token: str = "") -> "MilvusRowStore":
         index = AUTO_INDEX if index == "auto" else index
         store = MilvusStore(uri, _new_collection(outdir), metric, index, search_params, token=token)
         served = cls(store, outdir, index, owned=True)
@@ -70,7 +70,7 @@ class MilvusServingStore:
         return served
 
     @classmethod
-    def load(cls, version: Path, described: dict, uri: str | None = None, token: str = "") -> "MilvusServingStore":
+    def load(cls, version: Path, described: dict, uri: str | None = None, token: str = "") -> "MilvusRowStore":
         """The collection a version's build.json names (``uri`` overrides where it lives)."""
         store = MilvusStore.open(uri or described["uri"], described["collection"], described.get("search_params", ""),
                                  token=token)

@@ -47,8 +47,8 @@ from .build import (EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE
                     item_counts, package_versions, write_version_files)
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
-from .milvus import MilvusServingStore, drop_unreferenced_collections
-from .store import FaissStore
+from .milvus import MilvusRowStore, drop_unreferenced_collections
+from .store import FaissRowStore, RowStore
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
 
@@ -98,7 +98,7 @@ class Recommender:
     """A loaded index folder: built by :meth:`build` or ``python -m fashionrec index``, opened by :meth:`load`."""
 
     def __init__(self, outdir: Path, version: str, info: dict, items: pd.DataFrame, vectors16: np.ndarray,
-                 store: FaissStore, encoder, predictor, settings: InferenceSettings, spinning: bool):
+                 store: RowStore, encoder, predictor, settings: InferenceSettings, spinning: bool):
         self.outdir = outdir
         self.version = version
         self.info = info
@@ -505,7 +505,7 @@ class Recommender:
                     self._items.loc[~self._items["deleted"].to_numpy(), ["id", "label", "digest"]])}
                 write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), info)
             self.info, self.version = info, staging.version
-            if isinstance(self._store, MilvusServingStore):   # the collections of versions no longer kept
+            if isinstance(self._store, MilvusRowStore):   # the collections of versions no longer kept
                 drop_unreferenced_collections(self.outdir, self._store.store.uri, self._store.store.token)
             return staging.version
 
@@ -523,9 +523,9 @@ def _open_store(version: Path, described: dict, asked: StoreSettings | None):
                                f"with `python -m fashionrec index ... --store {asked.store}`, or leave --store out")
     try:
         if built_with == "milvus":
-            return MilvusServingStore.load(version, described, asked.milvus_uri if asked else None,
+            return MilvusRowStore.load(version, described, asked.milvus_uri if asked else None,
                                            asked.milvus_token if asked else "")
-        return FaissStore.load(version)
+        return FaissRowStore.load(version)
     except (OSError, ValueError, RuntimeError, FashionRecError) as error:
         raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
 

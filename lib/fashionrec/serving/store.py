@@ -1,19 +1,21 @@
 """Where the vectors live and are searched: the seam between a Recommender and its index.
 
-A :class:`VectorStore` holds one vector per row of the index folder's id map, in that order,
+A :class:`RowStore` holds one vector per row of the index folder's id map, in that order,
 and answers top-k queries restricted to the rows a caller allows (live items of the chosen
-category, say). :class:`FaissStore` is the FAISS implementation; another store plugs in by
-offering the same methods, as :class:`fashionrec.serving.milvus.MilvusServingStore` (a Milvus
-collection) does.
+category, say). :class:`FaissRowStore` is the FAISS implementation; another store plugs in by
+offering the same methods, as :class:`fashionrec.serving.milvus.MilvusRowStore` (a Milvus
+collection) does. Rows, not catalog ids, because an index folder's id map already owns the ids
+and their order; :class:`fashionrec.indexing.stores.VectorStore` is the id-keyed store that
+evaluation uses.
 
 Removing rows, by index type (faiss decides what it can do):
 
 * indexes that keep their codes in row order (``Flat``, ``SQ8``, ``PQ``: faiss
   ``IndexFlatCodes``) remove in place: later rows move up by one, exactly as if the index had
-  been built without them (:meth:`FaissStore.remove` returns True);
+  been built without them (:meth:`FaissRowStore.remove` returns True);
 * graph and inverted-list indexes (``HNSW32``, ``IVF...``) cannot: faiss's ``IndexHNSW`` has no
   ``remove_ids`` at all, and ``IndexIVF`` would leave gaps in the row numbers. The caller then
-  keeps the rows as tombstones and excludes them at search time; :meth:`FaissStore.compact`
+  keeps the rows as tombstones and excludes them at search time; :meth:`FaissRowStore.compact`
   rebuilds the index from the live rows' stored vectors (no image is embedded again).
 
 Filtered search: faiss's ID selector filters during the search itself (in HNSW the excluded
@@ -40,7 +42,7 @@ EXACT_SUBSET_MAX_ROWS = 4096
 MAX_FILTERED_EF_SEARCH = 2048
 
 
-class VectorStore(Protocol):
+class RowStore(Protocol):
     """What a Recommender needs from the place its vectors live. Rows are id-map positions."""
 
     kind: str
@@ -74,7 +76,7 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
-class FaissStore:
+class FaissRowStore:
     """A faiss index whose row i is id-map row i.
 
     ``fallback_vectors(rows)`` returns stored embeddings (the index folder's float16 copy)
@@ -98,12 +100,12 @@ class FaissStore:
     @classmethod
     def build(cls, vectors: np.ndarray, factory: str, metric: str = "cosine", seed: int = 0,
               search_params: str = "", threads: int | None = None,
-              fallback_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> "FaissStore":
+              fallback_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> "FaissRowStore":
         index = build_index(vectors, factory=factory, metric=metric, seed=seed, threads=threads)
         return cls(index, metric, factory, search_params, fallback_vectors)
 
     @classmethod
-    def load(cls, directory: Path, fallback_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> "FaissStore":
+    def load(cls, directory: Path, fallback_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> "FaissRowStore":
         index, info = load_index(Path(directory) / INDEX_FILE)
         return cls(index, info["metric"], info["factory"], info.get("search_params", ""), fallback_vectors)
 
