@@ -58,3 +58,18 @@ def test_no_function_imports_from_the_package():
                 if internal:
                     found.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} in {function.name}()")
     assert not found
+
+
+def test_the_readme_layout_names_every_module():
+    """A newcomer finds every module of the package in the README's layout table, in its layer."""
+    readme = (PACKAGE_DIR.parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `/"): line for line in readme.splitlines() if line.startswith("| ")}
+    missing = []
+    for name in SUBMODULES:
+        parts = name.split(".")[1:]
+        if parts[-1] == "__main__" or (len(parts) == 1 and (PACKAGE_DIR / parts[0]).is_dir()):
+            continue
+        layer, module = parts if len(parts) == 2 else ("base", parts[0])
+        if f"`{module}`" not in rows.get(layer, ""):
+            missing.append(name)
+    assert not missing, f"README.md's layout table does not name: {missing}"
