@@ -1,34 +1,36 @@
 """A backbone's preprocessing as plain data, and its geometry computed exactly but faster.
 
 The batch embedding path runs each backbone's torchvision transform (resize, centre crop,
-``ToTensor``, ``Normalize``). A single query cannot amortise that: on a 400x533 photo the
-PIL resize alone costs about half as much as EfficientNet-Lite0 itself, and ``ToTensor`` +
-``Normalize`` another fifth. :class:`Preprocessing` describes the transform as data, so that
+``ToTensor``, ``Normalize``). A single query cannot amortise that: on a 400x533 photo Pillow's
+resize alone costs about 40% of EfficientNet-Lite0 itself, and ``ToTensor`` + ``Normalize``
+another fifth. :class:`Preprocessing` describes the transform as data, so that
 
 * the uint8 -> float steps (``ToTensor``, ``Normalize``) move into the ONNX graph
   (:mod:`fashionrec.models.query_model`), with the very same float operations, and
-* the geometry (resize, centre crop) is :func:`resize_and_crop`: Pillow's own resampling,
-  pixel for pixel, computed only where the crop needs it and split across threads.
+* the geometry (resize, centre crop) is :func:`resize_and_crop`: Pillow's own arithmetic,
+  pixel for pixel, computed only where the crop needs it, in vectorised compiled loops.
 
-Why :func:`resize_and_crop` is exact. Pillow resamples in two separable passes, each
-computing an output row (horizontal pass) or column (vertical pass) from coefficients that
-depend only on the input and output sizes, with an 8-bit intermediate. Pillow 13 runs the
-vertical pass first when the height shrinks by more than twice as much as the width, and the
-horizontal pass first otherwise (``ImagingResampleInner``). Each pass is reproduced here by a
-single-pass Pillow call over the full extent of its axis (so its coefficients are the
-reference's), restricted on the other axis to the rows or columns the crop needs (each of which
-is computed independently of the others): the first pass skips the rows (or columns) the
-second pass never reads, the second pass skips the columns (or rows) the crop drops, and each
-pass is cut into bands that run in parallel (Pillow releases the GIL while it resamples).
-:func:`geometry_is_exact` checks this against torchvision on a few shapes of both pass orders;
-where it fails (another Pillow) the reference transform is used instead.
+Why :func:`resize_and_crop` is exact. Pillow resamples in two separable passes with an 8-bit
+intermediate (``Resample.c``). Each output row (or column) of a pass is a weighted sum of at
+most ``ksize`` input rows (columns), with weights that depend only on the input and output
+sizes: Pillow computes them in double precision, normalises them to sum to one and rounds them
+to 22-bit fixed point; the sum starts at one half and is shifted back and clipped to 0..255.
+:func:`_pass_weights` repeats those double operations in the same order, so the integer weights
+are Pillow's; the sums run in float64, where every partial sum of these integers is exact, so
+each output is Pillow's. Pillow 13 runs the vertical pass first when the height shrinks by more
+than twice as much as the width, and the horizontal pass first otherwise; the same order is kept
+here, because the intermediate is rounded. Only the rows and columns the crop reads are computed.
+:func:`geometry_is_exact` checks all this against torchvision on a few shapes of both pass
+orders; where it fails (another Pillow) the reference transform is used instead.
 """
 from __future__ import annotations
 
+import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
+import numba
 import numpy as np
 from PIL import Image
 from torchvision import transforms
@@ -36,17 +38,9 @@ from torchvision import transforms
 from ..console import warn_once
 from ..errors import FashionRecError
 
-# torchvision interpolation names -> Pillow filters and their support (Resample.c).
-_FILTERS = {
-    "nearest": (Image.Resampling.NEAREST, 0.0),
-    "bilinear": (Image.Resampling.BILINEAR, 1.0),
-    "bicubic": (Image.Resampling.BICUBIC, 2.0),
-    "box": (Image.Resampling.BOX, 0.5),
-    "hamming": (Image.Resampling.HAMMING, 1.0),
-    "lanczos": (Image.Resampling.LANCZOS, 3.0),
-}
-# Below this many output pixels a band's thread hand-off costs more than it saves.
-_MIN_BAND_PIXELS = 8192
+# Filters whose weights are plain arithmetic (no sin/cos, whose last bits differ between libms).
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "box": 0.5}
+_PRECISION_BITS = 22   # Pillow's PRECISION_BITS for 8-bit images
 
 
 @dataclass(frozen=True)
@@ -146,134 +140,141 @@ def resized_size(spec: Preprocessing, width: int, height: int) -> tuple[int, int
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def _used_range(in_size: int, out_size: int, support: float, first: int, last: int) -> tuple[int, int]:
-    """Input positions [lo, hi) that Pillow's filter reads for outputs ``first`` to ``last``.
+def _filter_weights(name: str, x: np.ndarray) -> np.ndarray:
+    """Pillow's ``bilinear_filter``, ``bicubic_filter`` (a = -0.5) and ``box_filter``, same operations."""
+    if name == "box":
+        return np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0)
+    x = np.abs(x)
+    if name == "bilinear":
+        return np.where(x < 1.0, 1.0 - x, 0.0)
+    near = ((1.5 * x - 2.5) * x) * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
-    Mirrors ``precompute_coeffs`` in Pillow's Resample.c, widened by one on each side so a
-    rounding difference can only cost a spare row, never a missing one.
+
+@lru_cache(maxsize=512)
+def _pass_weights(in_size: int, out_size: int, name: str, first: int, last: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, taps, weights) of outputs ``first``..``last - 1`` of one pass, as Pillow computes them.
+
+    Mirrors ``precompute_coeffs`` and ``normalize_coeffs_8bpc``: ``weights`` are the 22-bit
+    fixed-point integers (held as float64), zero beyond each output's ``taps``.
     """
-    scale = in_size / out_size
-    reach = support * max(scale, 1.0)
-    lo = int((first + 0.5) * scale - reach + 0.5)
-    hi = int((last + 0.5) * scale + reach + 0.5)
-    return max(lo - 1, 0), min(hi + 1, in_size)
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = _SUPPORT[name] * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(first, last) + 0.5) * scale
+    start = np.maximum((center - support + 0.5).astype(np.int64), 0)   # C's (int): toward zero
+    taps = np.minimum((center + support + 0.5).astype(np.int64), in_size) - start
+    offsets = np.arange(ksize)
+    used = offsets[None, :] < taps[:, None]
+    weights = np.where(used, _filter_weights(name, ((offsets[None, :] + start[:, None]).astype(np.float64)
+                                                    - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    total = np.zeros(len(center))
+    for column in range(ksize):   # left to right, as the C loop adds them
+        total = total + weights[:, column]
+    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
+    scaled = weights * float(1 << _PRECISION_BITS)
+    fixed = np.where(weights < 0, -0.5 + scaled, 0.5 + scaled).astype(np.int64)
+    return start, taps, fixed.astype(np.float64)
 
 
-def _bands(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
-    cuts = np.linspace(start, stop, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+@numba.njit(nogil=True, cache=True)
+def _resample_rows(source, start, taps, weights, column_lo, column_hi):
+    """One pass along axis 0 of ``source`` (rows x values): output row i from rows start[i]...
+
+    Sums in float64 (exact for 8-bit values times 22-bit weights), then Pillow's shift and clip.
+    """
+    n_out = start.shape[0]
+    width = column_hi - column_lo
+    out = np.empty((n_out, width), np.uint8)
+    total = np.empty(width, np.float64)
+    unit = 1.0 / (1 << _PRECISION_BITS)
+    for i in range(n_out):
+        total[:] = float(1 << (_PRECISION_BITS - 1))
+        for tap in range(taps[i]):
+            weight = weights[i, tap]
+            row = source[start[i] + tap, column_lo:column_hi]
+            for j in range(width):
+                total[j] += row[j] * weight
+        for j in range(width):
+            value = np.floor(total[j] * unit)
+            out[i, j] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
+    return out
 
 
-class GeometryRunner:
-    """Runs :func:`resize_and_crop` with up to ``threads`` bands per pass (one pool, reused)."""
+@numba.njit(nogil=True, cache=True)
+def _transposed(source, channels):
+    """(rows, columns * channels) -> (columns, rows * channels): pixels transposed, in cache-sized blocks."""
+    n_rows = source.shape[0]
+    n_columns = source.shape[1] // channels
+    out = np.empty((n_columns, n_rows * channels), np.uint8)
+    block = 32
+    for row0 in range(0, n_rows, block):
+        for column0 in range(0, n_columns, block):
+            for row in range(row0, min(row0 + block, n_rows)):
+                for column in range(column0, min(column0 + block, n_columns)):
+                    if channels == 3:   # spelled out: a loop over three channels is several times slower
+                        out[column, row * 3] = source[row, column * 3]
+                        out[column, row * 3 + 1] = source[row, column * 3 + 1]
+                        out[column, row * 3 + 2] = source[row, column * 3 + 2]
+                    else:
+                        for channel in range(channels):
+                            out[column, row * channels + channel] = source[row, column * channels + channel]
+    return out
 
-    def __init__(self, threads: int = 1):
-        self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="resize") if self.threads > 1 else None
 
-    def map(self, function, items):
-        if self._pool is None or len(items) < 2:
-            return [function(*item) for item in items]
-        return list(self._pool.map(lambda item: function(*item), items))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+def _pixels(image: Image.Image, box: tuple[int, int, int, int], transpose: bool) -> np.ndarray:
+    """The pixels of ``box`` (left, top, right, bottom) as (rows, values), transposed if asked (by Pillow, fast)."""
+    part = image.crop(box)
+    if transpose:
+        part = part.transpose(Image.Transpose.TRANSPOSE)
+    array = np.asarray(part)
+    return array.reshape(array.shape[0], -1)
 
 
-_SERIAL = GeometryRunner(1)
+def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """``spec.reference_geometry()(image)`` as uint8 (height, width[, 3]), computing only what the crop keeps.
 
-
-def resize_and_crop(image: Image.Image, spec: Preprocessing, runner: GeometryRunner = _SERIAL) -> Image.Image:
-    """``spec.reference_geometry()(image)``, pixel for pixel, computing only what the crop keeps.
-
-    Falls back to the reference steps where the shortcut does not apply (no crop, a crop
-    larger than the resized image, nearest-neighbour, modes other than RGB/L).
+    Falls back to the reference steps where the shortcut does not apply (other filters, no crop,
+    a crop larger than the resized image, modes other than RGB/L).
     """
     width, height = image.size
     new_width, new_height = resized_size(spec, width, height)
     crop_height, crop_width = spec.crop or (new_height, new_width)
-    if (spec.interpolation not in _FILTERS or spec.interpolation == "nearest" or image.mode not in ("RGB", "L")
+    if (spec.interpolation not in _SUPPORT or image.mode not in ("RGB", "L")
             or crop_height > new_height or crop_width > new_width):
-        return spec.reference_geometry()(image)
-    if (new_width, new_height) == (width, height):
-        return _center_crop(image, crop_width, crop_height)
-    resample, support = _FILTERS[spec.interpolation]
+        return np.asarray(spec.reference_geometry()(image))
+    channels = 3 if image.mode == "RGB" else 1
     top = int(round((new_height - crop_height) / 2.0))
     left = int(round((new_width - crop_width) / 2.0))
-    parts = max(1, min(runner.threads, crop_width * crop_height // _MIN_BAND_PIXELS))
+    resize_x, resize_y = new_width != width, new_height != height
+    x_start, x_taps, x_weights = (_pass_weights(width, new_width, spec.interpolation, left, left + crop_width)
+                                  if resize_x else (None, None, None))
+    y_start, y_taps, y_weights = (_pass_weights(height, new_height, spec.interpolation, top, top + crop_height)
+                                  if resize_y else (None, None, None))
+    # The input rectangle the crop reads: each pass's first and last used rows / columns.
+    x_lo, x_hi = (int(x_start[0]), int((x_start + x_taps).max())) if resize_x else (left, left + crop_width)
+    y_lo, y_hi = (int(y_start[0]), int((y_start + y_taps).max())) if resize_y else (top, top + crop_height)
     shrink_height, shrink_width = height - new_height, width - new_width
     vertical_first = shrink_height > 0 and shrink_height > shrink_width * 2   # Pillow 13's choice of pass order
-    if new_height == height:
-        return _horizontal(image, (0, height), new_width, resample, runner, parts).crop(
-            (left, top, left + crop_width, top + crop_height))
-    if new_width == width:
-        return _vertical(image, (left, left + crop_width), new_height, resample, runner, parts).crop(
-            (0, top, crop_width, top + crop_height))
-    if vertical_first:
-        columns = _used_range(width, new_width, support, left, left + crop_width - 1)
-        middle = _vertical(image, columns, new_height, resample, runner, parts, rows=(top, top + crop_height))
-        return _horizontal(_placed(middle, (width, crop_height), (columns[0], 0)), (0, crop_height), new_width,
-                           resample, runner, parts, columns=(left, left + crop_width))
-    rows = _used_range(height, new_height, support, top, top + crop_height - 1)
-    middle = _horizontal(image, rows, new_width, resample, runner, parts, columns=(left, left + crop_width))
-    return _vertical(_placed(middle, (crop_width, height), (0, rows[0])), (0, crop_width), new_height, resample,
-                     runner, parts, rows=(top, top + crop_height))
-
-
-def _center_crop(image: Image.Image, crop_width: int, crop_height: int) -> Image.Image:
-    width, height = image.size
-    top = int(round((height - crop_height) / 2.0))
-    left = int(round((width - crop_width) / 2.0))
-    return image.crop((left, top, left + crop_width, top + crop_height))
-
-
-def _placed(part: Image.Image, size: tuple[int, int], offset: tuple[int, int]) -> Image.Image:
-    """``part`` pasted at ``offset`` into an image of ``size``: the full extent a pass's coefficients need."""
-    if part.size == size:
-        return part
-    canvas = Image.new(part.mode, size)
-    canvas.paste(part, offset)
-    return canvas
-
-
-def _horizontal(image, rows, new_width, resample, runner, parts, columns=None) -> Image.Image:
-    """Horizontal pass over source rows [rows): all ``new_width`` outputs, then keep ``columns``."""
-    width = image.size[0]
-    keep = columns or (0, new_width)
-
-    def band(first, last):
-        strip = image.crop((0, first, width, last)).resize((new_width, last - first), resample)
-        return strip.crop((keep[0], 0, keep[1], last - first))
-
-    pieces = runner.map(band, _bands(rows[0], rows[1], parts))
-    return _stacked(pieces, vertical=True)
-
-
-def _vertical(image, columns, new_height, resample, runner, parts, rows=None) -> Image.Image:
-    """Vertical pass over source columns [columns): all ``new_height`` outputs, then keep ``rows``."""
-    height = image.size[1]
-    keep = rows or (0, new_height)
-
-    def band(first, last):
-        strip = image.crop((first, 0, last, height)).resize((last - first, new_height), resample)
-        return strip.crop((0, keep[0], last - first, keep[1]))
-
-    pieces = runner.map(band, _bands(columns[0], columns[1], parts))
-    return _stacked(pieces, vertical=False)
-
-
-def _stacked(pieces: list[Image.Image], vertical: bool) -> Image.Image:
-    if len(pieces) == 1:
-        return pieces[0]
-    width = pieces[0].size[0] if vertical else sum(piece.size[0] for piece in pieces)
-    height = sum(piece.size[1] for piece in pieces) if vertical else pieces[0].size[1]
-    canvas = Image.new(pieces[0].mode, (width, height))
-    offset = 0
-    for piece in pieces:
-        canvas.paste(piece, (0, offset) if vertical else (offset, 0))
-        offset += piece.size[1] if vertical else piece.size[0]
-    return canvas
+    if vertical_first and resize_x:
+        middle = _resample_rows(_pixels(image, (x_lo, y_lo, x_hi, y_hi), False), y_start - y_lo, y_taps, y_weights,
+                                0, (x_hi - x_lo) * channels)
+        columns = _resample_rows(_transposed(middle, channels), x_start - x_lo, x_taps, x_weights,
+                                 0, crop_height * channels)
+        out = _transposed(columns, channels)
+    elif resize_x:
+        columns = _resample_rows(_pixels(image, (x_lo, y_lo, x_hi, y_hi), True), x_start - x_lo, x_taps,
+                                 x_weights, 0, (y_hi - y_lo) * channels)
+        middle = _transposed(columns, channels)
+        out = (_resample_rows(middle, y_start - y_lo, y_taps, y_weights, 0, crop_width * channels) if resize_y
+               else middle)
+    else:
+        rows = _pixels(image, (x_lo, y_lo, x_hi, y_hi), False)
+        out = _resample_rows(rows, y_start - y_lo, y_taps, y_weights, 0, crop_width * channels) if resize_y else rows
+    return out.reshape((crop_height, crop_width, 3) if channels == 3 else (crop_height, crop_width))
 
 
 # Shapes that exercise both of Pillow's pass orders, upscaling, one-axis resizes and odd sizes.
@@ -282,7 +283,7 @@ _checked: dict[Preprocessing, bool] = {}
 _checked_lock = threading.Lock()
 
 
-def geometry_is_exact(spec: Preprocessing, runner: GeometryRunner = _SERIAL) -> bool:
+def geometry_is_exact(spec: Preprocessing) -> bool:
     """Whether :func:`resize_and_crop` equals the reference on seeded images of ``_CHECK_SHAPES``.
 
     Checked once per process and preprocessing; False (with a warning) means this Pillow
@@ -295,7 +296,7 @@ def geometry_is_exact(spec: Preprocessing, runner: GeometryRunner = _SERIAL) -> 
             exact = True
             for width, height in _CHECK_SHAPES:
                 image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-                if not np.array_equal(np.asarray(resize_and_crop(image, spec, runner)), np.asarray(reference(image))):
+                if not np.array_equal(resize_and_crop(image, spec), np.asarray(reference(image))):
                     exact = False
                     warn_once(f"the fast resize differs from torchvision's on {width}x{height} images with this "
                               f"Pillow; single queries use the reference resize ({spec.interpolation})")
@@ -304,10 +305,8 @@ def geometry_is_exact(spec: Preprocessing, runner: GeometryRunner = _SERIAL) -> 
         return _checked[spec]
 
 
-def crop_pixels(image: Image.Image, spec: Preprocessing, runner: GeometryRunner = _SERIAL,
-                exact_shortcut: bool = True) -> np.ndarray:
+def crop_pixels(image: Image.Image, spec: Preprocessing, exact_shortcut: bool = True) -> np.ndarray:
     """The network's input as uint8 (height, width, 3): the geometry of ``spec``, no float step."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    geometry = resize_and_crop(image, spec, runner) if exact_shortcut else spec.reference_geometry()(image)
-    return np.asarray(geometry)
+    return resize_and_crop(image, spec) if exact_shortcut else np.asarray(spec.reference_geometry()(image))

@@ -29,9 +29,8 @@ from PIL import Image
 from ..data.images import ensure_rgb, load_image, open_image_bytes
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone
-from ..models.preprocess import GeometryRunner, Preprocessing, crop_pixels, geometry_is_exact
+from ..models.preprocess import Preprocessing, crop_pixels, geometry_is_exact
 from ..models.query_model import query_session, run_query_model
-from ..models.runtime import available_threads
 
 
 def decode_query(image, draft_size: int | None = None) -> Image.Image:
@@ -62,17 +61,15 @@ class OnnxEncoder:
 
     path = "onnx-uint8"
 
-    def __init__(self, spec: Preprocessing, session, runner: GeometryRunner):
+    def __init__(self, spec: Preprocessing, session):
         self.spec = spec
         self.session = session
-        self.runner = runner
-        self.exact_shortcut = geometry_is_exact(spec, runner)
+        self.exact_shortcut = geometry_is_exact(spec)
 
     @classmethod
     def from_file(cls, model_path: Path, spec: Preprocessing, threads: int | None = None,
                   spinning: bool = False) -> "OnnxEncoder":
-        runner = GeometryRunner(threads or available_threads())
-        return cls(spec, query_session(model_path, threads, spinning), runner)
+        return cls(spec, query_session(model_path, threads, spinning))
 
     @property
     def draft_size(self) -> int | None:
@@ -80,7 +77,7 @@ class OnnxEncoder:
 
     def encode(self, image: Image.Image) -> tuple[np.ndarray, dict]:
         started = time.perf_counter()
-        pixels = crop_pixels(image, self.spec, self.runner, self.exact_shortcut)
+        pixels = crop_pixels(image, self.spec, self.exact_shortcut)
         prepared = time.perf_counter()
         vector = run_query_model(self.session, pixels)
         done = time.perf_counter()
@@ -88,7 +85,7 @@ class OnnxEncoder:
 
     def with_spec(self, spec: Preprocessing) -> "OnnxEncoder":
         """The same network and threads seeing another view of the image."""
-        return OnnxEncoder(spec, self.session, self.runner)
+        return OnnxEncoder(spec, self.session)
 
 
 class TorchEncoder:
