@@ -6,9 +6,11 @@ import os
 import zlib
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from fashionrec import config
@@ -137,3 +139,21 @@ def clothing_photos():
     catalog = load_clothing(CLOTHING_DIR, progress=False).catalog
     sample = catalog.sample(n=404, random_state=0).reset_index(drop=True)
     return sample.iloc[:400].reset_index(drop=True), sample["path"].iloc[400:].tolist()
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss on one thread for a test module: results that do not depend on the thread count."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for a test: training that does not depend on the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

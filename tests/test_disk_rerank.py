@@ -28,15 +28,9 @@ from fashionrec.indexing.faiss_index import (DISK_REFINE_K_FACTOR, METRICS, buil
 from fashionrec.indexing.measure import benchmark_index, recall_vs_exact, search_param_grid
 from test_index import blobs
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 SPEC = "PCAU32,IVF{nlist},PQ8,RDisk"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

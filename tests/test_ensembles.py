@@ -24,16 +24,10 @@ from fashionrec.settings import InferenceSettings
 from fashionrec.training.finetune import head_payload
 from fashionrec.training.heads import HeadConfig, fit_head
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EAGER = InferenceSettings(batch_size=8, workers=0, progress=False, runtime="eager")
 LITE_AND_HIST = "ensemble:colorhist,efficientnet_lite0"
-
-
-@pytest.fixture(autouse=True)
-def few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -24,16 +24,10 @@ from fashionrec.training.heads import (LOSSES, HeadConfig, fit_head, leave_one_o
 from fashionrec.models.registry import get_backbone
 from fashionrec.errors import WeightsUnavailable
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = HeadConfig(hidden_dim=64, out_dim=32, epochs=40, patience=8, batch_size=64, k=10,
                             classifier_c=(0.1,))
-
-
-@pytest.fixture(autouse=True)
-def few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def clusters(n_per_class=60, n_classes=6, dim=48, seed=0):

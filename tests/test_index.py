@@ -20,6 +20,8 @@ from fashionrec.indexing.faiss_index import (METRICS, SCALE_FACTORIES, SPINE_FAC
                                              save_index, search, train_coarse_centroids)
 from fashionrec.indexing.measure import benchmark_index, recall_vs_exact, search_param_grid, tune_search_params
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 
 def blobs(n: int, d: int, seed: int, clusters: int = 20, rank: int = 8) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -28,14 +30,6 @@ def blobs(n: int, d: int, seed: int, clusters: int = 20, rank: int = 8) -> np.nd
     labels = rng.integers(0, clusters, n)
     spread = np.einsum("nr,nrd->nd", rng.normal(0, 1, (n, rank)), basis[labels])
     return (centres[labels] + spread + rng.normal(0, 0.3, (n, d))).astype(np.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

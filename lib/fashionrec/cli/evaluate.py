@@ -117,12 +117,7 @@ def _run_finetuned(args, prepared, settings, store) -> int:
     print(f"  category accuracy {record['category_accuracy']:.4f}, macro F1 {record['macro_f1']:.4f}; "
           f"trained in {record['train_seconds']:.1f} s{' (reused cached model)' if tuned['reused_cached_model'] else ''}")
     print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
-    if "cost" in record:
-        measured = record["cost"]["measured"]
-        costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
-                          f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
-        print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
-              f"{measured['load_average_1min'][0]}): {costs}")
+    _print_cost(record)
     return 0
 
 
@@ -164,10 +159,14 @@ def _run_searched(args, prepared, settings, store) -> int:
     print(f"  category accuracy {record['category_accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
           f"macro F1 {record['macro_f1']:.4f}")
     print(f"  model: {tuned['model_file']}  (backbone name {tuned['finetuned_backbone']})")
+    _print_cost(record)
+    return 0
+
+
+def _print_cost(record: dict) -> None:
     if "cost" in record:
         measured = record["cost"]["measured"]
         costs = ", ".join(f"{row['model']} {row['images_per_second']:.1f} images/s ({row['dim']}-d, "
                           f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
         print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
               f"{measured['load_average_1min'][0]}): {costs}")
-    return 0

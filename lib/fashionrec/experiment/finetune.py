@@ -118,13 +118,8 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
                             predicted[query], k, prepared.split_seed)
     paired = metrics.paired_bootstrap(evaluation.per_query["precision_at_k"], baseline.per_query["precision_at_k"],
                                       seed=prepared.split_seed)
-    measured = plain_values({
-        "precision_at_k": evaluation.summary["precision_at_k"],
-        "baseline_precision_at_k": baseline.summary["precision_at_k"],
-        "category_accuracy": classification["accuracy"], "macro_f1": classification["macro_f1"],
-        "k": k, "index": index, "metric": metric, "split_seed": prepared.split_seed,
-        "dataset_fingerprint": dataset_fingerprint(metadata),
-    })
+    measured = measured_on_queries(evaluation, baseline, classification, k, index, metric, prepared.split_seed,
+                                   metadata)
     if trained is not None or payload.get("metrics") != measured:
         payload["metrics"] = measured
         save_model(payload, cached)
@@ -136,6 +131,18 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
                                  classification, baseline, paired, aware, prepared.split_seed)}
     return FinetunedEvaluation(record, Path(model_path or cached), payload, evaluation, baseline, vectors, frozen,
                                metadata, classification, aware, predicted, embeddings, trained)
+
+
+def measured_on_queries(evaluation: Evaluation, baseline: Evaluation, classification: dict, k: int, index: str,
+                        metric: str, split_seed: int, metadata: pd.DataFrame) -> dict:
+    """What a model file records of its scores on the queries, and of how they were measured."""
+    return plain_values({
+        "precision_at_k": evaluation.summary["precision_at_k"],
+        "baseline_precision_at_k": baseline.summary["precision_at_k"],
+        "category_accuracy": classification["accuracy"], "macro_f1": classification["macro_f1"],
+        "k": k, "index": index, "metric": metric, "split_seed": split_seed,
+        "dataset_fingerprint": dataset_fingerprint(metadata),
+    })
 
 
 def _multi_view(prepared, base: Backbone, metadata: pd.DataFrame, frozen: np.ndarray, cfg: FinetuneConfig,

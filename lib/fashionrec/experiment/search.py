@@ -44,7 +44,7 @@ from ..training.heads import HeadConfig
 from ..training.search import SearchConfig, SearchOutcome, refit_chosen, search_models
 from ..training.trunk import _digest
 from .evaluate import PreparedData, embed_with, evaluation_record
-from .finetune import FinetunedEvaluation, evaluate_finetuned
+from .finetune import FinetunedEvaluation, evaluate_finetuned, measured_on_queries
 
 # Part of the model cache key: bump when the search changes, so no stale choice is reused.
 SEARCH_VERSION = 1
@@ -333,13 +333,8 @@ def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | 
     classification["classifier"] = {"model": "logistic regression", "features": payload["classifier_backbone"],
                                     "C": classifier.c}
 
-    measured = plain_values({
-        "precision_at_k": evaluation.summary["precision_at_k"],
-        "baseline_precision_at_k": baseline.summary["precision_at_k"],
-        "category_accuracy": classification["accuracy"], "macro_f1": classification["macro_f1"],
-        "k": k, "index": index, "metric": metric, "split_seed": prepared.split_seed,
-        "dataset_fingerprint": dataset_fingerprint(metadata),
-    })
+    measured = measured_on_queries(evaluation, baseline, classification, k, index, metric, prepared.split_seed,
+                                   metadata)
     if payload.get("metrics") != measured:
         payload["metrics"] = measured
         save_model(payload, cached)
