@@ -11,7 +11,9 @@ notebook is kept there with its error, and the run stops naming the notebook and
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,29 @@ from ..models.registry import BACKBONE_MODULES_ENV, check_backbone_name, load_ba
 from .params import BY_NAME, resolve_params
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
+
+
+def unix_socket_kernel_manager() -> type:
+    """A kernel manager whose kernels listen on Unix sockets in a private folder, removed with them.
+
+    Nothing listens on a TCP port, so ipykernel has no unencrypted transport to warn about (it
+    warns once per notebook over TCP).
+    """
+    from jupyter_client.manager import AsyncKernelManager   # imported with papermill, only by a run
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self._socket_dir = tempfile.mkdtemp(prefix="fashionrec-kernel-")
+            self.ip = os.path.join(self._socket_dir, "kernel")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart)
+            if not restart:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    return UnixSocketKernelManager
 
 
 def read_params(path) -> dict:
@@ -84,6 +109,7 @@ def run_pipeline(params_path, run_name: str | None = None) -> int:
         ensure_dataset(params["dataset"])   # fetches what this parameter file needs, and only that
     os.environ[HEADLESS_ENV] = "1"   # the kernels inherit it: no progress bars in executed notebooks
     unused = {name for name in written if BY_NAME[name].notebooks != ("pipeline",)}
+    kernel_manager = unix_socket_kernel_manager()
     for notebook in notebooks:
         declared = papermill.inspect_notebook(str(notebook))
         undeclared = set(declared) - set(params)
@@ -96,6 +122,7 @@ def run_pipeline(params_path, run_name: str | None = None) -> int:
             papermill.execute_notebook(
                 str(notebook), str(out_dir / notebook.name), parameters=given,
                 cwd=str(NOTEBOOK_DIR), progress_bar=False, log_output=False, kernel_name="python3",
+                kernel_manager_class=kernel_manager,
             )
         except PapermillExecutionError as error:
             print(f"[pipeline] FAILED in {notebook.name}, cell {error.exec_count} ({error.ename}: {error.evalue}); "
