@@ -173,7 +173,8 @@ def test_the_sweep_suggests_a_weight_on_validation_and_writes_the_report(colour_
     out = config.RESULTS_DIR / "look"
     report = (out / "report.md").read_text()
     assert "## Colour weight: category P@10 against P@10 by label, colour" in report
-    assert "![colour sweep](figures/colour_sweep.png)" in report and (out / "figures" / "colour_sweep.png").stat().st_size
+    assert "![colour sweep](figures/colour_sweep.png)" in report
+    assert (out / "figures" / "colour_sweep.png").stat().st_size > 0
     assert json.loads((out / "colour_sweep.json").read_text())["suggested"] == suggested
 
 
@@ -261,3 +262,24 @@ def test_the_app_slider_ranks_by_colour(colour_index, monkeypatch):
     assert not at.exception and not at.error
     looked = [image.captions for image in at.image]
     assert looked != plain and any("product-colour similarity" in caption.value for caption in at.caption)
+
+
+@pytest.mark.integration
+def test_updates_keep_the_colour_descriptors_aligned_with_the_items(colour_index, tmp_path):
+    import shutil
+
+    outdir, query, _ = colour_index
+    copy = tmp_path / "copy"
+    shutil.copytree(outdir, copy)
+    recommender = Recommender.load(copy, InferenceSettings(progress=False, workers=0))
+    blue = product_photo(tmp_path / "new-blue-dress.jpg", "dress", "blue", "white", seed=7)
+    removed = recommender.ids[:3]
+    recommender.add([str(blue)], ["dress"], ids=["new-blue-dress"])
+    recommender.remove(removed)
+    recommender.save()
+    reloaded = Recommender.load(copy, InferenceSettings(progress=False))
+    assert len(np.load(current_version(copy) / COLOUR_FILE)) == len(reloaded.catalog) == 144 - 3 + 1
+    # Colour only: the new blue dress is the nearest item to itself, from its stored descriptor.
+    assert reloaded.similar_to("new-blue-dress", k=2, colour_weight=1.0).results[0].id == "new-blue-dress"
+    nearest = reloaded.recommend(blue, k=1, colour_weight=1.0).results[0]
+    assert nearest.id == "new-blue-dress" and nearest.score == pytest.approx(1.0, abs=2e-3)

@@ -282,7 +282,8 @@ def n_relevant_from_labels(query_labels: ArrayLike, gallery_labels: ArrayLike) -
 MISSING_KEY = -1
 
 
-def attribute_keys(queries: pd.DataFrame, gallery: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def attribute_keys(queries: pd.DataFrame, gallery: pd.DataFrame,
+                   columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """One integer key per query and per gallery row: equal keys = equal values in every one of ``columns``.
 
     A row with a missing value (NaN, None or an empty string) in any of ``columns`` gets

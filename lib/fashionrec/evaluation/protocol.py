@@ -182,9 +182,9 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "n_gallery": int(len(gallery)),
         "n_categories": int(len(np.unique(query_labels))),
         **({"category_ranking": ranking} if ranking else {}),
-        **({"colour_weight": float(colour_weight), "colour_fusion": "exact (weighted concatenation, Flat)" if exact_fusion else
-            f"re-ranked: the network index's {n_searched} nearest, re-scored with the fused score"}
-           if fused else {}),
+        **({"colour_weight": float(colour_weight),
+            "colour_fusion": "exact (weighted concatenation, Flat)" if exact_fusion else
+            f"re-ranked: the network index's {n_searched} nearest, re-scored with the fused score"} if fused else {}),
     }
     return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query),
                       relevance, category_precision, missing)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..data.split import validation_split
 from ..errors import FashionRecError
+from ..evaluation import metrics
 from ..evaluation.protocol import evaluate_embeddings
 from ..features.colour import check_colour_weight
 from ..settings import InferenceSettings, StoreSettings
@@ -44,6 +45,12 @@ def json_rows(table: pd.DataFrame) -> list[dict]:
     for row in table.to_dict(orient="records"):
         rows.append({key: (list(value) if isinstance(value, tuple) else value) for key, value in row.items()})
     return rows
+
+
+def _paired(values, reference, seed: int) -> dict:
+    change = metrics.paired_bootstrap(values, reference, seed=seed)
+    return {"diff": round(float(change["diff"]), 6), "low": round(float(change["low"]), 6),
+            "high": round(float(change["high"]), 6), "significant": bool(change["significant"])}
 
 
 def parse_colour_weights(text: str) -> list[float]:
@@ -76,12 +83,14 @@ def colour_sweep(prepared: PreparedData, backbone: str, weights, k: int = 10, in
     val_split = np.where(is_val, _VAL_QUERY, _VAL_GALLERY)
     val_meta = metadata.iloc[train].assign(split=val_split).reset_index(drop=True)
     eval_meta = metadata[evaluated].reset_index(drop=True)
-    rows = []
+    rows, first = [], None
     for weight in weights:
         common = dict(k=k, index=index, metric="cosine", search_params=search_params, seed=prepared.split_seed,
                       store=store, relevance=relevance, colour_weight=weight)
-        on_queries = evaluate_embeddings(embeddings.vectors[evaluated], eval_meta, colour_vectors=colour[evaluated],
-                                         **common).to_record(bootstrap_seed=prepared.split_seed)
+        evaluation = evaluate_embeddings(embeddings.vectors[evaluated], eval_meta, colour_vectors=colour[evaluated],
+                                         **common)
+        on_queries = evaluation.to_record(bootstrap_seed=prepared.split_seed)
+        first = first or evaluation
         on_validation = evaluate_embeddings(embeddings.vectors[train], val_meta, colour_vectors=colour[train],
                                             query_split=_VAL_QUERY, gallery_split=_VAL_GALLERY,
                                             **{**common, "k": min(k, len(train) - int(is_val.sum()))})
@@ -91,6 +100,11 @@ def colour_sweep(prepared: PreparedData, backbone: str, weights, k: int = 10, in
                      "category_precision_at_k": on_queries["category_precision_at_k"],
                      "category_precision_at_k_ci": on_queries["category_precision_at_k_ci"],
                      "map_at_k": on_queries["map_at_k"], "map_at_k_ci": on_queries["map_at_k_ci"],
+                     # Paired over the same queries against the smallest weight (usually 0: the network alone).
+                     "precision_at_k_change": _paired(evaluation.per_query["precision_at_k"],
+                                                      first.per_query["precision_at_k"], prepared.split_seed),
+                     "category_precision_at_k_change": _paired(evaluation.category_precision, first.category_precision,
+                                                               prepared.split_seed),
                      "validation_precision_at_k": round(float(on_validation.summary["precision_at_k"]), 6),
                      "validation_category_precision_at_k":
                          round(float(np.mean(on_validation.category_precision)), 6)})

@@ -99,10 +99,12 @@ def border_and_centre(height: int, width: int, device=None) -> tuple[torch.Tenso
     return border.flatten(), (prior * ~border).flatten()
 
 
-def foreground_weights(lab: torch.Tensor) -> torch.Tensor:
-    """Per-pixel product weight (B, H*W): foreground probability from the border/centre colour models x centre prior."""
+def foreground_weights(lab: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-pixel product weight (B, H*W): foreground probability from the border/centre colour models x centre prior.
+
+    ``indices``, ``weights``: the pixels' soft bins, :func:`soft_bins` of ``lab``.
+    """
     batch, _, height, width = lab.shape
-    indices, weights = soft_bins(lab)
     border, prior = border_and_centre(height, width, lab.device)
     background = _histogram(indices, weights, border.to(lab.dtype).expand(batch, -1))
     centre = _histogram(indices, weights, prior.to(lab.dtype).expand(batch, -1))
@@ -128,6 +130,5 @@ class ProductColour(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         lab = rgb_to_lab(images)
-        pixel_weights = foreground_weights(lab)
         indices, weights = soft_bins(lab)
-        return _histogram(indices, weights, pixel_weights).sqrt()
+        return _histogram(indices, weights, foreground_weights(lab, indices, weights)).sqrt()

@@ -245,7 +245,7 @@ def colour_tradeoff(rows: list[dict], relevance: list[str], k: int, suggested: f
         chosen = suggested is not None and row["colour_weight"] == suggested
         axis.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]], fmt="o",
                       color=RIGHT if chosen else "#4575b4", capsize=3)
-        axis.annotate(f"w={row['colour_weight']:g}" + (" (validation)" if chosen else ""), (x, y),
+        axis.annotate(f"w={row['colour_weight']:g}" + (" (suggested on validation)" if chosen else ""), (x, y),
                       textcoords="offset points", xytext=(6, 4), fontsize=8)
     axis.plot([row["category_precision_at_k"] for row in rows], [row["precision_at_k"] for row in rows],
               color="#999999", linewidth=0.8, zorder=0)

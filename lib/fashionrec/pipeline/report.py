@@ -13,8 +13,7 @@ import pandas as pd
 
 from .. import config
 from ..data.ledger import describe_counts
-from . import plots
-from .stages import small_gallery_caveat, write_json
+from .stages import COLOUR_SWEEP_FIGURE, COLOUR_SWEEP_FILE, small_gallery_caveat, write_colour_sweep_files
 
 PRIMARY_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k", "hit_rate_at_k", "recall_at_k")
 
@@ -267,10 +266,6 @@ def verdict_lines(winners: pd.DataFrame, value_format: str = ".3f") -> list[str]
     return lines
 
 
-COLOUR_SWEEP_FILE = "colour_sweep.json"
-COLOUR_SWEEP_FIGURE = "colour_sweep.png"
-
-
 def colour_sweep_text(record: dict) -> str:
     """The sweep as a markdown table (values with 95% intervals) and the validation suggestion."""
     protocol, suggested = record["protocol"], record["suggested"]
@@ -280,6 +275,8 @@ def colour_sweep_text(record: dict) -> str:
         f"P@{k} ({relevance}) [95% CI]": _interval_text(row["precision_at_k"], *row["precision_at_k_ci"]),
         f"category P@{k} [95% CI]": _interval_text(row["category_precision_at_k"],
                                                    *row["category_precision_at_k_ci"]),
+        f"change vs w={record['rows'][0]['colour_weight']:g}: P@{k} / category P@{k} (paired 95% CI)":
+            f"{_signed_interval(row['precision_at_k_change'])} / {_signed_interval(row['category_precision_at_k_change'])}",
         f"validation P@{k} ({relevance})": f"{row['validation_precision_at_k']:.3f}",
         f"validation category P@{k}": f"{row['validation_category_precision_at_k']:.3f}",
     } for row in record["rows"]])
@@ -312,10 +309,7 @@ def write_colour_sweep(run_name: str, record: dict) -> Path:
     """
     out = config.RESULTS_DIR / run_name
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / COLOUR_SWEEP_FILE, record)
-    figure = plots.colour_tradeoff(record["rows"], record["protocol"]["relevance"], record["protocol"]["k"],
-                                   record["suggested"]["colour_weight"], path=out / "figures" / COLOUR_SWEEP_FIGURE)
-    plots.plt.close(figure)
+    write_colour_sweep_files(out, record)
     if (out / "metrics.json").exists():
         return write_report(run_name)
     protocol = record["protocol"]

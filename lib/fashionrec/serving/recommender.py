@@ -47,8 +47,8 @@ from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder,
-                    item_counts, package_versions, write_version_files)
+from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
+                    build_index_folder, item_counts, package_versions, write_version_files)
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
 from .milvus import MilvusServingStore, drop_unreferenced_collections
@@ -249,7 +249,8 @@ class Recommender:
                 "index": info["index"]["factory"],
                 "search_params": info["index"]["search_params"], "metric": info["metric"],
                 "dataset": info["dataset"].get("name"), "n_items": len(self), "categories": self.categories,
-                "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier}
+                "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
+                "colour": self.has_colour}
 
     # --- queries ------------------------------------------------------------------------------------
 
