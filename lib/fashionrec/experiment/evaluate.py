@@ -74,9 +74,9 @@ class PreparedData:
         available = self.attribute_columns()
         for column in columns:
             if column not in available:
-                raise FashionRecError(f"--relevance: column {column!r} is not in the {self.dataset} catalog; "
-                                      f"available: {', '.join(available)} (attribute columns come from "
-                                      "catalog.csv, --dataset catalog)")
+                raise FashionRecError(f"--relevance: column {column!r} is not in the catalog ({self.dataset} at "
+                                      f"{self.root}); available: {', '.join(available)} (attribute columns come "
+                                      "from catalog.csv, --dataset catalog)")
         return columns
 
     def check_k(self, k: int) -> None:
