@@ -283,3 +283,23 @@ def test_updates_keep_the_colour_descriptors_aligned_with_the_items(colour_index
     assert reloaded.similar_to("new-blue-dress", k=2, colour_weight=1.0).results[0].id == "new-blue-dress"
     nearest = reloaded.recommend(blue, k=1, colour_weight=1.0).results[0]
     assert nearest.id == "new-blue-dress" and nearest.score == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.integration
+def test_the_pipeline_stages_take_relevance_and_colour_weights_into_the_report(colour_catalog):
+    from fashionrec.pipeline.report import write_report
+    from fashionrec.pipeline.stages import stage_colour_sweep, stage_embed, stage_evaluate, stage_prepare
+
+    settings = InferenceSettings(progress=False, workers=0)
+    stage_prepare("look-run", "catalog", colour_catalog, k=10, progress=False)
+    stage_embed("look-run", ["efficientnet_lite0"], settings=settings)
+    table, _ = stage_evaluate("look-run", ["Flat"], k=10, relevance=["label", "colour"])
+    assert table["relevance"].iloc[0] == ["label", "colour"]
+    assert table["precision_at_k"].iloc[0] < table["category_precision_at_k"].iloc[0]
+    assert stage_colour_sweep("look-run", [], k=10) is None
+    record = stage_colour_sweep("look-run", [0, 0.5], k=10, relevance=["label", "colour"], settings=settings)
+    assert record["rows"][1]["precision_at_k"] > record["rows"][0]["precision_at_k"]
+    report = write_report("look-run").read_text()
+    assert "## Colour weight: category P@10 against P@10 by label, colour" in report
+    with pytest.raises(Exception, match="'fabric'"):
+        stage_evaluate("look-run", ["Flat"], k=10, relevance=["label", "fabric"])
