@@ -159,6 +159,20 @@ def test_colour_weight_raises_colour_precision_and_weight_zero_is_todays_ranking
 
 
 @pytest.mark.integration
+def test_a_fine_tuned_model_takes_the_colour_weight_and_so_does_its_frozen_baseline(colour_catalog, capsys):
+    tuned = ["--finetune", "--epochs", "5", "--loss", "norm_softmax", "--relevance", "label,colour"]
+    plain = _evaluate(capsys, colour_catalog, *tuned)
+    fused = _evaluate(capsys, colour_catalog, *tuned, "--colour-weight", "0.5")
+    assert plain["finetune"]["loss"] == fused["finetune"]["loss"] == "norm_softmax"
+    assert fused["finetune"]["reused_cached_model"] is True    # the weight changes the ranking, not the training
+    assert fused["colour_weight"] == 0.5 and fused["baseline"]["colour_weight"] == 0.5
+    assert fused["precision_at_k"] > plain["precision_at_k"] + 0.05
+    assert fused["category_precision_at_k"] < plain["category_precision_at_k"]
+    frozen_fused = _evaluate(capsys, colour_catalog, "--relevance", "label,colour", "--colour-weight", "0.5")
+    assert fused["baseline_precision_at_k"] == frozen_fused["precision_at_k"]
+
+
+@pytest.mark.integration
 def test_the_sweep_suggests_a_weight_on_validation_and_writes_the_report(colour_catalog, capsys):
     record = _evaluate(capsys, colour_catalog, "--relevance", "label,colour", "--colour-weights", "0,0.5,1",
                        "--run", "look")
