@@ -133,10 +133,13 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
         "category_accuracy": classification["accuracy"], "macro_f1": classification["macro_f1"],
         "k": k, "index": index, "metric": metric, "split_seed": prepared.split_seed,
         "dataset_fingerprint": dataset_fingerprint(metadata),
-        **({"relevance": list(relevance), "colour_weight": colour_weight}
-           if colour_weight or relevance != ("label",) else {}),
     })
-    if trained is not None or payload.get("metrics") != measured:
+    # The model file keeps the protocol of record's numbers: a colour weight or another relevance re-ranks or
+    # re-judges, it does not change what the model measured (a model just trained records it all the same).
+    of_record = not colour_weight and relevance == ("label",)
+    if trained is not None and not of_record:
+        measured = {**measured, "relevance": list(relevance), "colour_weight": colour_weight}
+    if trained is not None or (of_record and payload.get("metrics") != measured):
         payload["metrics"] = measured
         save_model(payload, cached)
     if model_path is not None and Path(model_path).resolve() != cached.resolve():
