@@ -68,18 +68,25 @@ def more_like_this(item_id: str) -> None:
     set_query(kind="item", id=item_id)
 
 
-def sidebar(recommender: Recommender) -> tuple[int, str | None]:
+def sidebar(recommender: Recommender) -> tuple[int, str | None, float]:
     described = recommender.describe()
     with st.sidebar:
         st.header("Search")
         k = st.slider("Results", min_value=1, max_value=24, value=8, key="k")
         choice = st.selectbox("Category", ["All categories", *described["categories"]], key="category")
+        colour_weight = st.slider(
+            "Colour weight", min_value=0.0, max_value=1.0, value=0.0, step=0.05, key="colour_weight",
+            disabled=not recommender.has_colour or described["metric"] != "cosine",
+            help="0: shape and style as the network sees them; 1: the product's colour only (its background "
+                 "discounted). Between: (1 - w) x network + w x colour similarity."
+                 + ("" if recommender.has_colour else " This index folder has no colour descriptors: rebuild it "
+                                                      "with `python -m fashionrec index` to use it."))
         st.header("Index")
         st.markdown(f"**{described['n_items']:,}** items of *{described['dataset'] or 'a catalog'}*  \n"
                     f"backbone `{described['backbone']}` ({described['runtime']})  \n"
                     f"index `{described['index']}` {described['search_params']} · {described['metric']}  \n"
                     f"`{described['out']}` ({described['version']})")
-    return k, None if choice == "All categories" else choice
+    return k, None if choice == "All categories" else choice, colour_weight
 
 
 def query_inputs(recommender: Recommender) -> None:
@@ -102,16 +109,17 @@ def query_inputs(recommender: Recommender) -> None:
         set_query(kind="item", id=item_id.strip())
 
 
-def run_query(recommender: Recommender, query: dict, k: int, category: str | None):
+def run_query(recommender: Recommender, query: dict, k: int, category: str | None, colour_weight: float = 0.0):
     """(answer, the query's picture, its caption); an unusable query is shown as an error and gives None."""
     try:
         if query["kind"] == "photo":
-            answer = recommender.recommend(query["data"], k=k, category=category)
+            answer = recommender.recommend(query["data"], k=k, category=category, colour_weight=colour_weight)
             picture = decode_query(query["data"])
             picture.thumbnail((640, 640))
             return answer, picture, query["name"]
         item = recommender.item(query["id"])
-        return recommender.similar_to(query["id"], k=k, category=category), thumbnail(item.path), \
+        return recommender.similar_to(query["id"], k=k, category=category, colour_weight=colour_weight), \
+            thumbnail(item.path), \
             f"{item.label} · {item.id}"
     except ImageError as error:
         st.error(f"**{query.get('name', 'upload')}** cannot be used: {error.reason}. Try another photo (JPEG, PNG, "
@@ -158,14 +166,14 @@ def main() -> None:
         st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
-    k, category = sidebar(recommender)
+    k, category, colour_weight = sidebar(recommender)
     left, right = st.columns([1, 3], gap="large")
     with left:
         query_inputs(recommender)
         query = st.session_state.get("query")
         answer = None
         if query is not None:
-            answer, picture, caption = run_query(recommender, query, k, category)
+            answer, picture, caption = run_query(recommender, query, k, category, colour_weight)
             if answer is not None:
                 st.image(picture, caption=f"Query: {caption}", width="stretch")
                 if answer.predicted_category is not None:
@@ -174,7 +182,9 @@ def main() -> None:
     with right:
         if answer is not None:
             st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else ""))
-            st.caption(f"Score: {recommender.describe()['metric']} similarity of the embeddings, higher is closer.")
+            st.caption(f"Score: {recommender.describe()['metric']} similarity of the embeddings, higher is closer"
+                       + (f"; {1 - colour_weight:.2f} x that + {colour_weight:.2f} x product-colour similarity."
+                          if colour_weight > 0 else "."))
             show_results(answer, category)
         elif query is None:
             st.info("Upload a photo, take one, or pick a catalog item to see the most similar products.")

@@ -19,15 +19,17 @@ indexes = ["Flat", "HNSW32", "IVF{nlist},Flat", "IVF{nlist},PQ{m}", "OPQ{m},IVF{
 k = 10
 metric = "cosine"
 n_grid_queries = 6
+relevance = ["label"]
+colour_weights = []
 
 # %%
 from fashionrec.pipeline import plots
 from fashionrec.evaluation.analysis import hardest_queries
 from fashionrec.evaluation.metrics import retrieval_confusion
-from fashionrec.pipeline.report import verdict_lines
-from fashionrec.pipeline.stages import METRIC_COLUMNS, run_dir, stage_compare, stage_evaluate
+from fashionrec.pipeline.report import colour_sweep_text, verdict_lines
+from fashionrec.pipeline.stages import METRIC_COLUMNS, run_dir, stage_colour_sweep, stage_compare, stage_evaluate
 
-table, evaluations = stage_evaluate(run_name, indexes, k=k, metric=metric)
+table, evaluations = stage_evaluate(run_name, indexes, k=k, metric=metric, relevance=relevance)
 out = run_dir(run_name)
 primary = indexes[0]
 
@@ -101,3 +103,13 @@ for (backbone, index), evaluation in evaluations.items():
                                   path=out / "figures" / f"grid_{backbone}.png")
         plots.recommendation_grid(evaluation, hardest_queries(evaluation, n_grid_queries),
                                   title=f"{backbone} · hardest queries", path=out / "figures" / f"hardest_{backbone}.png")
+
+# %% [markdown]
+# Look, not only category (`colour_weights`, docs/look.md): each weight w ranks by
+# (1 - w) x network + w x product-colour similarity; category P@k against P@k by `relevance`,
+# and the w that validation (part of the train split) suggests. Nothing runs when the list is empty.
+
+# %%
+sweep = stage_colour_sweep(run_name, colour_weights, k=k, relevance=relevance)
+if sweep is not None:
+    print(colour_sweep_text(sweep))

@@ -57,7 +57,8 @@ def test_index_writes_a_folder_and_reports_it(built, capsys):
     assert info["preprocessing"]["query"]["crop"] == [224, 224] and "Resize" in info["preprocessing"]["transform"]
     assert info["query_model"]["check"]["max_relative_difference"] <= 1e-4
     assert sorted(p.name for p in (built / "v000001").iterdir()) == [
-        "build.json", "embeddings.npy", "ids.parquet", "index.faiss", "index.faiss.json", "query.onnx"]
+        "build.json", "colour.npy", "embeddings.npy", "ids.parquet", "index.faiss", "index.faiss.json", "query.onnx"]
+    assert info["colour"]["backbone"] == "product_colour" and info["colour"]["dim"] == 324
     items = pd.read_parquet(built / "v000001" / "ids.parquet")
     assert list(items.columns) == ["id", "path", "label", "digest", "deleted"]
 

@@ -93,9 +93,19 @@ def inference_settings(args) -> InferenceSettings:
 
 
 def print_metrics(record: dict) -> None:
+    relevance = record.get("relevance", ["label"])
+    if relevance != ["label"]:
+        missing = record.get("relevance_missing", {})
+        print(f"  relevance: same {', '.join(relevance)} ({missing.get('queries', 0)} queries and "
+              f"{missing.get('gallery', 0)} gallery items lack a value: never relevant)")
+    if record.get("colour_weight"):
+        print(f"  colour weight {record['colour_weight']:g}: {record['colour_fusion']}")
     for name in ("precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", "hit_rate_at_1"):
         low, high = record[f"{name}_ci"]
         print(f"  {name:<15} {record[name]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+    if relevance != ["label"] and "category_precision_at_k" in record:
+        low, high = record["category_precision_at_k_ci"]
+        print(f"  {'category P@k':<15} {record['category_precision_at_k']:.4f}  (95% CI {low:.4f}-{high:.4f})")
 
 
 def print_json(record: dict) -> None:

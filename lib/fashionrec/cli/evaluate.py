@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from ..errors import FashionRecError
+from ..experiment.colour import colour_sweep, parse_colour_weights
 from ..experiment.cost import measure_embedding_cost
 from ..experiment.evaluate import evaluate_backbone, prepare
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
+from ..features.colour import check_colour_weight
 from ..models.ensemble import is_combined_name
 from ..models.finetuned import split_backbone_name
 from ..models.registry import check_backbone_name
+from ..pipeline.report import colour_sweep_text, write_colour_sweep
 from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
@@ -29,6 +32,20 @@ def add_parser(commands) -> None:
     parser.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"])
     parser.add_argument("--k", type=int, default=10)
     add_store_arguments(parser)
+    look = parser.add_argument_group(
+        "look", "relevance beyond the category, and colour-aware ranking (docs/look.md)")
+    look.add_argument("--relevance", default="label",
+                      help="comma-separated catalog columns a result must share with its query to count as relevant, "
+                           "e.g. label,colour (attribute columns come from catalog.csv; default: label)")
+    look.add_argument("--colour-weight", type=float, default=0.0,
+                      help="w in [0, 1]: rank by (1-w) x network cosine + w x product-colour cosine (default 0: "
+                           "the network alone); needs --metric cosine")
+    look.add_argument("--colour-weights", default=None,
+                      help="sweep: comma-separated weights, e.g. 0,0.25,0.5,0.75,1; prints category P@k and "
+                           "relevance P@k per weight, and the weight validation (part of the train split) suggests")
+    look.add_argument("--run", default=None,
+                      help="with --colour-weights: also write results/<run>/colour_sweep.json, "
+                           "figures/colour_sweep.png and the sweep's section of results/<run>/report.md")
     finetune = parser.add_argument_group(
         "fine-tuning", "--finetune trains on the train split (or reuses the cached model for the same data and "
         "settings) and reports the fine-tuned metrics, with the frozen backbone's as baseline_*")
@@ -53,6 +70,26 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
+def _check_look(args, searched: bool) -> None:
+    """The look options, checked before any data is read."""
+    args.relevance_columns = tuple(column.strip() for column in args.relevance.split(",") if column.strip())
+    if not args.relevance_columns:
+        raise FashionRecError("--relevance needs at least one column, e.g. label or label,colour")
+    args.colour_weight = check_colour_weight(args.colour_weight)
+    args.sweep_weights = parse_colour_weights(args.colour_weights) if args.colour_weights is not None else None
+    fused = args.colour_weight > 0 or args.sweep_weights is not None
+    if fused and args.metric != "cosine":
+        raise FashionRecError(f"--colour-weight adds cosine similarities; use --metric cosine, not {args.metric}")
+    if fused and searched:
+        raise FashionRecError("--colour-weight/--colour-weights with --finetune on a combination is not supported; "
+                              "name a single backbone (or evaluate the served model with `recommend`)")
+    if args.sweep_weights is not None and args.finetune:
+        raise FashionRecError("--colour-weights sweeps the frozen backbone; leave out --finetune (or evaluate one "
+                              "weight with --finetune --colour-weight w)")
+    if args.run is not None and args.sweep_weights is None:
+        raise FashionRecError("--run writes the colour sweep into a run's report: give --colour-weights too")
+
+
 def run(args) -> int:
     load_user_backbones(args)
     check_backbone_name(args.backbone)
@@ -60,17 +97,22 @@ def run(args) -> int:
     if searched and args.finetune_level != 1:
         raise FashionRecError(f"--finetune on {args.backbone!r} searches its members, views and heads on validation "
                               "(level 1); level 2 fine-tunes one backbone: name a single backbone for it")
+    _check_look(args, searched)
     store = store_settings(args, args.metric, args.index, args.search_params)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
     prepared.check_k(args.k)
+    prepared.check_relevance(args.relevance_columns)
     settings = inference_settings(args)
     if searched:
         return _run_searched(args, prepared, settings, store)
     if args.finetune:
         return _run_finetuned(args, prepared, settings, store)
+    if args.sweep_weights is not None:
+        return _run_sweep(args, prepared, settings, store)
     record, embeddings = evaluate_backbone(prepared, args.backbone, index=args.index, k=args.k, metric=args.metric,
-                                           search_params=args.search_params, settings=settings, store=store)
+                                           search_params=args.search_params, settings=settings, store=store,
+                                           relevance=args.relevance_columns, colour_weight=args.colour_weight)
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,
                         "embed_seconds": round(embeddings.seconds, 3)}
     if args.json:
@@ -82,6 +124,26 @@ def run(args) -> int:
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)
         print_skipped(record["skipped"])
+    return 0
+
+
+def _run_sweep(args, prepared, settings, store) -> int:
+    sweep = colour_sweep(prepared, args.backbone, args.sweep_weights, k=args.k, index=args.index,
+                         search_params=args.search_params, relevance=args.relevance_columns, settings=settings,
+                         store=store)
+    record = sweep.to_record()
+    if args.run is not None:
+        record["report"] = str(write_colour_sweep(args.run, record))
+    if args.json:
+        print_json(record)
+        return 0
+    protocol = record["protocol"]
+    print(f"{protocol['dataset']} | {protocol['backbone']} + product colour | {protocol['index']} (cosine) | "
+          f"k={protocol['k']} | split seed {protocol['split_seed']} | {protocol['n_queries']} queries -> "
+          f"{protocol['n_gallery']} gallery | relevance {','.join(protocol['relevance'])}")
+    print(colour_sweep_text(record))
+    if "report" in record:
+        print(f"  report: {record['report']}")
     return 0
 
 
@@ -97,7 +159,8 @@ def _finetune_config(args, seed: int) -> FinetuneConfig:
 def _run_finetuned(args, prepared, settings, store) -> int:
     result = evaluate_finetuned(prepared, args.backbone, _finetune_config(args, args.split_seed), index=args.index,
                                 k=args.k, metric=args.metric, search_params=args.search_params, settings=settings,
-                                model_path=args.head_out, retrain=args.retrain, store=store)
+                                model_path=args.head_out, retrain=args.retrain, store=store,
+                                relevance=args.relevance_columns, colour_weight=args.colour_weight)
     record = result.record
     embeddings = result.embeddings
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,

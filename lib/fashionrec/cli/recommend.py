@@ -17,6 +17,7 @@ import sys
 
 from ..data.images import probe_image
 from ..errors import FashionRecError, ImageError
+from ..features.colour import check_colour_weight
 from ..serving.folder import current_version
 from ..serving.recommender import Recommendation, Recommender
 from ..settings import InferenceSettings
@@ -35,6 +36,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--category", default=None, help="only items of this category")
     parser.add_argument("--exclude-id", action="append", default=[], metavar="ID",
                         help="never return this item (repeatable), e.g. the query photo's own catalog id")
+    parser.add_argument("--colour-weight", type=float, default=0.0,
+                        help="w in [0, 1]: rank by (1-w) x network similarity + w x product-colour similarity "
+                             "(default 0: the network alone; needs an index folder built with colour descriptors)")
     parser.add_argument("--threads", type=int, default=None, help="threads of the query model (default: all CPUs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_store_arguments(parser, default=None, what="where the index's vectors are searched")
@@ -44,6 +48,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     if args.k < 1:
         raise FashionRecError(f"--k must be at least 1, got {args.k}")
+    args.colour_weight = check_colour_weight(args.colour_weight)
     for path in args.image or []:
         try:
             probe_image(path)
@@ -53,6 +58,7 @@ def run(args) -> int:
     current_version(args.index_dir)
     with Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False),
                           store=store) as recommender:
+        recommender.check_colour_weight(args.colour_weight)   # an old folder: one line, before any query
         queries, failed = _answer(recommender, args)
     if args.json:
         print_json(queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries})
@@ -65,9 +71,11 @@ def _answer(recommender: Recommender, args) -> tuple[list[dict], int]:
     for value in args.image or args.id:
         try:
             if args.image:
-                answer = recommender.recommend(value, k=args.k, category=args.category, exclude_ids=args.exclude_id)
+                answer = recommender.recommend(value, k=args.k, category=args.category, exclude_ids=args.exclude_id,
+                                               colour_weight=args.colour_weight)
             else:
-                answer = recommender.similar_to(value, k=args.k, category=args.category, exclude_ids=args.exclude_id)
+                answer = recommender.similar_to(value, k=args.k, category=args.category, exclude_ids=args.exclude_id,
+                                                colour_weight=args.colour_weight)
         except ImageError as error:   # passed the header check, failed to decode
             print(f"error: --image {error.path}: {error.reason}", file=sys.stderr)
             queries.append({"image": value, "error": error.reason})

@@ -31,6 +31,8 @@ from .ledger import describe_counts, skipped_entry
 from .split import subsample
 
 CATALOG_COLUMNS = ["id", "path", "label"]
+# Names the workbench itself gives catalog columns: an attribute column of catalog.csv may not take them.
+RESERVED_COLUMNS = frozenset({*CATALOG_COLUMNS, "split", "digest", "deleted"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 # Labels in the clothing photos that name no category of clothing.
 CLOTHING_NON_CATEGORIES = frozenset({"Not sure", "Skip", "Other"})
@@ -127,7 +129,8 @@ def _finish(name: str, root: Path, rows: pd.DataFrame, skipped: list[dict], prog
     rows = capped.copy()
     rows["label"] = rows["label"].astype(str)
     rows["id"] = rows["id"].astype(str)
-    return LoadedDataset(name, root, rows[CATALOG_COLUMNS].reset_index(drop=True), skipped, n_not_sampled)
+    attributes = [column for column in rows.columns if column not in CATALOG_COLUMNS]
+    return LoadedDataset(name, root, rows[CATALOG_COLUMNS + attributes].reset_index(drop=True), skipped, n_not_sampled)
 
 
 # --- fashion-mnist -------------------------------------------------------------------------
@@ -273,6 +276,9 @@ def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None 
     """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``.
 
     ``data_dir`` may also name the CSV file itself; its paths are then relative to its folder.
+    Any other column (``colour``, ``pattern``, ``gender``...) is an attribute kept on the catalog
+    as text (an empty cell stays missing), for ``evaluate --relevance label,colour``; a column
+    named like one the workbench adds (``split``, ``digest``, ``deleted``) is an error.
     """
     if data_dir is not None and Path(data_dir).is_file():
         csv_path = Path(data_dir)
@@ -290,11 +296,16 @@ def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None 
     skipped = [skipped_entry(f"{csv_path.name} line {line + 2}", "catalog", "missing path")
                for line in table.index[no_path]]
     table = table[~no_path]
+    clashing = sorted(set(table.columns) & (RESERVED_COLUMNS - set(CATALOG_COLUMNS)))
+    if clashing:
+        raise DatasetError(f"{csv_path}: column(s) {clashing} are names the workbench gives its own columns; "
+                           "rename them (e.g. to original_split)")
     ids = table["id"] if "id" in table.columns else table["path"]
     rows = pd.DataFrame({
         "id": ids.fillna(table["path"]).values,
         "path": [str(root / p) for p in table["path"]],
         "label": table["label"].values,
+        **{column: table[column].values for column in table.columns if column not in CATALOG_COLUMNS},
     })
     return _finish("catalog", root, rows, skipped, progress, category_map, category_map_source,
                    max_per_class=max_per_class, seed=seed)

@@ -1,7 +1,8 @@
 """Retrieval metrics and bootstrap confidence intervals, per query, in pure numpy.
 
 Protocol: every query ranks the gallery; a result is relevant when its category equals the
-query's. Inputs are per-query arrays:
+query's (or, with :func:`attribute_keys`, when all named attribute columns, e.g. category and
+colour, equal the query's). Inputs are per-query arrays:
 
 * ``relevance``: array of shape ``(n_queries, n_results)``, bool (or 0/1); row ``i`` says which of
   query ``i``'s ranked results are relevant. Only the first ``k`` columns are scored.
@@ -48,6 +49,9 @@ __all__ = [
     "retrieval_metrics",
     "relevance_from_labels",
     "n_relevant_from_labels",
+    "attribute_keys",
+    "relevance_from_keys",
+    "n_relevant_from_keys",
     "summarize",
     "per_category",
     "bootstrap_ci",
@@ -269,6 +273,56 @@ def n_relevant_from_labels(query_labels: ArrayLike, gallery_labels: ArrayLike) -
     found = np.zeros(len(queries), dtype=bool)
     found[in_range] = categories[positions[in_range]] == queries[in_range]
     return np.where(found, counts[np.minimum(positions, len(categories) - 1)], 0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# From several attribute columns (category, colour, ...) to relevance
+# --------------------------------------------------------------------------------------------
+
+MISSING_KEY = -1
+
+
+def attribute_keys(queries: pd.DataFrame, gallery: pd.DataFrame,
+                   columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One integer key per query and per gallery row: equal keys = equal values in every one of ``columns``.
+
+    A row with a missing value (NaN, None or an empty string) in any of ``columns`` gets
+    ``MISSING_KEY`` (-1), which :func:`relevance_from_keys` and :func:`n_relevant_from_keys` never
+    count as a match: an item whose colour nobody recorded cannot be judged the right colour.
+    Values are compared as stripped strings, so ``"red"`` and ``"red "`` match, ``"Red"`` does not.
+    """
+    columns = list(columns)
+    if not columns:
+        raise ValueError("relevance needs at least one column")
+    missing = [column for column in columns if column not in queries.columns or column not in gallery.columns]
+    if missing:
+        raise ValueError(f"relevance column(s) {missing} not in the query/gallery tables")
+    both = pd.concat([queries[columns], gallery[columns]], ignore_index=True)
+    text = both.apply(lambda column: column.astype("string").str.strip())
+    lacking = (text.isna() | (text == "")).any(axis=1).to_numpy()
+    # The unit separator cannot occur in a CSV cell a person typed, so joined values are unambiguous.
+    joined = text.fillna("").agg("\x1f".join, axis=1)
+    codes = np.asarray(pd.factorize(joined)[0], dtype=np.int64)
+    codes[lacking] = MISSING_KEY
+    return codes[:len(queries)], codes[len(queries):]
+
+
+def relevance_from_keys(query_keys: ArrayLike, result_keys_matrix: ArrayLike) -> np.ndarray:
+    """Bool matrix: ``result_keys_matrix[i, j] == query_keys[i]``, never true for a negative key.
+
+    Keys come from :func:`attribute_keys`; a result position an index could not fill is any
+    negative number (e.g. -2), so it never matches either.
+    """
+    queries, results = _as_query_and_result_labels(query_keys, result_keys_matrix)
+    return np.asarray((results == queries[:, None]) & (queries[:, None] >= 0), dtype=bool)
+
+
+def n_relevant_from_keys(query_keys: ArrayLike, gallery_keys: ArrayLike) -> np.ndarray:
+    """Number of gallery items with each query's key (0 for a query whose key is missing)."""
+    queries = _as_labels(query_keys, "query_keys", 1)
+    gallery = _as_labels(gallery_keys, "gallery_keys", 1)
+    counts = n_relevant_from_labels(queries, gallery)
+    return np.where(queries >= 0, counts, 0).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------

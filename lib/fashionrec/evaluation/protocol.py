@@ -1,5 +1,10 @@
 """The protocol of record: each query image ranks the gallery; same category = relevant.
 
+``relevance`` may name more columns of the catalog (``("label", "colour")``): a result is then
+relevant only when every named column equals the query's, and the record keeps the category
+precision beside it (``category_precision_at_k``). ``colour_weight`` fuses the network's
+similarity with the product-colour similarity (:mod:`fashionrec.features.colour`).
+
 Query and gallery come from the stratified split (seed recorded), both unseen by any
 training. Every result carries what is needed to reproduce it: dataset and its
 fingerprint, split seed, k, backbone and its weights checksum, index and its parameters.
@@ -14,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from ..features.colour import candidate_count, fuse_vectors, rerank_fused
 from ..indexing.backends import open_store
 from ..indexing.category import category_aware_search
 from ..settings import StoreSettings
@@ -32,6 +38,9 @@ class Evaluation:
     result_positions: np.ndarray  # (n_queries, k) row positions into ``gallery``
     result_scores: np.ndarray
     summary: dict = field(default_factory=dict)
+    relevance: tuple[str, ...] = ("label",)
+    category_precision: np.ndarray | None = None   # per query, same-category relevance (= precision_at_k for label)
+    relevance_missing: dict | None = None           # rows lacking a value in a relevance column (attributes only)
 
     def sample_queries(self, n: int, seed: int = 0) -> np.ndarray:
         """Positions of ``n`` queries chosen reproducibly, for grids of examples."""
@@ -44,6 +53,14 @@ class Evaluation:
         record = {**self.protocol, **_rounded(self.summary)}
         for name, (low, high) in intervals.items():
             record[f"{name}_ci"] = [round(float(low), 6), round(float(high), 6)]
+        record["relevance"] = list(self.relevance)
+        if self.relevance_missing is not None:
+            record["relevance_missing"] = self.relevance_missing
+        if self.category_precision is not None:
+            # Same seed, so the same resampled queries as the intervals above.
+            low, high = metrics.bootstrap_ci(self.category_precision, n_boot=n_boot, seed=bootstrap_seed)
+            record["category_precision_at_k"] = round(float(np.mean(self.category_precision)), 6)
+            record["category_precision_at_k_ci"] = [round(float(low), 6), round(float(high), 6)]
         record["bootstrap"] = {"n_boot": n_boot, "seed": bootstrap_seed, "level": 0.95, "resampled": "queries"}
         table = metrics.per_category(self.per_query, self.queries["label"].to_numpy())
         record["per_category"] = {
@@ -73,7 +90,9 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
                         metric: str = "cosine", search_params: str = "", seed: int = 0,
                         query_split: str = "query", gallery_split: str = "gallery",
                         store: StoreSettings = StoreSettings(), categories: np.ndarray | None = None,
-                        boost: float = 0.0, categories_source: str = "predicted") -> Evaluation:
+                        boost: float = 0.0, categories_source: str = "predicted",
+                        relevance: tuple[str, ...] | list[str] = ("label",), colour_vectors: np.ndarray | None = None,
+                        colour_weight: float = 0.0) -> Evaluation:
     """Ranks the gallery for every query and scores the top ``k`` by category match.
 
     The gallery goes into a throwaway vector store of the kind ``store`` names (faiss in this
@@ -83,7 +102,15 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
     With ``categories`` (one per ``metadata`` row, e.g. a classifier's predictions) and a
     non-zero ``boost``, gallery items of the query's category get that score bonus
     (:func:`fashionrec.indexing.category.category_aware_search`; ``inf``: that category first).
-    Relevance is always the true ``label``.
+    Relevance is the true ``label`` by default; ``relevance`` names the metadata columns that must
+    all equal the query's (a row missing any of them is never relevant, see
+    :func:`fashionrec.evaluation.metrics.attribute_keys`; the record counts them).
+
+    ``colour_weight`` w > 0 (needs ``colour_vectors``, one product-colour descriptor per
+    ``metadata`` row, and the cosine metric) ranks by (1 - w) x network cosine + w x colour cosine:
+    exactly for ``Flat`` (the store holds the weighted concatenation of both normalised vectors,
+    whose inner product is that score), and for an approximate index by re-ranking the network
+    index's ``candidate_count(k)`` nearest candidates with the fused score. w = 0 is the plain ranking.
     """
     split = metadata["split"].to_numpy()
     query_rows = np.flatnonzero(split == query_split)
@@ -94,16 +121,36 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         raise ValueError(f"k={k} exceeds the gallery size {len(gallery_rows)}")
     queries = metadata.iloc[query_rows].reset_index(drop=True)
     gallery = metadata.iloc[gallery_rows].reset_index(drop=True)
+    relevance = tuple(relevance)
+    unknown = [column for column in relevance if column not in metadata.columns]
+    if unknown:
+        raise ValueError(f"relevance column(s) {unknown} not in the metadata (columns: {list(metadata.columns)})")
     ranked = bool(boost) and categories is not None
+    fused = colour_weight > 0
+    if fused:
+        if colour_vectors is None or len(colour_vectors) != len(metadata):
+            raise ValueError("colour_weight > 0 needs one colour descriptor per metadata row")
+        if metric != "cosine":
+            raise ValueError(f"colour fusion adds cosine similarities; use metric 'cosine', not {metric!r}")
+        if ranked:
+            raise ValueError("colour fusion and category-aware ranking cannot be combined")
+    exact_fusion = fused and index == "Flat"
+    searched = fuse_vectors(vectors, colour_vectors, colour_weight) if exact_fusion else vectors
+    n_searched = candidate_count(k, len(gallery_rows)) if fused and not exact_fusion else k
     stored_labels = np.asarray(categories).astype(str)[gallery_rows] if ranked else gallery["label"].astype(str)
-    with open_store(store, metric, index, search_params, seed=seed, drop_on_close=True) as gallery_store:
-        gallery_store.add(np.arange(len(gallery)), vectors[gallery_rows], list(stored_labels))
+    # The fused vectors are unit-norm already: their inner product is the fused score itself.
+    with open_store(store, "ip" if exact_fusion else metric, index, search_params, seed=seed,
+                    drop_on_close=True) as gallery_store:
+        gallery_store.add(np.arange(len(gallery)), searched[gallery_rows], list(stored_labels))
         if ranked:
             scores, positions = category_aware_search(
                 gallery_store, vectors[query_rows], np.asarray(categories).astype(str)[query_rows],
                 sorted(set(stored_labels)), k, boost, metric)
         else:
-            scores, positions = gallery_store.search(vectors[query_rows], k)
+            scores, positions = gallery_store.search(searched[query_rows], n_searched)
+    if fused and not exact_fusion:
+        scores, positions = rerank_fused(positions, vectors[query_rows], colour_vectors[query_rows],
+                                         vectors[gallery_rows], colour_vectors[gallery_rows], colour_weight, k)
     ranking = {"boost": "inf" if np.isinf(boost) else float(boost), "categories": categories_source} \
         if ranked else None
 
@@ -111,9 +158,20 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
     gallery_labels = gallery["label"].to_numpy()
     # An approximate index may return fewer than k hits (-1); they count as not relevant.
     result_labels = np.where(positions >= 0, gallery_labels[np.clip(positions, 0, None)], None)
-    relevance = metrics.relevance_from_labels(query_labels, result_labels)
-    n_relevant = metrics.n_relevant_from_labels(query_labels, gallery_labels)
-    per_query = metrics.retrieval_metrics(relevance, n_relevant, k)
+    same_category = metrics.relevance_from_labels(query_labels, result_labels)
+    missing = None
+    if relevance == ("label",):
+        matches = same_category
+        n_relevant = metrics.n_relevant_from_labels(query_labels, gallery_labels)
+    else:
+        query_keys, gallery_keys = metrics.attribute_keys(queries, gallery, relevance)
+        result_keys = np.where(positions >= 0, gallery_keys[np.clip(positions, 0, None)], -2)
+        matches = metrics.relevance_from_keys(query_keys, result_keys)
+        n_relevant = metrics.n_relevant_from_keys(query_keys, gallery_keys)
+        missing = {"queries": int((query_keys < 0).sum()), "gallery": int((gallery_keys < 0).sum()),
+                   "rule": "a row missing a value in any relevance column is never relevant (such a query scores 0)"}
+    per_query = metrics.retrieval_metrics(matches, n_relevant, k)
+    category_precision = metrics.precision_at_k(same_category, k)
     protocol = {
         "k": k,
         "store": store.store,
@@ -124,8 +182,12 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "n_gallery": int(len(gallery)),
         "n_categories": int(len(np.unique(query_labels))),
         **({"category_ranking": ranking} if ranking else {}),
+        **({"colour_weight": float(colour_weight),
+            "colour_fusion": "exact (weighted concatenation, Flat)" if exact_fusion else
+            f"re-ranked: the network index's {n_searched} nearest, re-scored with the fused score"} if fused else {}),
     }
-    return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query))
+    return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query),
+                      relevance, category_precision, missing)
 
 
 def software_versions() -> dict:

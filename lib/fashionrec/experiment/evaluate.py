@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .. import config
@@ -16,11 +17,15 @@ from ..data.ledger import count_by_stage, skipped_entry
 from ..data.split import SPLIT_FRACTIONS, SPLITS, split_catalog
 from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
 from ..errors import FashionRecError
+from ..features.colour import aligned_colour, colour_descriptors
 from ..features.embed import Embeddings, embed_catalog
 from ..models.backbone import Backbone
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
 from ..settings import InferenceSettings, StoreSettings
+
+
+_NOT_ATTRIBUTES = frozenset({"id", "path", "label", "split", "digest"})
 
 
 @dataclass
@@ -56,6 +61,23 @@ class PreparedData:
             "n_not_sampled": self.n_not_sampled,
             "skipped_categories": self.too_small,
         }
+
+    def attribute_columns(self) -> list[str]:
+        """Columns a relevance may name: ``label`` and the catalog's own attribute columns (colour, ...)."""
+        return ["label", *[column for column in self.catalog.columns if column not in _NOT_ATTRIBUTES]]
+
+    def check_relevance(self, relevance) -> tuple[str, ...]:
+        """The relevance columns as a tuple; FashionRecError naming an unknown one and those available."""
+        columns = tuple(relevance)
+        if not columns:
+            raise FashionRecError("--relevance needs at least one column, e.g. label or label,colour")
+        available = self.attribute_columns()
+        for column in columns:
+            if column not in available:
+                raise FashionRecError(f"--relevance: column {column!r} is not in the catalog ({self.dataset} at "
+                                      f"{self.root}); available: {', '.join(available)} (attribute columns come "
+                                      "from catalog.csv, --dataset catalog)")
+        return columns
 
     def check_k(self, k: int) -> None:
         """Raises FashionRecError when ``k`` exceeds the gallery, so it is said before any embedding."""
@@ -115,22 +137,38 @@ def embed_with(prepared: PreparedData, model: Backbone, splits=SPLITS,
     return embed_catalog(rows, model, settings, root=prepared.root)
 
 
+def embed_colour(prepared: PreparedData, metadata: pd.DataFrame,
+                 settings: InferenceSettings = InferenceSettings()) -> tuple[np.ndarray, list[dict]]:
+    """Product-colour descriptors of ``metadata``'s rows, in its order, and the files they skipped."""
+    colour = colour_descriptors(metadata.drop(columns=["digest"], errors="ignore"), settings, root=prepared.root)
+    return aligned_colour(metadata, colour), colour.skipped
+
+
 def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat", k: int = 10,
                       metric: str = "cosine", search_params: str = "",
                       settings: InferenceSettings = InferenceSettings(),
-                      store: StoreSettings = StoreSettings()) -> tuple[dict, Embeddings]:
+                      store: StoreSettings = StoreSettings(), relevance=("label",),
+                      colour_weight: float = 0.0) -> tuple[dict, Embeddings]:
     """Embeds gallery and query images and scores query -> gallery retrieval.
 
     Returns the JSON-ready record (protocol, metrics with 95% intervals, per-category
     table, provenance, the ledger of files left out) and the embeddings it used. A ``k``
     larger than the gallery is refused before anything is embedded. ``store`` says which
     vector store ranks the gallery (faiss in this process, or Milvus); the record has the same
-    keys for each.
+    keys for each. ``relevance``: the columns a result must share with its query to count
+    (:meth:`PreparedData.check_relevance`); ``colour_weight`` > 0 fuses the product-colour
+    similarity into the ranking (:mod:`fashionrec.features.colour`).
     """
     prepared.check_k(k)
+    relevance = prepared.check_relevance(relevance)
     embeddings = embed(prepared, backbone, splits=("gallery", "query"), settings=settings)
+    colour = None
+    if colour_weight > 0:
+        colour, colour_skipped = embed_colour(prepared, embeddings.metadata, settings)
+        embeddings.skipped.extend(item for item in colour_skipped if item not in embeddings.skipped)
     evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed, store=store)
+                                     search_params=search_params, seed=prepared.split_seed, store=store,
+                                     relevance=relevance, colour_vectors=colour, colour_weight=colour_weight)
     return evaluation_record(prepared, backbone, settings.runtime, embeddings, embeddings.metadata,
                              evaluation), embeddings
 

@@ -28,7 +28,7 @@ from ..training.classify import category_aware_on_queries, category_metrics
 from ..training.finetune import FinetuneConfig, TrainedModel, default_model_path, model_cache_key, train_model
 from ..training.heads import HeadConfig
 from ..training.trunk import BackboneTuneConfig, check_level2_backbone
-from .evaluate import PreparedData, embed, embed_with, evaluation_record
+from .evaluate import PreparedData, embed, embed_colour, embed_with, evaluation_record
 
 
 @dataclass
@@ -62,15 +62,19 @@ class FinetunedEvaluation:
 def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfig | None = None, index: str = "Flat",
                        k: int = 10, metric: str = "cosine", search_params: str = "",
                        settings: InferenceSettings = InferenceSettings(), model_path=None,
-                       retrain: bool = False, store: StoreSettings = StoreSettings()) -> FinetunedEvaluation:
+                       retrain: bool = False, store: StoreSettings = StoreSettings(), relevance=("label",),
+                       colour_weight: float = 0.0) -> FinetunedEvaluation:
     """Trains (or reuses) a fine-tuned model on the train split and scores it on query -> gallery.
 
     The model file is cached under ``data/processed/heads/<backbone>-<key>.pt``, where the
     key covers the base backbone, the fingerprint of the train rows, the level and every
     setting; ``model_path`` writes a copy there as well. A ``k`` larger than the gallery is
-    refused before anything is embedded or trained.
+    refused before anything is embedded or trained. ``relevance`` and ``colour_weight`` apply to the
+    fine-tuned model and its frozen baseline alike (:func:`~fashionrec.experiment.evaluate.evaluate_backbone`);
+    training never sees them.
     """
     prepared.check_k(k)
+    relevance = prepared.check_relevance(relevance)
     cfg = cfg or FinetuneConfig(head=HeadConfig(k=k, seed=prepared.split_seed),
                                 tune=BackboneTuneConfig(seed=prepared.split_seed))
     base = get_backbone(backbone, weights_file=settings.weights_file)
@@ -86,8 +90,13 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
     cached = default_model_path(backbone, model_cache_key(base, train_fingerprint, cfg))
     multi_view, views_skipped = _multi_view(prepared, base, metadata, frozen, cfg, settings)
     eval_meta = metadata[evaluated].reset_index(drop=True)
+    colour = None
+    if colour_weight > 0:
+        colour, colour_skipped = embed_colour(prepared, eval_meta, settings)
+        embeddings.skipped.extend(item for item in colour_skipped if item not in embeddings.skipped)
+    ranking = dict(relevance=relevance, colour_vectors=colour, colour_weight=colour_weight)
     baseline = evaluate_embeddings(frozen[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                   search_params=search_params, seed=prepared.split_seed, store=store)
+                                   search_params=search_params, seed=prepared.split_seed, store=store, **ranking)
 
     trained = None
     if cached.is_file() and not retrain:
@@ -103,7 +112,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
 
     vectors = _finetuned_vectors(prepared, backbone, payload, cached, metadata, frozen, trained, settings)
     evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed, store=store)
+                                     search_params=search_params, seed=prepared.split_seed, store=store, **ranking)
     predicted = _predicted_categories(payload, frozen, vectors, multi_view, len(metadata))
     labels = metadata["label"].astype(str).to_numpy()
     query, gallery = split == "query", split == "gallery"
@@ -120,7 +129,12 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
                                       seed=prepared.split_seed)
     measured = measured_on_queries(evaluation, baseline, classification, k, index, metric, prepared.split_seed,
                                    metadata)
-    if trained is not None or payload.get("metrics") != measured:
+    # The model file keeps the protocol of record's numbers: a colour weight or another relevance re-ranks or
+    # re-judges, it does not change what the model measured (a model just trained records it all the same).
+    of_record = not colour_weight and relevance == ("label",)
+    if trained is not None and not of_record:
+        measured = {**measured, "relevance": list(relevance), "colour_weight": colour_weight}
+    if trained is not None or (of_record and payload.get("metrics") != measured):
         payload["metrics"] = measured
         save_model(payload, cached)
     if model_path is not None and Path(model_path).resolve() != cached.resolve():

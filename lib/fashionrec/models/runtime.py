@@ -21,7 +21,7 @@ both reprs name the runtime, the source backbone's cache key and the decode poli
 ``cache_key`` (and with it the embedding cache directory) differs per runtime and eager and
 ONNX embeddings never share a cache.
 
-``colorhist`` stays eager under every runtime: a histogram is a bucketize + scatter-add,
+``colorhist`` and ``product_colour`` stay eager under every runtime: a histogram is a bucketize + scatter-add,
 well under a millisecond per image, so decoding dominates and an ONNX session would only
 add start-up time; it still gets draft decoding under the fast runtimes.
 
@@ -50,6 +50,7 @@ from ..errors import FashionRecError, ImageError
 from ..settings import DEFAULT_RUNTIME, RUNTIMES
 from .backbone import Backbone
 from .builtin import ColorHistogram
+from .colour import ProductColour
 from .ensemble import CombinedBackbone
 
 OPSET = 17
@@ -61,7 +62,7 @@ EXPORT_RTOL = 1e-4
 CALIBRATION_IMAGES = 64
 
 # Nonparametric backbones that gain nothing from a graph runtime (see module docstring).
-_EAGER_ONLY_MODELS = (ColorHistogram,)
+_EAGER_ONLY_MODELS = (ColorHistogram, ProductColour)
 
 
 def available_threads() -> int:

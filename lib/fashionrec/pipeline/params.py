@@ -39,7 +39,7 @@ class Parameter:
     """One key of a parameter file.
 
     ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``path``, ``list[str]``,
-    ``list[int]``, ``list[path]`` and ``dict[str, path]``; ``nullable`` allows null;
+    ``list[int]``, ``list[float]``, ``list[path]`` and ``dict[str, path]``; ``nullable`` allows null;
     ``choices`` limits a string (or each list item) to those values; ``minimum`` bounds a
     number (or each list item). ``notebook_value`` is the demo literal of the notebooks'
     parameter cells where it differs from ``default``; ``notebooks`` says which notebooks
@@ -110,6 +110,15 @@ PARAMETERS: tuple[Parameter, ...] = (
               "index of the per-category tables.", ("02", "03")),
     Parameter("metric", "str", "cosine", "Distance of the retrieval of record.", ("02", "03", "04", "07"),
               choices=METRICS),
+    Parameter("relevance", "list[str]", ["label"], "Catalog columns a result must share with its query to count "
+              "as relevant in 03-evaluate's metrics, e.g. `[label, colour]` (attribute columns come from "
+              "`catalog.csv`, dataset `catalog`; a row missing a value is never relevant). The category precision "
+              "stays beside it (`category_precision_at_k`). As `evaluate --relevance`.", ("03",)),
+    Parameter("colour_weights", "list[float]", [], "Colour weights w that 03-evaluate sweeps with the first "
+              "backbone (Flat, cosine): (1-w) x network + w x product-colour similarity, a table and a plot of "
+              "category P@k against P@k by `relevance` in the report, and the w suggested on validation (part of "
+              "the train split). Empty: no sweep. As `evaluate --colour-weights` (docs/look.md).", ("03",),
+              minimum=0),
     Parameter("n_grid_queries", "int", 6, "Queries shown in each recommendation grid (seeded choice, then the "
               "hardest ones; 06-recommend: catalog photos asked about when `query_images` is empty).", ("03", "04", "06"),
               minimum=1),
@@ -242,6 +251,7 @@ def _type_words(parameter: Parameter) -> str:
     words = {
         "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
         "path": "a path", "list[str]": "a list of strings", "list[int]": "a list of integers",
+        "list[float]": "a list of numbers",
         "list[path]": "a list of paths or module names", "dict[str, path]": "a mapping of backbone name -> path",
     }[parameter.kind]
     return f"{words} or null" if parameter.nullable else words

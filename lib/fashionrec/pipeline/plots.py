@@ -234,3 +234,23 @@ def _show_query(axis, image, caption: str):
     axis.set_xticks([])
     axis.set_yticks([])
     axis.set_title(caption, fontsize=7)
+
+
+def colour_tradeoff(rows: list[dict], relevance: list[str], k: int, suggested: float | None = None, path=None):
+    """Category P@k against attribute P@k, one point per colour weight w, with their 95% intervals."""
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        x, y = row["category_precision_at_k"], row["precision_at_k"]
+        (x_low, x_high), (y_low, y_high) = row["category_precision_at_k_ci"], row["precision_at_k_ci"]
+        chosen = suggested is not None and row["colour_weight"] == suggested
+        axis.errorbar(x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]], fmt="o",
+                      color=RIGHT if chosen else "#4575b4", capsize=3)
+        axis.annotate(f"w={row['colour_weight']:g}" + (" (suggested on validation)" if chosen else ""), (x, y),
+                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.plot([row["category_precision_at_k"] for row in rows], [row["precision_at_k"] for row in rows],
+              color="#999999", linewidth=0.8, zorder=0)
+    axis.set_xlabel(f"category P@{k} (same label)")
+    axis.set_ylabel(f"P@{k}, relevant = same {', '.join(relevance)}")
+    axis.set_title("colour weight: category vs look")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)

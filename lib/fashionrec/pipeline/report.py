@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import config
 from ..data.ledger import describe_counts
-from .stages import small_gallery_caveat
+from .stages import COLOUR_SWEEP_FIGURE, COLOUR_SWEEP_FILE, small_gallery_caveat, write_colour_sweep_files
 
 PRIMARY_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k", "hit_rate_at_k", "recall_at_k")
 
@@ -266,6 +266,60 @@ def verdict_lines(winners: pd.DataFrame, value_format: str = ".3f") -> list[str]
     return lines
 
 
+def colour_sweep_text(record: dict) -> str:
+    """The sweep as a markdown table (values with 95% intervals) and the validation suggestion."""
+    protocol, suggested = record["protocol"], record["suggested"]
+    k, relevance = protocol["k"], ",".join(protocol["relevance"])
+    table = pd.DataFrame([{
+        "w": f"{row['colour_weight']:g}",
+        f"P@{k} ({relevance}) [95% CI]": _interval_text(row["precision_at_k"], *row["precision_at_k_ci"]),
+        f"category P@{k} [95% CI]": _interval_text(row["category_precision_at_k"],
+                                                   *row["category_precision_at_k_ci"]),
+        f"change vs w={record['rows'][0]['colour_weight']:g}: P@{k} / category P@{k} (paired 95% CI)":
+            f"{_signed_interval(row['precision_at_k_change'])} / {_signed_interval(row['category_precision_at_k_change'])}",
+        f"validation P@{k} ({relevance})": f"{row['validation_precision_at_k']:.3f}",
+        f"validation category P@{k}": f"{row['validation_category_precision_at_k']:.3f}",
+    } for row in record["rows"]])
+    return "\n".join([_markdown(table), "",
+                       f"Suggested on validation: w = {suggested['colour_weight']:g} ({suggested['rule']}; "
+                       f"{suggested['chosen_on']}). Pick the point that suits your shop."])
+
+
+def _colour_sweep_section(out: Path) -> list[str]:
+    path = out / COLOUR_SWEEP_FILE
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    protocol = record["protocol"]
+    k = protocol["k"]
+    return [f"## Colour weight: category P@{k} against P@{k} by {', '.join(protocol['relevance'])}", "",
+            f"`{protocol['backbone']}` fused with the product colour (`{protocol['colour_backbone']}`): "
+            f"{protocol['fusion']}; `{protocol['dataset']}`, split seed {protocol['split_seed']}, "
+            f"{protocol['n_queries']} queries -> {protocol['n_gallery']} gallery, index `{protocol['index']}`, "
+            f"k={k}. A query's result counts for the first column only when every named column matches "
+            "(a missing value never matches); the second is the category alone.", "",
+            colour_sweep_text(record), "", f"![colour sweep](figures/{COLOUR_SWEEP_FIGURE})", ""]
+
+
+def write_colour_sweep(run_name: str, record: dict) -> Path:
+    """Writes the sweep (JSON, figure) into ``results/<run>/`` and its section into the run's report.md.
+
+    A run with the pipeline's files gets its whole report rewritten; a run directory holding only
+    sweeps gets a report of its own.
+    """
+    out = config.RESULTS_DIR / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    write_colour_sweep_files(out, record)
+    if (out / "metrics.json").exists():
+        return write_report(run_name)
+    protocol = record["protocol"]
+    lines = [f"# Run `{run_name}`: {protocol['dataset']}, colour-weight sweep at k={protocol['k']}", "",
+             *_colour_sweep_section(out)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def _read_csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
@@ -350,6 +404,7 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
     lines += _distance_dimension_section(out, k)
     lines += _finetune_section(out, k)
     lines += _search_section(out, k)
+    lines += _colour_sweep_section(out)
     figures = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     if figures:
         lines += ["## Figures", ""] + [f"- [{figure.stem}](figures/{figure.name})" for figure in figures] + [""]

@@ -33,6 +33,7 @@ from ..errors import FashionRecError, IndexBuildError, WeightsUnavailable
 from ..evaluation.analysis import distance_and_dimension, umap_2d
 from ..evaluation.compare import paired_comparisons, winners
 from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
+from ..experiment.colour import colour_sweep
 from ..experiment.evaluate import PreparedData, embed, prepare
 from ..experiment.cost import measure_embedding_cost
 from ..experiment.finetune import FinetunedEvaluation, evaluate_finetuned
@@ -210,13 +211,15 @@ METRIC_COLUMNS = ["precision_at_k", "hit_rate_at_k", "recall_at_k", "map_at_k", 
 
 
 def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str = "cosine",
-                   search_params: dict | None = None) -> tuple[pd.DataFrame, dict]:
+                   search_params: dict | None = None, relevance=("label",)) -> tuple[pd.DataFrame, dict]:
     """Scores every available backbone with every index; writes metrics.{csv,json}, per_category.csv.
 
     Returns the metrics table (one row per backbone x index, with 95% intervals) and the
     per-query evaluations keyed by (backbone, index) for plots and paired comparisons.
+    ``relevance``: the catalog columns a result must share with its query (default: the category).
     """
     prepared = load_prepared(run_name)
+    relevance = prepared.check_relevance(relevance)
     out = run_dir(run_name)
     records, evaluations, per_category, not_built = [], {}, [], {}
     for backbone in available_backbones(run_name):
@@ -225,7 +228,7 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
             params = (search_params or {}).get(index, "")
             try:
                 evaluation = evaluate_embeddings(vectors, metadata, k=k, index=index, metric=metric,
-                                                 search_params=params, seed=prepared.split_seed)
+                                                 search_params=params, seed=prepared.split_seed, relevance=relevance)
             except IndexBuildError as error:
                 not_built[f"{backbone} / {index}"] = str(error)
                 continue
@@ -246,7 +249,8 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
     pd.DataFrame(per_category).to_csv(out / "per_category.csv", index=False, float_format="%.6f")
     write_json(out / "metrics.json", {
         "protocol": {**prepared.describe(), "k": k, "metric": metric, "indexes": indexes,
-                     "relevance": "same category as the query", "queries": "query split", "ranked": "gallery split"},
+                     "relevance": "same category as the query" if relevance == ("label",) else
+                     f"same {', '.join(relevance)} as the query", "queries": "query split", "ranked": "gallery split"},
         "versions": software_versions(),
         "results": records,
         "indexes_not_built": not_built,
@@ -254,6 +258,35 @@ def stage_evaluate(run_name: str, indexes: list[str], k: int = 10, metric: str =
                               read_json(out / "backbones.json").items() if entry["status"] != "ok"},
     })
     return table, evaluations
+
+
+def stage_colour_sweep(run_name: str, weights, k: int = 10, relevance=("label",),
+                       settings: InferenceSettings = InferenceSettings(progress=False)) -> dict | None:
+    """The colour-weight sweep of the run's first backbone (Flat, cosine) into colour_sweep.json and its figure.
+
+    None when ``weights`` is empty. The report (05-report) shows the table and the plot.
+    """
+    if not weights:
+        return None
+    backbones = available_backbones(run_name)
+    if not backbones:
+        raise FashionRecError(f"run {run_name!r}: no backbone was embedded, nothing to sweep")
+    record = colour_sweep(load_prepared(run_name), backbones[0], weights, k=k, relevance=relevance,
+                          settings=settings).to_record()
+    write_colour_sweep_files(run_dir(run_name), record)
+    return record
+
+
+COLOUR_SWEEP_FILE = "colour_sweep.json"
+COLOUR_SWEEP_FIGURE = "colour_sweep.png"
+
+
+def write_colour_sweep_files(out: Path, record: dict) -> None:
+    """``colour_sweep.json`` and ``figures/colour_sweep.png`` of a sweep record, in the run directory ``out``."""
+    write_json(out / COLOUR_SWEEP_FILE, record)
+    figure = plots.colour_tradeoff(record["rows"], record["protocol"]["relevance"], record["protocol"]["k"],
+                                   record["suggested"]["colour_weight"], path=out / "figures" / COLOUR_SWEEP_FIGURE)
+    plots.plt.close(figure)
 
 
 def stage_compare(run_name: str, table: pd.DataFrame, evaluations: dict, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -8,6 +8,8 @@ What a version of the folder holds (:mod:`fashionrec.serving.folder` for the lay
     index.faiss       the faiss index (+ index.faiss.json), row i = id-map row i
     ids.parquet       the id map: id, path, label, digest, deleted (tombstones), in row order
     embeddings.npy    the embeddings as float16 (memory-mapped when loaded), in row order
+    colour.npy        the product-colour descriptors (float16, row order), for colour-aware ranking
+                      (``colour_weight``; folders built before it have none and refuse a weight > 0)
     query.onnx        the single-query model (ONNX runtimes), see fashionrec.models.query_model
     classifier.npz, frozen.onnx   the category classifier of a fine-tuned model and its features
 """
@@ -29,6 +31,7 @@ from ..data.fetch import ensure_dataset, locate_clothing
 from ..errors import FashionRecError, IndexBuildError
 from ..evaluation.protocol import dataset_fingerprint, software_versions
 from ..experiment.evaluate import prepare
+from ..features.colour import COLOUR_BACKBONE, aligned_colour, colour_descriptors
 from ..features.embed import embed_catalog
 from ..indexing.choose import choose_index
 from ..indexing.faiss_index import METRICS, check_factory, resolve_factory
@@ -47,6 +50,7 @@ from .store import FaissRowStore
 FORMAT = "fashionrec-index/1"
 ITEMS_FILE = "ids.parquet"
 EMBEDDINGS_FILE = "embeddings.npy"
+COLOUR_FILE = "colour.npy"
 ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted"]
 SPLIT_CHOICES = ("all", "train", "gallery", "query")
 # --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
@@ -147,6 +151,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     if len(embeddings.vectors) == 0:
         raise FashionRecError(f"no image of the catalog could be embedded ({len(embeddings.skipped)} skipped)")
     vectors = embeddings.vectors
+    colour = colour_descriptors(embeddings.metadata[["id", "path", "label"]], settings, root=root)
+    colour_vectors = aligned_colour(embeddings.metadata, colour)
     items = embeddings.metadata.assign(path=[str(Path(p).resolve()) for p in embeddings.metadata["path"]],
                                        deleted=False)[ITEM_COLUMNS]
     if store.store == "milvus":
@@ -165,7 +171,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     base_name, reference = split_backbone_name(backbone)
     try:
         staged = _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone,
-                              base_name, reference, index, metric, seed, auto, dataset, settings)
+                              base_name, reference, index, metric, seed, auto, dataset, settings,
+                              (colour, colour_vectors))
     except BaseException:
         if store.store == "milvus":
             vector_store.discard(always=True)
@@ -193,7 +200,8 @@ class _Staged:
 
 
 def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone, base_name,
-                 reference, index, metric, seed, auto, dataset, settings) -> _Staged:
+                 reference, index, metric, seed, auto, dataset, settings, colour) -> _Staged:
+    colour_embeddings, colour_vectors = colour
     with new_version(outdir) as staging:
         query = write_query_model(staging.path, model)
         query["check"] = check_query_path(staging.path, query, model, embeddings.metadata, vectors, settings.threads)
@@ -221,9 +229,11 @@ def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items,
             "counts": item_counts(items, all_skipped),
             "skipped": all_skipped,
             "classifier": classifier,
+            "colour": {"backbone": COLOUR_BACKBONE, "cache_key": colour_embeddings.cache_key,
+                       "dim": int(colour_vectors.shape[1]), "file": COLOUR_FILE},
             "updates": [],
         }
-        write_version_files(staging.path, items, vectors.astype(np.float16), info)
+        write_version_files(staging.path, items, vectors.astype(np.float16), info, colour_vectors.astype(np.float16))
     return _Staged(staging.version, info)
 
 
@@ -254,9 +264,12 @@ def _ranking(reference: str | None) -> dict:
     return payload.get("ranking") or {"boost": 0.0, "categories": None}
 
 
-def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, info: dict) -> None:
+def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, info: dict,
+                        colour16: np.ndarray | None = None) -> None:
     items.to_parquet(directory / ITEMS_FILE, index=False)
     np.save(directory / EMBEDDINGS_FILE, vectors16)
+    if colour16 is not None:
+        np.save(directory / COLOUR_FILE, colour16)
     (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -6,6 +6,7 @@
     for item in answer.results:
         print(item.score, item.label, item.path)
     recommender.similar_to(answer.results[0].id, k=5)         # "more like this", no re-embedding
+    recommender.recommend("photo.jpg", k=5, colour_weight=0.4)  # the same look, in the photo's colour
     recommender.add(["new/shirt.jpg"], ["Shirt"])             # catalog updates...
     recommender.remove(["a1b2"])
     recommender.save()                                        # ...written as a new version, atomically
@@ -32,19 +33,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, IndexFolderError
 from ..evaluation.protocol import dataset_fingerprint
+from ..features.colour import (COLOUR_BACKBONE, aligned_colour, candidate_count, check_colour_weight,
+                               colour_descriptors)
 from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
 from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder,
-                    item_counts, package_versions, write_version_files)
+from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
+                    build_index_folder, item_counts, package_versions, write_version_files)
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
 from .milvus import MilvusRowStore, drop_unreferenced_collections
@@ -98,7 +102,8 @@ class Recommender:
     """A loaded index folder: built by :meth:`build` or ``python -m fashionrec index``, opened by :meth:`load`."""
 
     def __init__(self, outdir: Path, version: str, info: dict, items: pd.DataFrame, vectors16: np.ndarray,
-                 store: RowStore, encoder, predictor, settings: InferenceSettings, spinning: bool):
+                 store: RowStore, encoder, predictor, settings: InferenceSettings, spinning: bool,
+                 colour16: np.ndarray | None = None):
         self.outdir = outdir
         self.version = version
         self.info = info
@@ -106,6 +111,8 @@ class Recommender:
         self.spinning = spinning
         self._items = items
         self._vectors16 = vectors16
+        self._colour16 = colour16          # product-colour descriptors, row-aligned; None in older folders
+        self._colour_model = None
         self._store = store
         self._store.fallback_vectors = self._embedding_rows
         self._encoder = encoder
@@ -145,13 +152,18 @@ class Recommender:
         try:
             items = pd.read_parquet(version / ITEMS_FILE)
             vectors16 = np.load(version / EMBEDDINGS_FILE, mmap_mode="r")
+            colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if info.get("colour") else None
         except (OSError, ValueError) as error:
             raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
         store = _open_store(version, info["index"], store)
         if not len(items) == len(vectors16) == store.ntotal:
             raise IndexFolderError(f"{version}: {len(items)} ids, {len(vectors16)} embeddings and {store.ntotal} "
                                    "indexed vectors do not match; rebuild the index")
-        recommender = cls(outdir, version.name, info, items, vectors16, store, None, None, settings, spinning)
+        if colour16 is not None and len(colour16) != len(items):
+            raise IndexFolderError(f"{version}: {len(items)} ids but {len(colour16)} colour descriptors; "
+                                   "rebuild the index")
+        recommender = cls(outdir, version.name, info, items, vectors16, store, None, None, settings, spinning,
+                          colour16)
         recommender._encoder = open_encoder(version, info["query_model"], recommender._runtime_backbone,
                                             settings.threads, spinning)
         recommender._predictor = open_predictor(version, info.get("classifier"), recommender._base_backbone,
@@ -237,11 +249,18 @@ class Recommender:
                 "index": info["index"]["factory"],
                 "search_params": info["index"]["search_params"], "metric": info["metric"],
                 "dataset": info["dataset"].get("name"), "n_items": len(self), "categories": self.categories,
-                "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier}
+                "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
+                "colour": self.has_colour}
 
     # --- queries ------------------------------------------------------------------------------------
 
-    def recommend(self, image, k: int = 10, category: str | None = None, exclude_ids=()) -> Recommendation:
+    @property
+    def has_colour(self) -> bool:
+        """Whether the folder stores product-colour descriptors (``colour_weight`` > 0 needs them)."""
+        return self._colour16 is not None
+
+    def recommend(self, image, k: int = 10, category: str | None = None, exclude_ids=(),
+                  colour_weight: float = 0.0) -> Recommendation:
         """The ``k`` catalog items most similar to ``image`` (a path, bytes, a file object or a PIL image).
 
         ``category``: only items of that category; ``exclude_ids``: never these items. Results
@@ -253,8 +272,15 @@ class Recommender:
         (build.json ``ranking``); without ``category``, that bonus goes to the catalog items
         *labelled* with the predicted category (a shop knows what it sells; the search's
         evaluation predicted the gallery's categories too, the harder case).
+
+        ``colour_weight`` w in [0, 1] ranks by (1 - w) x network similarity + w x product-colour
+        similarity (:mod:`fashionrec.features.colour`), the score each result then carries: over
+        every item for a Flat index, over the index's ``candidate_count(k)`` nearest otherwise.
+        Only the photo's own colour descriptor is computed (``timing_ms["colour"]``); the catalog's
+        are in the folder. w = 0 is the plain ranking.
         """
         self._check_query(k, category, exclude_ids)
+        colour_weight = self.check_colour_weight(colour_weight)
         started = time.perf_counter()
         decoded = {}
 
@@ -270,35 +296,46 @@ class Recommender:
         predicted = probability = None
         if self._predictor is not None:
             predicted, probability, timing["classify"] = self._predictor.predict(image_for, vector)
+        colour = None
+        if colour_weight > 0:
+            colour_started = time.perf_counter()
+            colour = (self._query_colour(image_for(None)), colour_weight)
+            timing["colour"] = (time.perf_counter() - colour_started) * 1000.0
         search_started = time.perf_counter()
         with self._lock:
             excluded = [self._row(item_id) for item_id in exclude_ids]
             boost = float(self.info.get("ranking", {}).get("boost") or 0.0)
             if boost and category is None and predicted in self._category_rows and self._store.metric != "l2":
-                results = self._boosted_search(vector, k, predicted, boost, excluded)
+                results = self._boosted_search(vector, k, predicted, boost, excluded, colour)
             else:
-                results = self._search(vector, k, category, excluded)
+                results = self._search(vector, k, category, excluded, colour)
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
         return Recommendation(results, timing, predicted, probability)
 
-    def similar_to(self, item_id: str, k: int = 10, category: str | None = None, exclude_ids=()) -> Recommendation:
+    def similar_to(self, item_id: str, k: int = 10, category: str | None = None, exclude_ids=(),
+                   colour_weight: float = 0.0) -> Recommendation:
         """"More like this": the ``k`` items most similar to a catalog item, from its stored vector.
 
         Nothing is decoded or embedded. The item itself comes first (unless excluded or outside
         ``category``): it is the query, and it wins any tie with an identical image.
+        ``colour_weight``: as in :meth:`recommend`, with the item's stored colour descriptor.
         """
         self._check_query(k, category, exclude_ids)
+        colour_weight = self.check_colour_weight(colour_weight)
         started = time.perf_counter()
         with self._lock:
             row = self._row(item_id)
             query = self._store.stored_vectors([row])
+            colour = (np.asarray(self._colour16[row], dtype=np.float32), colour_weight) if colour_weight > 0 else None
             excluded = [self._row(other) for other in exclude_ids]
             first = []
             if row not in excluded and (category is None or self._labels[row] == category):
-                first = [self._result(row, self._self_score(query[0]))]
-            results = first + self._search(query, k - len(first), category, [*excluded, row])
+                self_score = self._self_score(query[0])
+                first = [self._result(row, self_score if colour is None else
+                                      (1 - colour_weight) * self_score + colour_weight)]
+            results = first + self._search(query, k - len(first), category, [*excluded, row], colour)
         done = time.perf_counter()
         timing = {"decode": 0.0, "preprocess": 0.0, "embed": 0.0, "search": (done - started) * 1000.0,
                   "total": (done - started) * 1000.0}
@@ -313,6 +350,29 @@ class Recommender:
             raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
         with self._lock:
             return self._search(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
+
+    def check_colour_weight(self, colour_weight: float) -> float:
+        """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
+        weight = check_colour_weight(colour_weight, "colour_weight")
+        if weight > 0 and self._colour16 is None:
+            raise FashionRecError(f"{self.outdir} was built without product-colour descriptors (an index folder "
+                                  "from before colour-aware ranking); rebuild it with `python -m fashionrec index "
+                                  "... --out` to use a colour weight, or use colour weight 0")
+        if weight > 0 and self._store.metric != "cosine":
+            raise FashionRecError(f"a colour weight adds cosine similarities; this index ranks by "
+                                  f"{self._store.metric}: rebuild it with --metric cosine or use colour weight 0")
+        return weight
+
+    def _query_colour(self, image) -> np.ndarray:
+        """The product-colour descriptor of a decoded photo (the batch path's model and preprocessing)."""
+        if self._colour_model is None:
+            self._colour_model = get_backbone(COLOUR_BACKBONE)
+            if self._colour_model.cache_key != self.info["colour"]["cache_key"]:
+                raise IndexFolderError(f"{self.outdir}: the product-colour descriptor now computes differently "
+                                       "from when the index was built; rebuild the index")
+        model = self._colour_model
+        with torch.inference_mode():
+            return model.model(model.transform(image)[None]).numpy()[0].astype(np.float32)
 
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -334,7 +394,8 @@ class Recommender:
             return 0.0
         return float(np.dot(stored, stored))
 
-    def _search(self, vector: np.ndarray, k: int, category: str | None, excluded: list[int]) -> list[Result]:
+    def _search(self, vector: np.ndarray, k: int, category: str | None, excluded: list[int],
+                colour: tuple[np.ndarray, float] | None = None) -> list[Result]:
         """Top-k live rows (of ``category``, not ``excluded``); the caller holds the lock."""
         if k <= 0:
             return []
@@ -342,21 +403,42 @@ class Recommender:
         if category is not None or excluded or self._has_tombstones:
             allowed = self._category_mask(category).copy()
             allowed[excluded] = False
-        scores, rows = self._store.search(vector, k, allowed)
-        return [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
+        return self._ranked(vector, k, allowed, colour)
+
+    def _ranked(self, vector: np.ndarray, k: int, allowed: np.ndarray | None,
+                colour: tuple[np.ndarray, float] | None) -> list[Result]:
+        """Top-k of the ``allowed`` rows by the network's score, or by the fused score when ``colour`` is given.
+
+        Fused: a Flat index scores every allowed row (exact); another proposes ``candidate_count(k)``
+        rows, re-scored with their colour similarity.
+        """
+        if colour is None:
+            scores, rows = self._store.search(vector, k, allowed)
+            return [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
+        query_colour, weight = colour
+        n_rows = len(self._items)
+        exact = self.info["index"].get("factory") == "Flat" and self.info["index"].get("store", "faiss") == "faiss"
+        scores, rows = self._store.search(vector, n_rows if exact else candidate_count(k, n_rows), allowed)
+        valid = rows[0] >= 0
+        rows, network = rows[0][valid], scores[0][valid]
+        stored = np.asarray(self._colour16[rows], dtype=np.float32)
+        stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+        query_colour = query_colour / max(float(np.linalg.norm(query_colour)), 1e-12)
+        fused = (1.0 - weight) * network + weight * (stored @ query_colour)
+        order = np.argsort(-fused, kind="stable")[:k]
+        return [self._result(int(rows[i]), float(fused[i])) for i in order]
 
     def _boosted_search(self, vector: np.ndarray, k: int, category: str, boost: float,
-                        excluded: list[int]) -> list[Result]:
+                        excluded: list[int], colour: tuple[np.ndarray, float] | None = None) -> list[Result]:
         """Top-k live rows when rows of ``category`` get ``boost`` added to their score (``inf``: those first).
 
         Scores in the results stay the similarities; only the order carries the bonus.
         """
-        same = self._search(vector, k, category, excluded)
+        same = self._search(vector, k, category, excluded, colour)
         others_allowed = self._category_mask(None) & ~self._category_mask(category)
         others_allowed = others_allowed.copy()
         others_allowed[excluded] = False
-        scores, rows = self._store.search(vector, k, others_allowed)
-        others = [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
+        others = self._ranked(vector, k, others_allowed, colour)
         bonus = math.inf if math.isinf(boost) else boost
         ranked = [(result.score + bonus, 0, i, result) for i, result in enumerate(same)]
         ranked += [(result.score, 1, i, result) for i, result in enumerate(others)]
@@ -424,10 +506,16 @@ class Recommender:
         if len(embedded.vectors) == 0:
             return report
         new_items = embedded.metadata.assign(deleted=False)[ITEM_COLUMNS]
+        new_colour = None
+        if self._colour16 is not None:
+            new_colour = aligned_colour(new_items, colour_descriptors(new_items[["id", "path", "label"]],
+                                                                      self.settings))
         with self._lock:
             self._store.add(embedded.vectors, new_items["label"].astype(str).tolist())
             self._items = pd.concat([self._items, new_items], ignore_index=True)
             self._vectors16 = np.concatenate([np.asarray(self._vectors16), embedded.vectors.astype(np.float16)])
+            if new_colour is not None:
+                self._colour16 = np.concatenate([np.asarray(self._colour16), new_colour.astype(np.float16)])
             self._reindex()
         report.added = new_items["id"].tolist()
         self._record_update(report)
@@ -453,6 +541,7 @@ class Recommender:
                 keep = np.setdiff1d(np.arange(len(self._items)), rows)
                 self._items = self._items.iloc[keep].reset_index(drop=True)
                 self._vectors16 = np.asarray(self._vectors16)[keep]
+                self._colour16 = None if self._colour16 is None else np.asarray(self._colour16)[keep]
             else:
                 deleted = self._items["deleted"].to_numpy().copy()
                 deleted[rows] = True
@@ -480,6 +569,7 @@ class Recommender:
         self._store.compact(keep)
         self._items = self._items.iloc[keep].reset_index(drop=True)
         self._vectors16 = np.asarray(self._vectors16)[keep]
+        self._colour16 = None if self._colour16 is None else np.asarray(self._colour16)[keep]
 
     def _record_update(self, report: UpdateReport) -> None:
         self.info["updates"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": len(report.added),
@@ -503,7 +593,8 @@ class Recommender:
                         "counts": item_counts(self._items, self.info["skipped"])}
                 info["dataset"] = {**info["dataset"], "fingerprint": dataset_fingerprint(
                     self._items.loc[~self._items["deleted"].to_numpy(), ["id", "label", "digest"]])}
-                write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), info)
+                write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), info,
+                                    None if self._colour16 is None else np.asarray(self._colour16, dtype=np.float16))
             self.info, self.version = info, staging.version
             if isinstance(self._store, MilvusRowStore):   # the collections of versions no longer kept
                 drop_unreferenced_collections(self.outdir, self._store.store.uri, self._store.store.token)
