@@ -182,9 +182,10 @@ def _pass_weights(in_size: int, out_size: int, name: str, first: int, last: int
 
 @numba.njit(nogil=True, cache=True)
 def _resample_rows(source, start, taps, weights, column_lo, column_hi):
-    """One pass along axis 0 of ``source`` (rows x values): output row i from rows start[i]...
+    """One pass along axis 0 of ``source`` (rows x values), columns ``column_lo``..``column_hi - 1``.
 
-    Sums in float64 (exact for 8-bit values times 22-bit weights), then Pillow's shift and clip.
+    Output row i is the weighted sum of rows ``start[i]`` .. ``start[i] + taps[i] - 1``, summed in
+    float64 (exact for 8-bit values times 22-bit integer weights), then Pillow's shift and clip.
     """
     n_out = start.shape[0]
     width = column_hi - column_lo
