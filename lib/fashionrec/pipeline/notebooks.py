@@ -7,6 +7,8 @@ notebook leaks into a run. ``backbone_modules`` are loaded here (an unknown back
 fails now, not after 00-prepare-data) and handed to the kernels through
 ``FASHIONREC_BACKBONE_MODULES``. Executed notebooks land in ``results/<run>/``; a failing
 notebook is kept there with its error, and the run stops naming the notebook and the cell.
+A run that reaches past 05-report writes the report again at its end, so that it lists the
+figures of 06 and 07 from this run, whatever an earlier run left in the folder.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..data.fetch import ensure_dataset
 from ..errors import FashionRecError, did_you_mean
 from ..models.registry import BACKBONE_MODULES_ENV, check_backbone_name, load_backbone_modules
 from .params import BY_NAME, resolve_params
+from .report import write_report
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
 
@@ -128,6 +131,9 @@ def run_pipeline(params_path, run_name: str | None = None) -> int:
             print(f"[pipeline] FAILED in {notebook.name}, cell {error.exec_count} ({error.ename}: {error.evalue}); "
                   f"the executed notebook with the error is {out_dir / notebook.name}", file=sys.stderr)
             return 1
+    if "05" in stems and max(stems) > "05":
+        # 06 and 07 write their figures after 05-report: list them now, as the next run's report would.
+        write_report(run_name, params_file=params["params_file"])
     if unused:
         print(f"[pipeline] warning: parameters set in {params_path} but used by none of the notebooks run: "
               f"{sorted(unused)}", file=sys.stderr)
