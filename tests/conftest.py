@@ -15,9 +15,22 @@ from PIL import Image
 
 from fashionrec import config
 from fashionrec.data.catalog import load_clothing
+from fashionrec.data.fetch import locate_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 CLOTHING_DIR = Path(os.environ.get("FASHIONREC_CLOTHING_DIR", REPO.parent / "shared" / "data" / "clothing-dataset"))
+# Debian's system-wide copy, or the one `make test` fetched into data/raw (found before any test
+# points config at its own temporary tree).
+FASHION_MNIST_DIR = locate_fashion_mnist()
+
+
+def _link_fashion_mnist(root: Path) -> None:
+    """Makes a fetched Fashion-MNIST visible under a test data root, as a newcomer's data/raw holds it."""
+    if FASHION_MNIST_DIR is not None and FASHION_MNIST_DIR != config.FASHION_MNIST_SYSTEM_DIR:
+        link = root / "raw" / "fashion-mnist"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(FASHION_MNIST_DIR, target_is_directory=True)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +42,7 @@ def isolated_data_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(config, "PROCESSED_DIR", root / "processed")
     monkeypatch.setattr(config, "RAW_DIR", root / "raw")
     monkeypatch.setattr(config, "RESULTS_DIR", root / "results")
+    _link_fashion_mnist(root)
     return root
 
 
@@ -71,6 +85,7 @@ def data_dirs(root: Path):
         for name, path in (("DATA_DIR", root), ("INTERIM_DIR", root / "interim"), ("PROCESSED_DIR", root / "processed"),
                            ("RAW_DIR", root / "raw"), ("RESULTS_DIR", root / "results")):
             patch.setattr(config, name, path)
+        _link_fashion_mnist(root)
         yield
 
 
@@ -108,7 +123,7 @@ def write_product_image(path: Path, seed: int, category: int, size=(120, 160)) -
 
 
 def fashion_mnist_available() -> bool:
-    return config.FASHION_MNIST_SYSTEM_DIR.is_dir()
+    return FASHION_MNIST_DIR is not None
 
 
 GENERATED_CATEGORIES = ("ellipse", "box", "triangle", "trousers", "striped ellipse", "striped box",

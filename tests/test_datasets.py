@@ -12,7 +12,7 @@ from fashionrec.data.ledger import STAGES
 from fashionrec.data.split import split_catalog, split_counts, subsample
 from fashionrec.errors import DatasetError
 
-from conftest import REPO, write_color_image
+from conftest import REPO, fashion_mnist_available, write_color_image
 
 
 def _catalog(counts: dict) -> pd.DataFrame:
@@ -215,8 +215,8 @@ def test_clothing_loader_reports_rows_whose_file_is_absent(tmp_path):
     ]
 
 
-@pytest.mark.skipif(not (config.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="Fashion-MNIST neither installed (Debian dataset-fashion-mnist) nor fetched (make data)")
 def test_fashion_mnist_loader_samples_and_writes_only_what_it_needs():
     loaded = load_fashion_mnist(max_per_class=5, seed=0, progress=False)
     assert loaded.counts().to_dict() == {name: 5 for name in FASHION_MNIST_CLASSES}
