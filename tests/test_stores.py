@@ -20,6 +20,7 @@ from fashionrec.indexing.stores import DuplicateIdError, FaissStore, UnknownIdEr
 from fashionrec.settings import StoreSettings
 
 from conftest import REPO
+from test_index import brute_force
 
 # Labels a filter expression must quote correctly; ids far from 0..n and negative ones.
 TRICKY_LABELS = ['T-Shirt', 'say "hi"', "it's", "back\\slash", "ünïcödé 帽子", "two\nlines"]
@@ -33,20 +34,6 @@ def catalog(n: int = 600, d: int = 32, seed: int = 0):
     ids = rng.choice(np.arange(-2**40, 2**62, 2**40 + 7), size=n, replace=False).astype(np.int64)
     ids = ids[ids != -1]
     return ids[:n], vectors, [TRICKY_LABELS[i] for i in which]
-
-
-def brute_force(vectors, queries, k, metric):
-    """Exact top-k by hand: the scores each store must return, and their order."""
-    if metric == "cosine":
-        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    if metric == "l2":
-        scores = ((queries[:, None, :].astype(np.float64) - vectors[None]) ** 2).sum(-1)
-        order = np.argsort(scores, axis=1, kind="stable")[:, :k]
-    else:
-        scores = queries.astype(np.float64) @ vectors.T.astype(np.float64)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), order
 
 
 @pytest.fixture
@@ -68,7 +55,7 @@ def make_store(kind, uri, metric="cosine", index="Flat", search_params=""):
 def test_exact_search_returns_the_true_neighbours_with_their_scores(store_kind, lite_uri, metric):
     ids, vectors, labels = catalog()
     queries = np.random.default_rng(1).normal(0, 2, (40, vectors.shape[1])).astype(np.float32)
-    expected_scores, expected_rows = brute_force(vectors, queries, 10, metric)
+    expected_scores, expected_rows = brute_force(vectors, queries, metric, 10)
     with make_store(store_kind, lite_uri, metric) as store:
         assert isinstance(store, VectorStore)
         store.add(ids, vectors, labels)
@@ -91,7 +78,7 @@ def test_ids_and_labels_round_trip_exactly_and_the_category_filter_keeps_to_its_
         assert found[:, 0].tolist() == ids[:25].tolist()  # each query's own (nudged) vector comes first
         for category in TRICKY_LABELS:
             in_category = np.array([label == category for label in labels])
-            expected_scores, expected_rows = brute_force(vectors[in_category], queries, 5, "cosine")
+            expected_scores, expected_rows = brute_force(vectors[in_category], queries, "cosine", 5)
             scores, found = store.search(queries, 5, category=category)
             assert set(store.labels_of(found.ravel())) == {category}
             assert compare_rankings(found, scores, ids[in_category][expected_rows], expected_scores)["other_rows"] == 0
