@@ -24,7 +24,8 @@ from PIL import ExifTags, Image, ImageFile
 
 from fashionrec.data import images
 from fashionrec.errors import ImageError
-from fashionrec.data.images import ImageInfo, ensure_rgb, load_image, open_image_bytes, probe_image
+from fashionrec.data.images import (ImageInfo, decode_rgb_array, ensure_rgb, jpeg_arrays_match_pillow, load_image,
+                                   open_image_bytes, probe_image)
 
 WHITE = (255, 255, 255)
 RED = (255, 0, 0)
@@ -407,6 +408,40 @@ def test_probe_rejects_what_the_header_already_shows(catalog, name):
     with pytest.raises(ImageError) as caught:
         probe_image(catalog / name)
     assert BAD[name].reason in caught.value.reason
+
+
+# ---------------------------------------------------------------- decode_rgb_array (the query path)
+
+
+@pytest.mark.parametrize("draft_size", [None, 8])
+@pytest.mark.parametrize("name", GOOD)
+def test_rgb_arrays_are_exactly_what_load_image_gives(catalog, name, draft_size):
+    expected = np.asarray(load_image(catalog / name, draft_size=draft_size))
+    actual = decode_rgb_array(catalog / name, draft_size=draft_size)
+    assert actual.dtype == np.uint8 and actual.shape == expected.shape and np.array_equal(actual, expected)
+    from_bytes = decode_rgb_array((catalog / name).read_bytes(), name="upload.jpg", draft_size=draft_size)
+    assert np.array_equal(from_bytes, expected)
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_rgb_arrays_refuse_what_load_image_refuses_with_its_reason(catalog, name):
+    with pytest.raises(ImageError) as caught:
+        decode_rgb_array(catalog / name)
+    assert caught.value.path == str(catalog / name)
+    assert caught.value.reason == reason_for(catalog / name)
+
+
+def test_plain_jpegs_skip_pillow_decoding_and_the_rest_do_not(tmp_path, monkeypatch):
+    assert jpeg_arrays_match_pillow()
+    plain, rotated = tmp_path / "plain.jpg", tmp_path / "rotated.jpg"
+    plain.write_bytes(noise_jpeg())
+    rotated.write_bytes(exif_rotated_jpeg())
+    expected = {path: np.asarray(load_image(path)) for path in (plain, rotated)}
+    pillow_decodes = []
+    original = images._decode
+    monkeypatch.setattr(images, "_decode", lambda *args: pillow_decodes.append(args[1]) or original(*args))
+    assert np.array_equal(decode_rgb_array(plain), expected[plain]) and pillow_decodes == []
+    assert np.array_equal(decode_rgb_array(rotated), expected[rotated]) and pillow_decodes == [rotated]
 
 
 # ---------------------------------------------------------------- in-memory images

@@ -67,6 +67,8 @@ def test_the_fast_geometry_equals_torchvision_pixel_for_pixel(lite0, seed, mode)
             expected = np.asarray(reference(image))
             actual = resize_and_crop(image, spec)
             assert actual.shape == expected.shape and np.array_equal(actual, expected), (name, width, height)
+            from_array = resize_and_crop(np.asarray(image), spec)   # what decode_rgb_array hands a query
+            assert np.array_equal(from_array, expected), (name, width, height, "array")
         assert geometry_is_exact(spec)
 
 

@@ -43,13 +43,15 @@ import os
 import re
 import stat
 import struct
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 
@@ -58,7 +60,9 @@ __all__ = [
     "ImageInfo",
     "check_image_file",
     "ensure_rgb",
+    "decode_rgb_array",
     "file_digest",
+    "jpeg_arrays_match_pillow",
     "load_image",
     "open_image_bytes",
     "open_regular_file",
@@ -150,6 +154,79 @@ def check_image_file(fp: BinaryIO, name: str | os.PathLike) -> tuple[str, str] |
 def open_image_bytes(data: bytes, name: str = "<bytes>", *, draft_size: int | None = None) -> Image.Image:
     """Like :func:`load_image` for in-memory data (an upload); ``name`` labels errors."""
     return _decode(io.BytesIO(data), name, draft_size)
+
+
+def decode_rgb_array(source: str | os.PathLike | bytes, name: str | os.PathLike | None = None, *,
+                     draft_size: int | None = None) -> np.ndarray:
+    """The pixels :func:`load_image` (a path) or :func:`open_image_bytes` (bytes) gives, as (height, width, 3) uint8.
+
+    A JPEG of Pillow mode RGB or L that needs neither draft scaling nor an EXIF rotation is
+    decoded by libjpeg-turbo through simplejpeg straight into the array, with Pillow's own
+    decoder settings (accurate integer IDCT, fancy upsampling), so with the same pixels
+    (:func:`jpeg_arrays_match_pillow` checks it at first use); this skips Pillow's 4-byte pixel
+    layout and the copy that packs it, which a single query pays for. Every header check of
+    :func:`load_image` runs first; anything else, and any decoding error, goes through Pillow,
+    so the error raised (ImageError naming ``name`` and the reason) is :func:`load_image`'s.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), name or "<bytes>"
+    else:
+        with open_regular_file(source) as fp:
+            data = fp.read()
+        name = name or source
+    stream = io.BytesIO(data)
+    with _open_checked(stream, name) as image:
+        plain = (image.format == "JPEG" and image.mode in ("RGB", "L")
+                 and not _draft_scales(image, draft_size)
+                 and image.getexif().get(ExifTags.Base.Orientation, 1) == 1)
+        size = image.size
+    if plain and jpeg_arrays_match_pillow():
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:   # Pillow tolerates some of what strict libjpeg refuses; let it judge
+            pixels = None
+        if pixels is not None and pixels.shape == (size[1], size[0], 3):
+            return pixels
+    stream.seek(0)
+    return np.asarray(_decode(stream, name, draft_size))
+
+
+def _draft_scales(image: Image.Image, draft_size: int | None) -> bool:
+    """Whether :func:`_decode` would let the JPEG decoder scale this image down (JpegImageFile.draft's rule)."""
+    return bool(draft_size) and min(image.size[0] // draft_size, image.size[1] // draft_size) >= 2
+
+
+_jpeg_check: list[bool] = []
+_jpeg_check_lock = threading.Lock()
+
+
+def jpeg_arrays_match_pillow() -> bool:
+    """Whether simplejpeg decodes JPEGs Pillow wrote (4:2:0, 4:2:2, 4:4:4, progressive, grey, odd sizes)
+    to exactly Pillow's pixels. Checked once per process; False (with a warning) keeps every
+    decode in Pillow."""
+    with _jpeg_check_lock:
+        if not _jpeg_check:
+            rng = np.random.default_rng(0)
+            variants = [((61, 97), "RGB", {"subsampling": 2}), ((48, 64), "RGB", {"subsampling": 0}),
+                        ((33, 50), "RGB", {"subsampling": 1}), ((75, 41), "RGB", {"progressive": True}),
+                        ((29, 35), "L", {})]
+            same = True
+            for (height, width), mode, options in variants:
+                smooth = np.cumsum(rng.integers(0, 9, (height, width, 3)), axis=1).astype(np.uint8)
+                picture = Image.fromarray(smooth).convert(mode)
+                encoded = io.BytesIO()
+                picture.save(encoded, "JPEG", quality=90, **options)
+                pillow = np.asarray(open_image_bytes(encoded.getvalue()))
+                try:
+                    same = np.array_equal(simplejpeg.decode_jpeg(encoded.getvalue(), colorspace="RGB"), pillow)
+                except ValueError:
+                    same = False
+                if not same:
+                    log.warning("simplejpeg decodes JPEGs differently from this Pillow (%s %dx%d %s); "
+                                "every JPEG is decoded by Pillow", mode, width, height, options)
+                    break
+            _jpeg_check.append(same)
+        return _jpeg_check[0]
 
 
 def ensure_rgb(image: Image.Image) -> Image.Image:

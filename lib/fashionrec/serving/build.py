@@ -249,7 +249,7 @@ def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame
     worst = 0.0
     for row in sorted(rows):
         path = metadata["path"].iloc[row]
-        vector, _ = encode_source(encoder, lambda draft_size: decode_query(path, draft_size))
+        vector, _ = encode_source(encoder, lambda draft_size: decode_query(path, draft_size, as_array=True))
         expected = vectors[row]
         worst = max(worst, float(np.abs(vector[0] - expected).max() / max(np.abs(expected).max(), 1e-12)))
     if not worst <= EXPORT_RTOL:

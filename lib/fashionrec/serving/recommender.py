@@ -49,7 +49,7 @@ from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
 from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
                     build_index_folder, item_counts, package_versions, write_version_files)
-from .encoder import decode_query, encode_source
+from .encoder import as_image, decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
 from .milvus import MilvusRowStore, drop_unreferenced_collections
 from .store import FaissRowStore, RowStore
@@ -286,7 +286,7 @@ class Recommender:
 
         def image_for(draft_size):
             if draft_size not in decoded:
-                decoded[draft_size] = decode_query(image, draft_size)
+                decoded[draft_size] = decode_query(image, draft_size, as_array=True)
             return decoded[draft_size]
 
         image_for(self._encoder.draft_size)
@@ -372,7 +372,7 @@ class Recommender:
                                        "from when the index was built; rebuild the index")
         model = self._colour_model
         with torch.inference_mode():
-            return model.model(model.transform(image)[None]).numpy()[0].astype(np.float32)
+            return model.model(model.transform(as_image(image))[None]).numpy()[0].astype(np.float32)
 
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
