@@ -1,6 +1,8 @@
 """The single-query path: exact Pillow geometry and the uint8 ONNX query model equal the batch path."""
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from fashionrec.data.catalog import load_fashion_mnist
 from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError
 from fashionrec.models.preprocess import Preprocessing, crop_pixels, geometry_is_exact, resize_and_crop
-from fashionrec.models import query_model
+from fashionrec.models import preprocess, query_model
 from fashionrec.models.query_model import query_session, run_query_model, uint8_query_model
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import onnx_backbone, with_runtime
@@ -70,6 +72,40 @@ def test_the_fast_geometry_equals_torchvision_pixel_for_pixel(lite0, seed, mode)
             from_array = resize_and_crop(np.asarray(image), spec)   # what decode_rgb_array hands a query
             assert np.array_equal(from_array, expected), (name, width, height, "array")
         assert geometry_is_exact(spec)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_the_crop_is_the_same_whole_or_in_two_halves_on_two_threads(lite0, cpus, monkeypatch):
+    monkeypatch.setattr(preprocess, "available_threads", lambda: cpus)
+    spec = Preprocessing.from_transform(lite0.transform)
+    assert spec.crop[0] >= preprocess.SPLIT_MIN_ROWS
+    rng = np.random.default_rng(3)
+    reference = spec.reference_geometry()
+    for width, height in [(400, 533), (533, 400), (400, 900), (300, 1200), (256, 256)]:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        assert np.array_equal(resize_and_crop(pixels, spec), np.asarray(reference(Image.fromarray(pixels))))
+    assert (preprocess._row_helper() is None) == (cpus == 1)
+
+
+def _crop_in_a_forked_child(spec: Preprocessing, pixels: np.ndarray, answers) -> None:
+    answers.put(resize_and_crop(pixels, spec))
+
+
+def test_a_forked_process_gets_its_own_helper_thread(lite0):
+    """A child inherits the parent's pool object but not its thread; reusing it would wait forever."""
+    spec = Preprocessing.from_transform(lite0.transform)
+    pixels = np.random.default_rng(4).integers(0, 256, (533, 400, 3), dtype=np.uint8)
+    expected = resize_and_crop(pixels, spec)   # the parent's helper exists from here on
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    child = context.Process(target=_crop_in_a_forked_child, args=(spec, pixels, answers))
+    child.start()
+    try:
+        assert np.array_equal(answers.get(timeout=60), expected)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
 
 
 def _real_photos(n: int) -> list[str]:
