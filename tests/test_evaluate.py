@@ -25,6 +25,17 @@ def _toy():
     return vectors, metadata
 
 
+def test_an_index_template_is_reported_with_the_factory_it_became():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    metadata = pd.DataFrame({"id": [f"i{n}" for n in range(300)], "label": list("AB") * 150,
+                             "split": ["gallery"] * 250 + ["query"] * 50})
+    templated = evaluate_embeddings(vectors, metadata, k=5, index="IVF{nlist},Flat").protocol
+    assert templated["index"] == "IVF{nlist},Flat"
+    assert templated["index_resolved"].startswith("IVF") and "{" not in templated["index_resolved"]
+    assert "index_resolved" not in evaluate_embeddings(vectors, metadata, k=5, index="Flat").protocol
+
+
 def test_evaluate_embeddings_on_a_hand_computed_example():
     vectors, metadata = _toy()
     evaluation = evaluate_embeddings(vectors, metadata, k=2, index="Flat", metric="cosine")

@@ -148,6 +148,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
                 sorted(set(stored_labels)), k, boost, metric)
         else:
             scores, positions = gallery_store.search(searched[query_rows], n_searched)
+        built = gallery_store.describe().get("factory")
     if fused and not exact_fusion:
         scores, positions = rerank_fused(positions, vectors[query_rows], colour_vectors[query_rows],
                                          vectors[gallery_rows], colour_vectors[gallery_rows], colour_weight, k)
@@ -176,6 +177,8 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "k": k,
         "store": store.store,
         "index": index,
+        # A template ("IVF{nlist},Flat") becomes a factory for the gallery's size: say which.
+        **({"index_resolved": built} if built and built != index else {}),
         "metric": metric,
         "search_params": search_params,
         "n_queries": int(len(queries)),

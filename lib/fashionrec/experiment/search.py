@@ -42,7 +42,7 @@ from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_metrics
 from ..training.heads import HeadConfig
 from ..training.search import SearchConfig, SearchOutcome, refit_chosen, search_models
-from ..training.trunk import _digest
+from ..training.trunk import text_digest
 from .evaluate import PreparedData, embed_with, evaluation_record
 from .finetune import FinetunedEvaluation, evaluate_finetuned, measured_on_queries
 
@@ -208,7 +208,7 @@ def _search_key(name: str, leaves: LeafEmbeddings, train_fingerprint: str, cfg: 
     settings = {"format": FORMAT, "search_version": SEARCH_VERSION, "backbone": name,
                 "leaves": sorted(leaves.runtime_keys.values()), "train": train_fingerprint,
                 "config": plain_values(asdict(cfg))}
-    return _digest(json.dumps(settings, sort_keys=True, default=str))[:16]
+    return text_digest(json.dumps(settings, sort_keys=True, default=str))[:16]
 
 
 def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classifier_set: CombinedBackbone,

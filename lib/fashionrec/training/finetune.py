@@ -37,7 +37,7 @@ from ..models.finetuned import FORMAT, plain_values
 from ..models.projection import project
 from .classify import choose_category_boost, select_classifier
 from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads, train_head
-from .trunk import BackboneTuneConfig, TunedBackbone, _digest, tune_backbone
+from .trunk import BackboneTuneConfig, TunedBackbone, text_digest, tune_backbone
 
 # Part of the model cache key: bump when training changes, so no stale model is reused.
 TRAINING_VERSION = 6
@@ -190,7 +190,7 @@ def model_cache_key(backbone: Backbone, train_fingerprint: str, cfg: FinetuneCon
     settings = {"format": FORMAT, "training_version": TRAINING_VERSION, "backbone": backbone.name, "cache_key": backbone.cache_key,
                 "train": train_fingerprint, "level": level, "losses": list(losses),
                 "head": plain_values(asdict(head_cfg)), "tune": plain_values(asdict(tune_cfg)) if level == 2 else None}
-    return _digest(json.dumps(settings, sort_keys=True))[:16]
+    return text_digest(json.dumps(settings, sort_keys=True))[:16]
 
 
 def default_model_path(backbone_name: str, key: str) -> Path:

@@ -271,7 +271,7 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
     views = [clean[fit_rows]]
     for v in range(cfg.n_views):
         views.append(trunk_features(train_rows.iloc[fit_rows], backbone, cut, f"aug-seed{cfg.seed}-v{v}-"
-                                    f"{_digest(repr(aug))[:8]}", aug, cfg.seed * 1000 + v, num_workers=num_workers,
+                                    f"{text_digest(repr(aug))[:8]}", aug, cfg.seed * 1000 + v, num_workers=num_workers,
                                     progress=progress))
     feature_seconds = time.perf_counter() - feature_started
     views = np.stack(views)                                   # (n_views + 1, n_fit, flat)
@@ -382,5 +382,6 @@ def _trunk_shape(net: nn.Module, cut: int, resolution: int) -> tuple[int, int, i
         return tuple(LiteTrunk(net, cut).eval()(torch.zeros(1, 3, resolution, resolution)).shape[1:])
 
 
-def _digest(text: str) -> str:
+def text_digest(text: str) -> str:
+    """SHA-256 of a text (settings as JSON, a transform's repr): the key of a cached training result."""
     return hashlib.sha256(text.encode()).hexdigest()
