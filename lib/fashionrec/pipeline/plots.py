@@ -91,32 +91,28 @@ def recommendation_grid(evaluation, query_positions, n_results: int | None = Non
 
 def index_tradeoff(table: pd.DataFrame, path=None):
     """Recall@k against exact search versus queries per second and bytes per vector, per backbone."""
-    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for backbone, rows in table[table["status"] == "ok"].groupby("backbone", sort=True):
-        speed.scatter(rows["qps"], rows["recall_vs_exact"], label=backbone)
-        memory.scatter(rows["bytes_per_vector"], rows["recall_vs_exact"], label=backbone)
-        for _, row in rows.iterrows():
-            speed.annotate(row["index"], (row["qps"], row["recall_vs_exact"]), fontsize=6)
-            memory.annotate(row["index"], (row["bytes_per_vector"], row["recall_vs_exact"]), fontsize=6)
-    speed.set(xscale="log", xlabel="queries / s (log)", ylabel="recall@k vs exact search")
-    memory.set(xscale="log", xlabel="bytes per vector (log)", ylabel="recall@k vs exact search")
-    speed.legend(fontsize=7)
-    figure.tight_layout()
-    return _save(figure, path)
+    return _recall_tradeoff(table[table["status"] == "ok"], "backbone", "recall_vs_exact",
+                            [("qps", "queries / s (log)"), ("bytes_per_vector", "bytes per vector (log)")], path)
 
 
 def store_tradeoff(table: pd.DataFrame, path=None):
     """Recall@k against exact search versus single-query latency and batch throughput, one colour per store."""
-    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
-    for store, rows in table.groupby("store", sort=True):
-        latency.scatter(rows["latency_ms_p50"], rows["recall_at_k"], label=store)
-        throughput.scatter(rows["qps"], rows["recall_at_k"], label=store)
-        for _, row in rows.iterrows():
-            latency.annotate(row["index"], (row["latency_ms_p50"], row["recall_at_k"]), fontsize=6)
-            throughput.annotate(row["index"], (row["qps"], row["recall_at_k"]), fontsize=6)
-    latency.set(xscale="log", xlabel="single-query latency, median (ms, log)", ylabel="recall@k vs exact search")
-    throughput.set(xscale="log", xlabel="batch queries / s (log)", ylabel="recall@k vs exact search")
-    latency.legend(fontsize=7)
+    return _recall_tradeoff(table, "store", "recall_at_k",
+                            [("latency_ms_p50", "single-query latency, median (ms, log)"),
+                             ("qps", "batch queries / s (log)")], path)
+
+
+def _recall_tradeoff(table: pd.DataFrame, colour_by: str, recall: str, costs: list[tuple[str, str]], path):
+    """One panel per (cost column, axis label): recall against that cost on a log axis, each point named by its index."""
+    figure, panels = plt.subplots(1, len(costs), figsize=(11, 4))
+    for group, rows in table.groupby(colour_by, sort=True):
+        for panel, (cost, _) in zip(panels, costs):
+            panel.scatter(rows[cost], rows[recall], label=group)
+            for _, row in rows.iterrows():
+                panel.annotate(row["index"], (row[cost], row[recall]), fontsize=6)
+    for panel, (_, label) in zip(panels, costs):
+        panel.set(xscale="log", xlabel=label, ylabel="recall@k vs exact search")
+    panels[0].legend(fontsize=7)
     figure.tight_layout()
     return _save(figure, path)
 
