@@ -297,6 +297,17 @@ def test_updates_keep_the_colour_descriptors_aligned_with_the_items(colour_index
     assert nearest.id == "new-blue-dress" and nearest.score == pytest.approx(1.0, abs=2e-3)
 
 
+def test_the_pipeline_sweep_runs_the_backbone_as_the_run_embedded_it(colour_catalog):
+    from fashionrec.pipeline.stages import stage_colour_sweep, stage_embed, stage_evaluate, stage_prepare
+
+    stage_prepare("eager-run", "catalog", colour_catalog, k=10, progress=False)
+    stage_embed("eager-run", ["colorhist"], settings=InferenceSettings(progress=False, workers=0, runtime="eager"))
+    table, _ = stage_evaluate("eager-run", ["Flat"], k=10)
+    record = stage_colour_sweep("eager-run", [0, 0.5], k=10)   # the notebook passes no settings
+    assert record["protocol"]["runtime"] == "eager"
+    assert record["rows"][0]["precision_at_k"] == pytest.approx(table["precision_at_k"].iloc[0], abs=1e-6)
+
+
 @pytest.mark.integration
 def test_the_pipeline_stages_take_relevance_and_colour_weights_into_the_report(colour_catalog):
     from fashionrec.pipeline.report import write_report

@@ -118,7 +118,8 @@ def colour_sweep(prepared: PreparedData, backbone: str, weights, k: int = 10, in
                               "the queries were not looked at",
                  "rule": "highest validation P@k under the asked relevance; the smallest weight on a tie",
                  "categories_without_validation": not_validated}
-    protocol = {"dataset": prepared.dataset, "backbone": backbone, "index": index, "k": k, "metric": "cosine",
+    protocol = {"dataset": prepared.dataset, "backbone": backbone, "runtime": settings.runtime, "index": index,
+                "k": k, "metric": "cosine",
                 "relevance": list(relevance), "split_seed": prepared.split_seed,
                 "n_queries": int((split == "query").sum()), "n_gallery": int((split == "gallery").sum()),
                 "colour_backbone": "product_colour",

@@ -118,8 +118,9 @@ def stage_embed(run_name: str, backbones: list[str], splits=("train", "gallery",
             continue
         save_embeddings(embeddings, out / "embeddings", extra={"dataset_fingerprint": dataset_fingerprint(embeddings.metadata)})
         status[name] = {"status": "ok", "dim": int(embeddings.vectors.shape[1]), "n": int(len(embeddings.vectors)),
-                        "weights_sha256": embeddings.weights_sha256, "n_skipped_images": len(embeddings.skipped),
-                        "skipped": embeddings.skipped}
+                        "weights_sha256": embeddings.weights_sha256, "runtime": settings.runtime,
+                        "weights_file": (weights_files or {}).get(name),
+                        "n_skipped_images": len(embeddings.skipped), "skipped": embeddings.skipped}
         rows.append({
             "backbone": name, "status": "ok", "reason": "", "dim": embeddings.vectors.shape[1],
             "n_images": len(embeddings.vectors), "computed": embeddings.n_computed, "reused": embeddings.n_reused,
@@ -264,13 +265,19 @@ def stage_colour_sweep(run_name: str, weights, k: int = 10, relevance=("label",)
                        settings: InferenceSettings = InferenceSettings(progress=False)) -> dict | None:
     """The colour-weight sweep of the run's first backbone (Flat, cosine) into colour_sweep.json and its figure.
 
-    None when ``weights`` is empty. The report (05-report) shows the table and the plot.
+    The backbone runs as 01-embed ran it (its runtime and weights file, from backbones.json), so
+    the sweep's w = 0 row is the run's own evaluation; ``settings`` gives the rest (batch size,
+    workers, threads). None when ``weights`` is empty. The report (05-report) shows the table
+    and the plot.
     """
     if not weights:
         return None
     backbones = available_backbones(run_name)
     if not backbones:
         raise FashionRecError(f"run {run_name!r}: no backbone was embedded, nothing to sweep")
+    embedded = read_json(config.RESULTS_DIR / run_name / "backbones.json")[backbones[0]]
+    settings = settings.but(runtime=embedded.get("runtime", settings.runtime),
+                            weights_file=embedded.get("weights_file"))
     record = colour_sweep(load_prepared(run_name), backbones[0], weights, k=k, relevance=relevance,
                           settings=settings).to_record()
     write_colour_sweep_files(run_dir(run_name), record)
