@@ -1,6 +1,7 @@
 """The single-query path: exact Pillow geometry and the uint8 ONNX query model equal the batch path."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 
 import numpy as np
@@ -139,6 +140,21 @@ def test_the_uint8_query_model_equals_the_batch_and_eager_paths_on_real_photos(l
         # Same crop pixels, same float operations, same network nodes: the batch path's vector.
         assert _relative_error(query, batch_path) < 1e-6, path
         assert _relative_error(query, eager) < 1e-4, path
+
+
+def test_per_channel_normalisation_in_the_uint8_model_equals_torchvision(lite0, tmp_path):
+    """Lite's mean and std are one value for all channels (scalar constants); ImageNet's are not."""
+    fast = onnx_backbone(lite0, threads=2)
+    imagenet = dataclasses.replace(Preprocessing.from_transform(fast.transform),
+                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    session = query_session(uint8_query_model(fast.model.path, tmp_path / "query.onnx", imagenet), threads=2)
+    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(imagenet.mean, imagenet.std)])
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        crop = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            expected = fast.model(normalise(Image.fromarray(crop))[None]).numpy()
+        assert _relative_error(run_query_model(session, crop), expected) < 1e-6
 
 
 def test_a_backbone_without_a_describable_transform_keeps_the_torch_path():

@@ -52,8 +52,8 @@ def uint8_query_model(source, target, spec: Preprocessing) -> Path:
     if spec.scale:
         steps.append(("Div", {}, [np.array(255.0, np.float32)]))
     if spec.mean is not None:
-        steps.append(("Sub", {}, [np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)]))
-        steps.append(("Div", {}, [np.array(spec.std, np.float32).reshape(1, -1, 1, 1)]))
+        steps.append(("Sub", {}, [_per_channel(spec.mean)]))
+        steps.append(("Div", {}, [_per_channel(spec.std)]))
     for position, (op, attributes, constants) in enumerate(steps):
         output = INPUT_NAME if position == len(steps) - 1 else f"query_preprocess_{position}"
         constant_names = []
@@ -81,6 +81,20 @@ def uint8_query_model(source, target, spec: Preprocessing) -> Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return target
+
+
+def _per_channel(values) -> np.ndarray:
+    """Per-channel constants as a (1, C, 1, 1) tensor, or as one scalar when every channel has the same value.
+
+    The same numbers either way. But ONNX Runtime runs an int8 model's first operators in NHWC
+    (its layout optimisation moves our transpose past them), where it broadcasts a scalar fast and
+    a last axis of 3 slowly: measured on EfficientNet-Lite0 int8 (mean and std equal across
+    channels), 4.8 -> 3.6 ms per query, identical outputs.
+    """
+    array = np.array(values, np.float32)
+    if np.all(array == array[0]):
+        return np.array(array[0], np.float32)
+    return array.reshape(1, -1, 1, 1)
 
 
 # Spin only while the machine's run queue is at most this share of its CPUs.
