@@ -35,6 +35,20 @@ def test_public_names_are_the_functions_they_say_however_submodules_were_importe
     assert result.returncode == 0, result.stderr
 
 
+def test_the_command_line_imports_only_the_command_asked_for():
+    """``--help`` and ``data`` answer without torch or faiss; every listed command still has its parser."""
+    script = ("import sys\nfrom fashionrec.cli import build_parser, main\n"
+              "from fashionrec.cli.commands import SUMMARIES\n"
+              "for argv in (['--help'], ['data', '--help'], ['no-such-command']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'faiss', 'onnxruntime'))\n"
+              "assert not heavy, heavy[:5]\n"
+              "parsers = build_parser()._subparsers._group_actions[0].choices\n"
+              "assert list(parsers) == list(SUMMARIES) and all(parsers[name].get_default('handler') for name in parsers)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_package_has_no_import_cycles():
     graph = grimp.build_graph("fashionrec")
     cycles = []

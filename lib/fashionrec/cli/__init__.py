@@ -10,25 +10,35 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import import_module
 
 from ..errors import FashionRecError, WeightsUnavailable
-from . import app, backbones, data, embed, evaluate, index, params, pipeline, recommend
+from .commands import SUMMARIES
 
 EXIT_ERROR = 2
 EXIT_WEIGHTS_UNAVAILABLE = 3
-COMMANDS = (evaluate, embed, index, recommend, app, backbones, data, pipeline, params)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, only that command's module is imported, the others are listed.
+
+    A command module imports what it runs (torch, faiss, the notebooks' runner), several seconds
+    that ``--help``, ``data`` or a mistyped command should not wait for.
+    """
     parser = argparse.ArgumentParser(prog="python -m fashionrec", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
-        command.add_parser(commands)
+    for name, summary in SUMMARIES.items():
+        if command in (None, name):
+            import_module(f"{__name__}.{name}").add_parser(commands)
+        else:
+            commands.add_parser(name, help=summary)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asked = argv[0] if argv and argv[0] in SUMMARIES else ""
+    args = build_parser(asked).parse_args(argv)
     try:
         return args.handler(args)
     except WeightsUnavailable as error:

@@ -13,13 +13,14 @@ from ..errors import FashionRecError
 from ..serving.build import ensure_default_index
 from ..serving.folder import current_version
 from ..settings import InferenceSettings
+from .commands import SUMMARIES
 from .common import add_store_arguments, serving_store
 
 APP_FILE = config.PROJECT_ROOT / "app" / "streamlit_app.py"
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("app", help="the recommendation app in the browser (Streamlit)",
+    parser = commands.add_parser("app", help=SUMMARIES["app"],
                                  description=__doc__.splitlines()[0])
     parser.add_argument("--index-dir", default=None, help="index folder to serve (default: build/reuse the default)")
     parser.add_argument("--port", type=int, default=8501)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from ..models.registry import backbone_spec, list_backbones
 from ..models.views import VIEWS
+from .commands import SUMMARIES
 from .common import add_backbone_module_argument, load_user_backbones
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("backbones", help="list the backbones (built-in, and those your modules register)")
+    parser = commands.add_parser("backbones", help=SUMMARIES["backbones"])
     add_backbone_module_argument(parser)
     parser.set_defaults(handler=run)
 

@@ -5,10 +5,11 @@ import sys
 
 from ..data.fetch import FETCHABLE, ensure_dataset
 from ..errors import DatasetError
+from .commands import SUMMARIES
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("data", help="find or fetch the named datasets (each independently)")
+    parser = commands.add_parser("data", help=SUMMARIES["data"])
     parser.add_argument("--dataset", action="append", choices=FETCHABLE,
                         help="a dataset to make available (repeatable; default: all of them)")
     parser.set_defaults(handler=run)

@@ -14,11 +14,12 @@ from ..features.files import save_embeddings
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
 from ..settings import ENGINES
+from .commands import SUMMARIES
 from .common import add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("embed", help="embed every image of a dataset and report what was left out")
+    parser = commands.add_parser("embed", help=SUMMARIES["embed"])
     add_data_arguments(parser)
     add_backbone_arguments(parser)
     parser.add_argument("--out", default=None,

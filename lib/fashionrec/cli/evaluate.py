@@ -16,12 +16,13 @@ from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
+from .commands import SUMMARIES
 from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
                      load_user_backbones, print_json, print_metrics, print_skipped, store_settings)
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("evaluate", help="query -> gallery retrieval metrics for one backbone and index")
+    parser = commands.add_parser("evaluate", help=SUMMARIES["evaluate"])
     add_data_arguments(parser)
     add_backbone_arguments(parser)
     parser.add_argument("--index", default="Flat",

@@ -22,12 +22,13 @@ from ..serving.build import (DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET,
 from ..serving.folder import current_version
 from ..serving.recommender import Recommender
 from ..settings import StoreSettings
+from .commands import SUMMARIES
 from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
                      load_user_backbones, print_json, serving_store)
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("index", help="build a servable index folder of a catalog, or update one",
+    parser = commands.add_parser("index", help=SUMMARIES["index"],
                                  description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser, required=False)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from ..pipeline.notebooks import pipeline_notebooks, read_params, use_backbone_modules
 from ..pipeline.params import PARAMETERS, resolve_params, schema_markdown
+from .commands import SUMMARIES
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("params", help="list the keys of a parameter file, or check one")
+    parser = commands.add_parser("params", help=SUMMARIES["params"])
     parser.add_argument("--check", metavar="FILE", default=None,
                         help="check FILE against the schema (keys, types, paths, notebooks, backbone modules) and "
                              "print every value the pipeline would use")

@@ -21,11 +21,12 @@ from ..features.colour import check_colour_weight
 from ..serving.folder import current_version
 from ..serving.recommender import Recommendation, Recommender
 from ..settings import InferenceSettings
+from .commands import SUMMARIES
 from .common import add_store_arguments, print_json, serving_store
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("recommend", help="catalog items most similar to a photo or to a catalog item",
+    parser = commands.add_parser("recommend", help=SUMMARIES["recommend"],
                                  description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index-dir", required=True, help="an index folder (python -m fashionrec index ... --out)")
