@@ -31,8 +31,7 @@ def test_public_names_are_the_functions_they_say_however_submodules_were_importe
               "for name in fashionrec.__all__:\n"
               "    value = getattr(fashionrec, name)\n"
               "    assert callable(value) and not inspect.ismodule(value), name\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    _runs_cleanly(script)
 
 
 def test_the_command_line_imports_only_the_command_asked_for():
@@ -45,6 +44,11 @@ def test_the_command_line_imports_only_the_command_asked_for():
               "assert not heavy, heavy[:5]\n"
               "parsers = build_parser()._subparsers._group_actions[0].choices\n"
               "assert list(parsers) == list(SUMMARIES) and all(parsers[name].get_default('handler') for name in parsers)\n")
+    _runs_cleanly(script)
+
+
+def _runs_cleanly(script: str) -> None:
+    """Runs ``script`` in a fresh interpreter (nothing this test process imported) and expects exit 0."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
