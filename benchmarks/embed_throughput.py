@@ -34,21 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from fashionrec import config  # noqa: E402
-from fashionrec.data.catalog import load_dataset  # noqa: E402
-from fashionrec.data.split import split_catalog  # noqa: E402
-from fashionrec.evaluation.protocol import evaluate_embeddings  # noqa: E402
-from fashionrec.features.embed import embed_catalog  # noqa: E402
-from fashionrec.features.ray_engine import ray_session  # noqa: E402
-from fashionrec.models.registry import get_backbone  # noqa: E402
-from fashionrec.models.runtime import available_threads, calibration_sample, with_runtime  # noqa: E402
-from fashionrec.settings import RUNTIMES, InferenceSettings  # noqa: E402
+from fashionrec import config
+from fashionrec.data.catalog import load_dataset
+from fashionrec.data.split import split_catalog
+from fashionrec.evaluation.protocol import evaluate_embeddings
+from fashionrec.features.embed import embed_catalog
+from fashionrec.features.ray_engine import ray_session
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import available_threads, calibration_sample, with_runtime
+from fashionrec.settings import RUNTIMES, InferenceSettings
 
 
 def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:

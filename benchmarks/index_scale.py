@@ -66,13 +66,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-try:
-    import fashionrec  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
 import faiss  # noqa: E402
 
+import fashionrec  # noqa: E402
 from fashionrec import config  # noqa: E402
 from fashionrec.errors import FashionRecError  # noqa: E402
 from fashionrec.indexing import disk_rerank, synthetic  # noqa: E402
@@ -153,7 +149,8 @@ def clothing_run_embeddings() -> Path | None:
 
 def computed_clothing_embeddings() -> RealRows:
     from fashionrec.data.fetch import clothing_dirs, locate_clothing
-    from fashionrec.experiment.evaluate import embed, prepare
+    from fashionrec.data.prepared import prepare
+    from fashionrec.experiment.evaluate import embed
     from fashionrec.settings import InferenceSettings
 
     if locate_clothing() is None:

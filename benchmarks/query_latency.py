@@ -31,19 +31,17 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fashionrec import config  # noqa: E402
-from fashionrec.data.catalog import IMAGE_SUFFIXES  # noqa: E402
-from fashionrec.data.images import load_image  # noqa: E402
-from fashionrec.errors import FashionRecError, ImageError  # noqa: E402
-from fashionrec.models.registry import get_backbone  # noqa: E402
-from fashionrec.models.runtime import available_threads, with_runtime  # noqa: E402
-from fashionrec.serving.recommender import Recommender  # noqa: E402
-from fashionrec.settings import InferenceSettings  # noqa: E402
+from fashionrec import config
+from fashionrec.data.catalog import IMAGE_SUFFIXES
+from fashionrec.data.images import load_image
+from fashionrec.errors import FashionRecError, ImageError
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import available_threads, with_runtime
+from fashionrec.serving.recommender import Recommender
+from fashionrec.settings import InferenceSettings
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
 PERCENTILES = (50, 95, 99)

@@ -19,7 +19,7 @@ import pytest
 
 from fashionrec.errors import FashionRecError, IndexBuildError
 from fashionrec.evaluation.protocol import evaluate_embeddings
-from fashionrec.serving.store import FaissRowStore
+from fashionrec.ranking.store import FaissRowStore
 from fashionrec.indexing import disk_rerank
 from fashionrec.indexing.faiss_index import (DISK_REFINE_K_FACTOR, METRICS, build_index, check_factory,
                                              default_search_params,

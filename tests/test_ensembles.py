@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import write_color_image
 from fashionrec.data.catalog import load_folder
 from fashionrec.errors import FashionRecError, UnknownBackbone
-from fashionrec.experiment.evaluate import embed, prepare
+from fashionrec.data.prepared import prepare
+from fashionrec.experiment.evaluate import embed
 from fashionrec.features.embed import cache_dir_for, embed_catalog
 from fashionrec.models.ensemble import (CombinedBackbone, embed_images, parse_combined_name, preprocessing)
 from fashionrec.models.finetuned import save_model

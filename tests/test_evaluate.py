@@ -6,7 +6,8 @@ import pytest
 
 from fashionrec.evaluation.analysis import distance_and_dimension, hardest_queries, pca_reduce
 from fashionrec.evaluation.compare import paired_comparisons, winners
-from fashionrec.evaluation.protocol import dataset_fingerprint, evaluate_embeddings
+from fashionrec.evaluation.protocol import evaluate_embeddings
+from fashionrec.provenance import dataset_fingerprint
 
 
 def _toy():

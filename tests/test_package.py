@@ -91,3 +91,95 @@ def test_the_readme_layout_names_every_module():
         if f"`{module}`" not in rows.get(layer, ""):
             missing.append(name)
     assert not missing, f"README.md's layout table does not name: {missing}"
+
+
+REPO = PACKAGE_DIR.parents[1]
+SCRIPTS = sorted([*(REPO / "app").glob("*.py"), *(REPO / "benchmarks").glob("*.py")])
+
+
+def _contract_layers() -> list[set[str]]:
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(contract for contract in contracts if contract["type"] == "layers")["layers"]
+    return [{name.strip().removeprefix("fashionrec.") for name in layer.split("|")} for layer in layers]
+
+
+def _docstring_layers() -> list[set[str]]:
+    text = fashionrec.__doc__
+    block = text[text.index("\n\n", text.index("is two towers")):].split("\n\n")[1]
+    layers = []
+    for line in block.splitlines():
+        names = line.strip().split("  ")[0] if line.startswith("    ") and line[4] != " " else ""
+        if names:
+            layers.append({name.strip() for name in names.replace(",", "|").split("|")})
+    return layers
+
+
+def _readme_layers() -> list[set[str]]:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| layer | modules |"):].split("\n\n")[0]
+    layers = []
+    for line in table.splitlines()[2:]:
+        first, modules = line.split("|")[1].strip(), line.split("|")[2]
+        if first == "base":
+            layers.append({name for name in ast.literal_eval(repr(modules)).split("`")[1::2]
+                           if (PACKAGE_DIR / f"{name}.py").exists()})
+        else:
+            layers.append({first.strip("`/")})
+    return layers
+
+
+def test_the_readme_the_docstring_and_the_contract_say_the_same_layers():
+    contract = _contract_layers()
+    assert _docstring_layers() == contract
+    rank = {name: position for position, layer in enumerate(contract) for name in layer}
+    readme = _readme_layers()
+    flattened = [name for layer in readme for name in sorted(layer)]
+    assert sorted(flattened) == sorted(rank), "the README's table names other layers than the contract"
+    positions = [rank[name] for name in flattened]
+    assert positions == sorted(positions), f"the README's table orders the layers otherwise: {flattened}"
+
+
+def test_the_base_layer_holds_every_top_level_module():
+    top_level = {name.split(".")[1] for name in SUBMODULES if name.count(".") == 1
+                 and not (PACKAGE_DIR / name.split(".")[1]).is_dir() and not name.endswith("__main__")}
+    assert top_level == _contract_layers()[-1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_the_app_and_benchmarks_import_the_installed_package_by_public_names(script):
+    tree = ast.parse(script.read_text())
+    edits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+             and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+    assert not edits, f"{script.name} touches sys.path (lines {edits}): it must import the installed package"
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").startswith("fashionrec") for alias in node.names
+               if alias.name.startswith("_")]
+    private += [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                and node.value.id in _fashionrec_names(tree)]
+    assert not private, f"{script.name} uses private names of the package: {private}"
+
+
+def _fashionrec_names(tree) -> set[str]:
+    """Names bound to modules or objects of the package in a script."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fashionrec"):
+            names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names
+                         if alias.name.startswith("fashionrec"))
+    return names
+
+
+def test_no_module_imports_another_modules_private_name():
+    found = []
+    for path in [*PACKAGE_DIR.rglob("*.py"), *SCRIPTS]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            internal = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fashionrec"))
+            if internal:
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not found

@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from fashionrec.experiment.evaluate import evaluate_backbone, prepare
+from fashionrec.data.prepared import prepare
+from fashionrec.experiment.evaluate import evaluate_backbone
 from fashionrec.experiment.search import search_finetuned
 from fashionrec.models.backbone import BuiltBackbone
 from fashionrec.models.registry import get_backbone, register_backbone

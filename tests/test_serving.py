@@ -31,7 +31,7 @@ from fashionrec.models.runtime import with_runtime
 from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from fashionrec.serving.build import TOMBSTONE_REBUILD_FRACTION
 from fashionrec.serving.folder import CURRENT, PARTIAL_PREFIX, current_version
-from fashionrec.serving.store import EXACT_SUBSET_MAX_ROWS, FaissRowStore
+from fashionrec.ranking.store import EXACT_SUBSET_MAX_ROWS, FaissRowStore
 from fashionrec.settings import InferenceSettings
 from fashionrec.training.classify import train_classifier
 from fashionrec.training.finetune import head_payload

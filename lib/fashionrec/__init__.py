@@ -8,20 +8,22 @@ One plain function per stage, each callable from a notebook or the command line:
     recommender = Recommender.load("indexes/clothing")           # built by `python -m fashionrec index`
     recommender.recommend("photo.jpg", k=5).results
 
-The package is layered; each layer imports only from the ones below it (``make test``
-checks this with import-linter):
+The package is two towers on one base: the research side (experiment, training, evaluation,
+pipeline) may use the product (serving and the commands that serve), never the reverse; each
+layer imports only from the ones below it (``make test`` checks both with import-linter):
 
     cli                      the command line
     pipeline                 the notebooks' stages, report and plots, the papermill runner
-    serving                  the servable index folder and the Recommender (photo in, similar products out)
-    experiment               prepare -> embed -> evaluate, frozen or fine-tuned
+    experiment               prepare -> embed -> evaluate, frozen, fine-tuned or an index folder as served
     training                 fine-tuning: heads, last blocks, category classifier
     evaluation               the protocol of record, metrics, comparisons
-    features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the vector
-                             stores (FAISS, Milvus) and their measurement
+    serving                  the servable index folder and the Recommender (photo in, similar products out)
+    ranking                  one store interface (FAISS, Milvus) and the ranking policies both towers run
+    features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the id-keyed
+                             stores and their measurement
     models                   backbones, runtimes, the fine-tuned model file
-    data                     image decoding, catalog loaders, the split
-    settings, console, config, errors
+    data                     image decoding, catalog loaders, the split, the prepared catalog
+    settings | console | config | errors | provenance
 
 The names below load on first use, so ``import fashionrec.config`` stays free of torch.
 None of them is also the name of a submodule, so each always is the function it says.
@@ -29,8 +31,8 @@ None of them is also the name of a submodule, so each always is the function it 
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "prepare": "experiment.evaluate", "embed": "experiment.evaluate", "evaluate_backbone": "experiment.evaluate",
-    "PreparedData": "experiment.evaluate", "evaluate_finetuned": "experiment.finetune",
+    "prepare": "data.prepared", "embed": "experiment.evaluate", "evaluate_backbone": "experiment.evaluate",
+    "PreparedData": "data.prepared", "evaluate_finetuned": "experiment.finetune",
     "load_dataset": "data.catalog", "split_catalog": "data.split", "load_image": "data.images",
     "get_backbone": "models.registry", "list_backbones": "models.registry", "register_backbone": "models.registry",
     "load_backbone_modules": "models.registry",

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..errors import FashionRecError
 from ..experiment.colour import colour_sweep, parse_colour_weights
 from ..experiment.cost import measure_embedding_cost
-from ..experiment.evaluate import evaluate_backbone, prepare
+from ..data.prepared import prepare
+from ..experiment.evaluate import evaluate_backbone
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
 from ..features.colour import check_colour_weight

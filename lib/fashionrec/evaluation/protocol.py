@@ -11,8 +11,6 @@ fingerprint, split seed, k, backbone and its weights checksum, index and its par
 """
 from __future__ import annotations
 
-import hashlib
-import platform
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,16 +72,6 @@ def _rounded(values: dict) -> dict:
     # Six decimals: far below any difference a bootstrap interval can resolve, and stable
     # across BLAS builds so metrics files compare byte for byte.
     return {name: round(float(value), 6) for name, value in values.items()}
-
-
-def dataset_fingerprint(metadata: pd.DataFrame) -> str:
-    """SHA-256 of (id, label, split, image digest) rows: same data and split, same fingerprint."""
-    columns = [c for c in ("id", "label", "split", "digest") if c in metadata.columns]
-    rows = metadata[columns].astype(str).sort_values("id")
-    digest = hashlib.sha256()
-    for row in rows.itertuples(index=False):
-        digest.update(("\t".join(row) + "\n").encode())
-    return digest.hexdigest()
 
 
 def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10, index: str = "Flat",
@@ -191,22 +179,3 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
     }
     return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query),
                       relevance, category_precision, missing)
-
-
-def software_versions() -> dict:
-    import faiss
-    import PIL
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "faiss": faiss.__version__,
-        "scikit-learn": sklearn.__version__,
-        "pillow": PIL.__version__,
-    }

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..data.prepared import PreparedData
 from ..data.split import validation_split
 from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import evaluate_embeddings
 from ..features.colour import check_colour_weight
 from ..settings import InferenceSettings, StoreSettings
-from .evaluate import PreparedData, embed, embed_colour
+from .evaluate import embed, embed_colour
 
 VALIDATION_FRACTION = 0.2
 VALIDATION_PURPOSE = "colour"

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.prepared import PreparedData
 from ..features.embed import embed_catalog
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone
 from ..models.runtime import calibration_sample, with_runtime
 from ..settings import InferenceSettings
-from .evaluate import PreparedData
 
 BYTES_PER_FLOAT32 = 4
 

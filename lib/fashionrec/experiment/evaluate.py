@@ -1,118 +1,24 @@
-"""One experiment as plain functions: prepare a catalog, embed it, score query -> gallery.
+"""One experiment as plain functions: embed a prepared catalog (:mod:`fashionrec.data.prepared`), score query -> gallery.
 
 The command line, the notebooks and the app call these same functions, so a number printed
 by ``python -m fashionrec evaluate`` and the one in a pipeline report come from one code path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from .. import config
-from ..data.catalog import load_dataset
-from ..data.ledger import count_by_stage, skipped_entry
-from ..data.split import SPLIT_FRACTIONS, SPLITS, split_catalog
-from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
-from ..errors import FashionRecError
+from ..data.ledger import count_by_stage
+from ..data.prepared import PreparedData
+from ..data.split import SPLITS
+from ..evaluation.protocol import evaluate_embeddings
 from ..features.colour import aligned_colour, colour_descriptors
 from ..features.embed import Embeddings, embed_catalog
 from ..models.backbone import Backbone
 from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
+from ..provenance import dataset_fingerprint, software_versions
 from ..settings import InferenceSettings, StoreSettings
-
-
-_NOT_ATTRIBUTES = frozenset({"id", "path", "label", "split", "digest"})
-
-
-@dataclass
-class PreparedData:
-    """A loaded, validated and split catalog, with the ledger of every file left out.
-
-    ``catalog`` holds the images used (each in one split); ``skipped`` every file left out,
-    at any stage up to the split (:mod:`fashionrec.data.ledger`); ``n_not_sampled`` the
-    images that ``max_per_class`` did not sample (Fashion-MNIST: never decoded; others: usable).
-    """
-
-    dataset: str
-    root: Path
-    catalog: pd.DataFrame  # id, path, label, split
-    split_seed: int
-    skipped: list[dict] = field(default_factory=list)
-    too_small: list[dict] = field(default_factory=list)
-    max_per_class: int | None = None
-    category_map: str | None = None
-    n_not_sampled: int = 0
-
-    def describe(self) -> dict:
-        return {
-            "dataset": self.dataset,
-            "data_dir": str(self.root),
-            "split_seed": self.split_seed,
-            "split_fractions": dict(zip(SPLITS, SPLIT_FRACTIONS)),
-            "max_per_class": self.max_per_class,
-            "category_map": self.category_map,
-            "n_images": int(len(self.catalog)),
-            "n_skipped": len(self.skipped),
-            "n_skipped_by_stage": count_by_stage(self.skipped),
-            "n_not_sampled": self.n_not_sampled,
-            "skipped_categories": self.too_small,
-        }
-
-    def attribute_columns(self) -> list[str]:
-        """Columns a relevance may name: ``label`` and the catalog's own attribute columns (colour, ...)."""
-        return ["label", *[column for column in self.catalog.columns if column not in _NOT_ATTRIBUTES]]
-
-    def check_relevance(self, relevance) -> tuple[str, ...]:
-        """The relevance columns as a tuple; FashionRecError naming an unknown one and those available."""
-        columns = tuple(relevance)
-        if not columns:
-            raise FashionRecError("--relevance needs at least one column, e.g. label or label,colour")
-        available = self.attribute_columns()
-        for column in columns:
-            if column not in available:
-                raise FashionRecError(f"--relevance: column {column!r} is not in the catalog ({self.dataset} at "
-                                      f"{self.root}); available: {', '.join(available)} (attribute columns come "
-                                      "from catalog.csv, --dataset catalog)")
-        return columns
-
-    def check_k(self, k: int) -> None:
-        """Raises FashionRecError when ``k`` exceeds the gallery, so it is said before any embedding."""
-        n_gallery = int((self.catalog["split"] == "gallery").sum())
-        if k < 1 or k > n_gallery:
-            raise FashionRecError(f"k={k} does not fit this catalog: its gallery split holds {n_gallery} images "
-                                  f"(20% of each category of {len(self.catalog)} images); use a k between 1 and "
-                                  f"{n_gallery}, or a larger catalog")
-
-
-def prepare(dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
-            category_map=None, progress: bool = True) -> PreparedData:
-    """Loads and validates a named dataset (every image decoded in full), then splits it (seeded).
-
-    The images of a category too small to fill train, gallery and query enter the ledger
-    with stage ``split``.
-    """
-    loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
-                          category_map=category_map, progress=progress)
-    catalog, too_small = split_catalog(loaded.catalog, seed=split_seed)
-    left_out = {entry["label"]: entry for entry in too_small}
-    split_skips = [skipped_entry(_relative(loaded.root, path), "split",
-                                 f"category {label!r} has only {left_out[label]['n_images']} usable image(s): "
-                                 "too few to fill train, gallery and query")
-                   for path, label in zip(loaded.catalog["path"], loaded.catalog["label"]) if label in left_out]
-    if catalog.empty:
-        raise FashionRecError(f"{dataset} at {loaded.root}: no category has the 3 usable images it needs to fill "
-                              f"train, gallery and query ({len(too_small)} categories, {len(loaded.catalog)} images)")
-    return PreparedData(dataset, loaded.root, catalog, split_seed, loaded.skipped + split_skips, too_small,
-                        max_per_class, str(category_map) if category_map and not isinstance(category_map, dict)
-                        else None, loaded.n_not_sampled)
-
-
-def _relative(root: Path, path: str) -> str:
-    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 def embed(prepared: PreparedData, backbone: str, splits=SPLITS,

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.prepared import PreparedData
 from ..errors import FashionRecError
 from ..evaluation import metrics
-from ..evaluation.protocol import Evaluation, dataset_fingerprint, evaluate_embeddings
+from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import Embeddings
 from ..models.backbone import Backbone
 from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, head_from_payload, load_model,
@@ -23,12 +24,13 @@ from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, head_fr
 from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
+from ..provenance import dataset_fingerprint
 from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_aware_on_queries, category_metrics
 from ..training.finetune import FinetuneConfig, TrainedModel, default_model_path, model_cache_key, train_model
 from ..training.heads import HeadConfig
 from ..training.trunk import BackboneTuneConfig, check_level2_backbone
-from .evaluate import PreparedData, embed, embed_colour, embed_with, evaluation_record
+from .evaluate import embed, embed_colour, embed_with, evaluation_record
 
 
 @dataclass

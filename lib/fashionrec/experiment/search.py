@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from .. import config
+from ..data.prepared import PreparedData
 from ..errors import FashionRecError
 from ..evaluation import metrics
-from ..evaluation.protocol import Evaluation, dataset_fingerprint, evaluate_embeddings
+from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import Embeddings
 from ..models.backbone import Backbone
 from ..models.ensemble import (ENSEMBLE_PREFIX, CombinedBackbone, MemberSpec, combined_backbone, ensemble_name,
@@ -38,12 +39,13 @@ from ..models.finetuned import (FORMAT, HEAD_SEPARATOR, classifier_from_payload,
 from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import RETRIEVAL_VIEW, view_backbone
+from ..provenance import dataset_fingerprint
 from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_metrics
 from ..training.heads import HeadConfig
 from ..training.search import SearchConfig, SearchOutcome, refit_chosen, search_models
 from ..training.trunk import text_digest
-from .evaluate import PreparedData, embed_with, evaluation_record
+from .evaluate import embed_with, evaluation_record
 from .finetune import FinetunedEvaluation, evaluate_finetuned, measured_on_queries
 
 # Part of the model cache key: bump when the search changes, so no stale choice is reused.

@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 
 from .faiss_index import (DEFAULT_EF_SEARCH, DEFAULT_REFINE_K_FACTOR, DISK_REFINE_K_FACTOR,
-                          FAST_SCAN_REFINE_K_FACTOR, _nlist_for, _pq_m_for, resolve_factory)
+                          FAST_SCAN_REFINE_K_FACTOR, nlist_for, pq_m_for, resolve_factory)
 
 # choose_index: exhaustive search is preferred while one query scans at most this many
 # floats (about 100k vectors of 1280 dimensions: a few ms per query on two cores).
@@ -89,7 +89,7 @@ def choose_index(n: int, d: int, memory_budget_bytes: float, recall_target: floa
     """
     if n < 1 or d < 1:
         raise ValueError(f"need n >= 1 and d >= 1, got n={n}, d={d}")
-    nlist, m = _nlist_for(n), _pq_m_for(d)
+    nlist, m = nlist_for(n), pq_m_for(d)
     tier = 0 if recall_target < 0.9 else 1 if recall_target < 0.97 else 2
     nprobe = min(nlist, max(16, int(math.sqrt(nlist))) * 2 ** tier)
 

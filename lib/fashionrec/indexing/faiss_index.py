@@ -93,21 +93,21 @@ def resolve_factory(template: str, n: int, d: int) -> str:
     if n < 1 or d < 1:
         raise ValueError(f"need n >= 1 and d >= 1, got n={n}, d={d}")
     try:
-        return template.format(nlist=_nlist_for(n), m=_pq_m_for(d))
+        return template.format(nlist=nlist_for(n), m=pq_m_for(d))
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
             f"bad factory template {template!r}: only {{nlist}} and {{m}} placeholders are known"
         ) from exc
 
 
-def _nlist_for(n: int) -> int:
+def nlist_for(n: int) -> int:
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     while nlist > 1 and n < MIN_POINTS_PER_CENTROID * nlist:
         nlist //= 2
     return nlist
 
 
-def _pq_m_for(d: int) -> int:
+def pq_m_for(d: int) -> int:
     for m in PQ_M_CANDIDATES:
         if d % m == 0 and d // m >= MIN_PQ_SUBVECTOR_DIM:
             return m
@@ -148,7 +148,7 @@ def build_index(
     256 vectors, IVF at least nlist, OPQ at least as many vectors as dimensions.
     """
     _check_metric(metric)
-    vectors = _as_matrix(vectors, "vectors")
+    vectors = as_matrix(vectors, "vectors")
     n, d = vectors.shape
     if n == 0:
         raise ValueError("cannot build an index from zero vectors")
@@ -275,7 +275,7 @@ def train_coarse_centroids(
 ) -> np.ndarray:
     """The IVF centroids (nlist, d) that :func:`build_index` would train for ``vectors``."""
     _check_metric(metric)
-    vectors = _as_matrix(vectors, "vectors")
+    vectors = as_matrix(vectors, "vectors")
     index = faiss.index_factory(vectors.shape[1], f"IVF{nlist},Flat", _FAISS_METRIC[metric])
     with _omp_threads(threads):
         _seed_training(index, seed)
@@ -293,7 +293,7 @@ def default_search_params(index: faiss.Index) -> str:
     * k when it holds 4-bit fast-scan codes. Empty when nothing applies.
     """
     params = []
-    for node, _ in _components(index):
+    for node, _ in index_components(index):
         if isinstance(node, faiss.IndexIVF):
             nprobe = default_nprobe(node.nlist)
             params.append(f"nprobe={nprobe}")
@@ -314,7 +314,7 @@ def default_nprobe(nlist: int) -> int:
 def _refine_k_factor(refine: faiss.IndexRefine) -> int:
     if disk_rerank.is_disk_backed(refine):
         return DISK_REFINE_K_FACTOR
-    fast_scan = any("FastScan" in type(node).__name__ for node, _ in _components(refine.base_index))
+    fast_scan = any("FastScan" in type(node).__name__ for node, _ in index_components(refine.base_index))
     return FAST_SCAN_REFINE_K_FACTOR if fast_scan else DEFAULT_REFINE_K_FACTOR
 
 
@@ -340,7 +340,7 @@ def search(
         raise ValueError(f"metric {metric!r} does not match the index's faiss metric {index.metric_type}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    queries = _as_matrix(queries, "queries")
+    queries = as_matrix(queries, "queries")
     if queries.shape[1] != index.d:
         raise ValueError(f"queries have dimension {queries.shape[1]}, index has {index.d}")
     if params:
@@ -440,7 +440,7 @@ def load_index(path) -> tuple[faiss.Index, dict]:
     return index, info
 
 
-def _parse_params(params: str) -> list[tuple[str, str]]:
+def parse_search_params(params: str) -> list[tuple[str, str]]:
     return [tuple(item.strip().split("=", 1)) for item in params.split(",") if item.strip()]
 
 
@@ -453,7 +453,7 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 
-def _as_matrix(values, what: str) -> np.ndarray:
+def as_matrix(values, what: str) -> np.ndarray:
     matrix = np.asarray(values, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"{what} must be a 2-D array (n, d), got shape {matrix.shape}")
@@ -478,7 +478,7 @@ def _training_sample(vectors: np.ndarray, max_train: int, seed: int) -> np.ndarr
     return vectors[np.sort(rows)]
 
 
-def _components(index: faiss.Index):
+def index_components(index: faiss.Index):
     """Yield (node, behind_transform) for the index and every index it wraps, downcast."""
     stack = [(index, False)]
     while stack:
@@ -492,7 +492,7 @@ def _components(index: faiss.Index):
 
 
 def _seed_training(index: faiss.Index, seed: int) -> None:
-    for node, _ in _components(index):
+    for node, _ in index_components(index):
         if isinstance(node, faiss.IndexIVF):
             node.cp.seed = seed
             quantizer = faiss.downcast_index(node.quantizer)
@@ -513,7 +513,7 @@ def _warn_once_about_small_training_sets(index: faiss.Index, n_train: int, concr
     with fewer than ``min_points_per_centroid`` points per centroid; that setting changes
     nothing but the warning, so it is lowered here and the situation reported once.
     """
-    for node, _ in _components(index):
+    for node, _ in index_components(index):
         quantizers = []
         if isinstance(node, faiss.IndexIVF) and node.quantizer.ntotal == 0:
             quantizers.append(("coarse quantizer", node.cp, node.nlist))
@@ -531,7 +531,7 @@ def _refuse_opq_without_enough_vectors(index: faiss.Index, n_train: int, concret
     # With fewer training vectors than dimensions, faiss 1.15's OPQ training corrupts the heap
     # and aborts the process (measured: d=1280 fails at n=1279, d=512 at n=511) instead of
     # raising the RuntimeError that build_index turns into IndexBuildError.
-    for node, _ in _components(index):
+    for node, _ in index_components(index):
         if isinstance(node, faiss.IndexPreTransform):
             for position in range(node.chain.size()):
                 transform = faiss.downcast_VectorTransform(node.chain.at(position))
@@ -541,7 +541,7 @@ def _refuse_opq_without_enough_vectors(index: faiss.Index, n_train: int, concret
 
 
 def _install_coarse_centroids(index: faiss.Index, centroids: np.ndarray) -> None:
-    ivfs = [(node, behind) for node, behind in _components(index) if isinstance(node, faiss.IndexIVF)]
+    ivfs = [(node, behind) for node, behind in index_components(index) if isinstance(node, faiss.IndexIVF)]
     if not ivfs:
         raise ValueError("coarse_centroids given but the factory has no IVF stage")
     ivf, behind_transform = ivfs[0]

@@ -10,7 +10,7 @@ import time
 import faiss
 import numpy as np
 
-from .faiss_index import (DEFAULT_EF_SEARCH, MAX_TRAIN_VECTORS, _as_matrix, _components, _parse_params,
+from .faiss_index import (DEFAULT_EF_SEARCH, MAX_TRAIN_VECTORS, as_matrix, index_components, parse_search_params,
                           build_index, default_search_params, disk_bytes_per_vector, index_bytes_per_vector,
                           resolve_factory, search)
 
@@ -117,7 +117,7 @@ def benchmark_index(
     measured at every setting of :func:`search_param_grid` ("operating_points": params, qps,
     recall_at_k, recall_at_10).
     """
-    vectors = _as_matrix(vectors, "vectors")
+    vectors = as_matrix(vectors, "vectors")
     n, d = vectors.shape
     started = time.perf_counter()
     index = build_index(vectors, factory, metric, seed, threads=threads, max_train=max_train,
@@ -125,8 +125,8 @@ def benchmark_index(
     build_s = time.perf_counter() - started
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
-    in_effect = dict(_parse_params(default_search_params(index)))
-    in_effect.update(_parse_params(params))
+    in_effect = dict(parse_search_params(default_search_params(index)))
+    in_effect.update(parse_search_params(params))
 
     row = {
         "name": name or factory,
@@ -183,7 +183,7 @@ def search_param_grid(index: faiss.Index) -> list[str]:
     """
     axes: list[list[str]] = []
     refine_axis = None
-    for node, _ in _components(index):
+    for node, _ in index_components(index):
         if isinstance(node, faiss.IndexIVF):
             graph = isinstance(faiss.downcast_index(node.quantizer), faiss.IndexHNSW)
             axes.append([f"nprobe={p}" + (f",quantizer_efSearch={max(DEFAULT_EF_SEARCH, 2 * p)}" if graph else "")

@@ -29,12 +29,13 @@ import numpy as np
 import pandas as pd
 
 from .. import config
+from ..data.prepared import PreparedData, prepare
 from ..errors import FashionRecError, IndexBuildError, WeightsUnavailable
 from ..evaluation.analysis import distance_and_dimension, umap_2d
 from ..evaluation.compare import paired_comparisons, winners
-from ..evaluation.protocol import dataset_fingerprint, evaluate_embeddings, software_versions
+from ..evaluation.protocol import evaluate_embeddings
 from ..experiment.colour import colour_sweep
-from ..experiment.evaluate import PreparedData, embed, prepare
+from ..experiment.evaluate import embed
 from ..experiment.cost import measure_embedding_cost
 from ..experiment.finetune import FinetunedEvaluation, evaluate_finetuned
 from ..experiment.search import SearchedEvaluation, search_finetuned
@@ -43,6 +44,7 @@ from ..indexing.faiss_index import build_index, index_bytes_per_vector, resolve_
 from ..indexing.measure import recall_vs_exact
 from ..models.ensemble import combined_backbone
 from ..models.finetuned import HEAD_SEPARATOR
+from ..provenance import dataset_fingerprint, software_versions
 from ..serving.recommender import Recommender
 from ..settings import InferenceSettings
 from ..training.finetune import FinetuneConfig

@@ -28,9 +28,8 @@ import pandas as pd
 from .. import __version__, config
 from ..data.catalog import load_dataset
 from ..data.fetch import ensure_dataset, locate_clothing
+from ..data.prepared import prepare
 from ..errors import FashionRecError, IndexBuildError
-from ..evaluation.protocol import dataset_fingerprint, software_versions
-from ..experiment.evaluate import prepare
 from ..features.colour import COLOUR_BACKBONE, aligned_colour, colour_descriptors
 from ..features.embed import embed_catalog
 from ..indexing.choose import choose_index
@@ -40,12 +39,14 @@ from ..models.finetuned import load_model, resolve_head_path, split_backbone_nam
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
 from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
 from ..indexing.backends import check_store, milvus_uri
+from ..provenance import dataset_fingerprint, software_versions
+from ..ranking.milvus import AUTO_INDEX, MilvusRowStore
+from ..ranking.store import FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
 from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
-from .milvus import AUTO_INDEX, MilvusRowStore, drop_unreferenced_collections
-from .store import FaissRowStore
+from .milvus import collection_prefix, drop_unreferenced_collections
 
 FORMAT = "fashionrec-index/1"
 ITEMS_FILE = "ids.parquet"
@@ -132,7 +133,7 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     build.json with those the embedding skipped. Everything that can be checked without
     embedding is checked first. The previous version, if any, stays loadable throughout.
     ``store``: where the vectors are indexed, ``index.faiss`` (default) or a Milvus collection
-    (:mod:`fashionrec.serving.milvus`; ``auto`` is then Milvus's AUTOINDEX).
+    (:mod:`fashionrec.ranking.milvus`; ``auto`` is then Milvus's AUTOINDEX).
     """
     started = time.perf_counter()
     outdir = Path(outdir)
@@ -157,8 +158,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
                                        deleted=False)[ITEM_COLUMNS]
     if store.store == "milvus":
         auto = None
-        vector_store = MilvusRowStore.build(outdir, vectors, items["label"].astype(str).tolist(), index, metric,
-                                                search_params, milvus_uri(store), store.milvus_token)
+        vector_store = MilvusRowStore.build(collection_prefix(outdir), vectors, items["label"].astype(str).tolist(),
+                                            index, metric, search_params, milvus_uri(store), store.milvus_token)
     else:
         factory, params, auto = resolve_index(index, len(vectors), vectors.shape[1], search_params,
                                               memory_budget_bytes, recall_target)

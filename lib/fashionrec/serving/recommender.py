@@ -18,7 +18,7 @@ it to read the catalog state, which updates change under the same lock.
 
 Ids are the catalog's own and stay stable: an update never renames or renumbers an id, and the
 id map always says which file each row is. How removal works depends on the index: see
-:mod:`fashionrec.serving.store` (in place for exact/row-ordered indexes; tombstones, filtered
+:mod:`fashionrec.ranking.store` (in place for exact/row-ordered indexes; tombstones, filtered
 at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and IVF).
 """
 from __future__ import annotations
@@ -38,21 +38,22 @@ import torch
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, IndexFolderError
-from ..evaluation.protocol import dataset_fingerprint
 from ..features.colour import (COLOUR_BACKBONE, aligned_colour, candidate_count, check_colour_weight,
                                colour_descriptors)
 from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
 from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
+from ..provenance import dataset_fingerprint
+from ..ranking.milvus import MilvusRowStore
+from ..ranking.store import FaissRowStore, RowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
 from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
                     build_index_folder, item_counts, package_versions, write_version_files)
 from .encoder import as_image, decode_query, encode_source
 from .folder import BUILD_INFO, current_version, new_version
-from .milvus import MilvusRowStore, drop_unreferenced_collections
-from .store import FaissRowStore, RowStore
+from .milvus import collection_prefix, drop_unreferenced_collections
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
 
@@ -614,7 +615,7 @@ def _open_store(version: Path, described: dict, asked: StoreSettings | None):
                                f"with `python -m fashionrec index ... --store {asked.store}`, or leave --store out")
     try:
         if built_with == "milvus":
-            return MilvusRowStore.load(version, described, asked.milvus_uri if asked else None,
+            return MilvusRowStore.load(collection_prefix(version.parent), described, asked.milvus_uri if asked else None,
                                            asked.milvus_token if asked else "")
         return FaissRowStore.load(version)
     except (OSError, ValueError, RuntimeError, FashionRecError) as error:

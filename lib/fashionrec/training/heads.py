@@ -210,7 +210,7 @@ class TrainedHead:
     seconds: float
 
 
-def _encode(labels, categories: list[str]) -> np.ndarray:
+def encode_labels(labels, categories: list[str]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(categories)}
     return np.array([lookup[str(label)] for label in labels], dtype=np.int64)
 
@@ -224,7 +224,7 @@ def train_head(vectors: np.ndarray, labels, categories: list[str], loss_name: st
     ``cfg.seed`` (same data + same seed -> same weights).
     """
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
-    y = torch.as_tensor(_encode(labels, categories))
+    y = torch.as_tensor(encode_labels(labels, categories))
     has_val = val_vectors is not None and len(val_vectors) >= 1
     fit_ranked = has_val and validation_uses_fit_rows(val_labels)
     max_epochs = epochs if epochs is not None else cfg.epochs
@@ -265,7 +265,7 @@ def train_head(vectors: np.ndarray, labels, categories: list[str], loss_name: st
                     project(head, val_vectors), val_labels,
                     project(head, vectors) if fit_ranked else None, labels, cfg.k)
                 if entry["val_precision"] > best[0]:
-                    best = (entry["val_precision"], epoch, _state_copy(head, loss_fn))
+                    best = (entry["val_precision"], epoch, state_copy(head, loss_fn))
                     stale = 0
                 else:
                     stale += 1
@@ -311,7 +311,7 @@ class torch_threads:
             self.limits.restore_original_limits()
 
 
-def _state_copy(*modules: nn.Module) -> list[dict]:
+def state_copy(*modules: nn.Module) -> list[dict]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
 

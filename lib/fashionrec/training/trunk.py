@@ -27,7 +27,7 @@ from ..errors import FashionRecError
 from ..features.embed import SHARD_SIZE, EmbeddingCache
 from ..models.projection import ProjectionHead
 from ..models.runtime import OPSET, OnnxModel, exported_onnx
-from .heads import (HeadConfig, HeadFit, _encode, _state_copy, torch_threads, validation_precision,
+from .heads import (HeadConfig, HeadFit, encode_labels, state_copy, torch_threads, validation_precision,
                     validation_uses_fit_rows)
 
 
@@ -288,7 +288,7 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
     tail_params = [p for n, p in net.named_parameters() if n.startswith(prefixes)]
     for p in tail_params:
         p.requires_grad_(True)
-    y = torch.as_tensor(_encode(labels[fit_rows], level1.categories))
+    y = torch.as_tensor(encode_labels(labels[fit_rows], level1.categories))
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]), torch_threads(train_threads):
         torch.manual_seed(cfg.seed)
@@ -318,7 +318,7 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
                                         head_cfg.k)
 
         best_val = validate()
-        best = (best_val, 0, tail.trainable_state(), _state_copy(head)[0])
+        best = (best_val, 0, tail.trainable_state(), state_copy(head)[0])
         history.append({"epoch": 0, "loss": float("nan"), "val_precision": best_val, "seconds": 0.0})
         stale, stopped_by = 0, "epochs"
         steps_per_epoch = math.ceil(len(fit_rows) / cfg.batch_size)
@@ -351,7 +351,7 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
                             "seconds": round(time.perf_counter() - started, 2), "partial": out_of_time})
             bar.set_postfix(val_p=f"{val_p:.3f}")
             if not val_mask.any() or val_p > best[0]:
-                best = (val_p, epoch, tail.trainable_state(), _state_copy(head)[0])
+                best = (val_p, epoch, tail.trainable_state(), state_copy(head)[0])
                 stale = 0
             else:
                 stale += 1

@@ -1,12 +1,10 @@
-"""Where the vectors live and are searched: the seam between a Recommender and its index.
+"""Where the vectors live and are searched: the one store interface of the ranking core.
 
-A :class:`RowStore` holds one vector per row of the index folder's id map, in that order,
-and answers top-k queries restricted to the rows a caller allows (live items of the chosen
-category, say). :class:`FaissRowStore` is the FAISS implementation; another store plugs in by
-offering the same methods, as :class:`fashionrec.serving.milvus.MilvusRowStore` (a Milvus
-collection) does. Rows, not catalog ids, because an index folder's id map already owns the ids
-and their order; :class:`fashionrec.indexing.stores.VectorStore` is the id-keyed store that
-evaluation uses.
+A :class:`RowStore` holds one vector per row of a catalog (an index folder's id map, or an
+evaluation's gallery), in that order, and answers top-k queries restricted to the rows a
+caller allows (live items of the chosen category, say). :class:`FaissRowStore` is the FAISS
+implementation; :class:`fashionrec.ranking.milvus.MilvusRowStore` offers the same methods over
+a Milvus collection. Rows, not catalog ids: the catalog's table owns the ids and their order.
 
 Removing rows, by index type (faiss decides what it can do):
 
@@ -50,6 +48,10 @@ class RowStore(Protocol):
 
     @property
     def ntotal(self) -> int: ...
+
+    @property
+    def exhaustive(self) -> bool:
+        """Whether a search scores every row it may return (exact search, no index to miss one)."""
 
     @property
     def dim(self) -> int: ...
@@ -129,6 +131,11 @@ class FaissRowStore:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def exhaustive(self) -> bool:
+        """Whether a search scores every row it may return (``Flat``)."""
+        return self.factory == "Flat"
 
     @property
     def removes_in_place(self) -> bool:

@@ -1,0 +1,1 @@
+"""The recommendation app (Streamlit); a package so that import-linter holds it to the product's contract."""

@@ -1,0 +1,1 @@
+"""The ranking core: one store interface and the ranking policies, shared by serving and evaluation."""
