@@ -19,11 +19,12 @@ from fashionrec.cli import main
 from fashionrec.data.images import load_image
 from fashionrec.evaluation import metrics
 from fashionrec.evaluation.protocol import evaluate_embeddings
-from fashionrec.features.colour import fuse_vectors, fused_scores, rerank_fused
 from fashionrec.models.registry import get_backbone
+from fashionrec.ranking.policies import ColourFusion
+from fashionrec.ranking.rank import Ranking, gallery_store, rank
 from fashionrec.serving.build import COLOUR_FILE
 from fashionrec.serving.folder import current_version
-from fashionrec.settings import InferenceSettings
+from fashionrec.settings import InferenceSettings, StoreSettings
 
 from colour_catalog import product_photo, write_colour_catalog
 from conftest import REPO, data_dirs, session_data_root
@@ -76,15 +77,17 @@ def test_relevance_by_label_and_colour_gives_the_hand_counted_metrics():
 
 def test_fusion_is_exact_for_flat_and_the_same_after_reranking_all_candidates():
     rng = np.random.default_rng(0)
-    network, colour = rng.normal(size=(40, 8)), np.abs(rng.normal(size=(40, 5)))
-    fused = fuse_vectors(network, colour, 0.3)
-    np.testing.assert_allclose(fused[:10] @ fused[10:].T, fused_scores(network[:10], colour[:10], network[10:],
-                                                                         colour[10:], 0.3), atol=1e-5)
-    assert fuse_vectors(network, colour, 0.0) is network
-    candidates = np.tile(np.arange(30), (10, 1))
-    _, positions = rerank_fused(candidates, network[:10], colour[:10], network[10:], colour[10:], 0.3, 5)
-    expected = np.argsort(-fused_scores(network[:10], colour[:10], network[10:], colour[10:], 0.3), axis=1)[:, :5]
-    assert (positions == expected).all()
+    network, colour = rng.normal(size=(40, 8)).astype(np.float32), np.abs(rng.normal(size=(40, 5)))
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)   # noqa: E731
+    expected_scores = 0.7 * unit(network[:10]) @ unit(network[10:]).T + 0.3 * unit(colour[:10]) @ unit(colour[10:]).T
+    expected = np.argsort(-expected_scores, axis=1, kind="stable")[:, :5]
+    ranking = Ranking(fusion=ColourFusion(0.3, colour[10:]))
+    for index in ("Flat", "HNSW8"):   # 30 rows: fewer than the candidates, so re-ranking sees them all
+        with gallery_store(StoreSettings(), network[10:], ["x"] * 30, index) as store:
+            scores, rows = rank(store, network[:10], 5, ranking, query_colour=colour[:10])
+        assert store.exhaustive == (index == "Flat")
+        assert (rows == expected).all()
+        np.testing.assert_allclose(scores, np.take_along_axis(expected_scores, expected, axis=1), atol=1e-5)
 
 
 # --- the descriptor: the product's colour, whatever stands behind it ---------------------------------

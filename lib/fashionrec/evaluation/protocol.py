@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
-from ..features.colour import candidate_count, fuse_vectors, rerank_fused
-from ..indexing.backends import open_store
-from ..indexing.category import category_aware_search
+from ..ranking.policies import CategoryBonus, ColourFusion
+from ..ranking.rank import Ranking, gallery_store, rank
 from ..settings import StoreSettings
 
 N_BOOTSTRAP = 1000
@@ -83,22 +82,23 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
                         colour_weight: float = 0.0) -> Evaluation:
     """Ranks the gallery for every query and scores the top ``k`` by category match.
 
-    The gallery goes into a throwaway vector store of the kind ``store`` names (faiss in this
-    process by default, or a Milvus collection dropped afterwards), with gallery row positions
-    as ids; the protocol record says which store ranked it.
+    The gallery goes into a throwaway store of the kind ``store`` names (faiss in this process by
+    default, or a Milvus collection dropped afterwards), row i = gallery row i, and is ranked by
+    :func:`fashionrec.ranking.rank.rank`, the ranking a served index folder runs; the protocol
+    record says which store ranked it.
 
     With ``categories`` (one per ``metadata`` row, e.g. a classifier's predictions) and a
     non-zero ``boost``, gallery items of the query's category get that score bonus
-    (:func:`fashionrec.indexing.category.category_aware_search`; ``inf``: that category first).
+    (:class:`fashionrec.ranking.policies.CategoryBonus`, ``categories_source`` saying whether
+    they are ``predicted`` or ``known``; ``inf``: that category first).
     Relevance is the true ``label`` by default; ``relevance`` names the metadata columns that must
     all equal the query's (a row missing any of them is never relevant, see
     :func:`fashionrec.evaluation.metrics.attribute_keys`; the record counts them).
 
     ``colour_weight`` w > 0 (needs ``colour_vectors``, one product-colour descriptor per
-    ``metadata`` row, and the cosine metric) ranks by (1 - w) x network cosine + w x colour cosine:
-    exactly for ``Flat`` (the store holds the weighted concatenation of both normalised vectors,
-    whose inner product is that score), and for an approximate index by re-ranking the network
-    index's ``candidate_count(k)`` nearest candidates with the fused score. w = 0 is the plain ranking.
+    ``metadata`` row, and the cosine metric) ranks by (1 - w) x network cosine + w x colour cosine
+    (:class:`fashionrec.ranking.policies.ColourFusion`): exactly for ``Flat``, and for an
+    approximate index by re-ranking its nearest candidates. w = 0 is the plain ranking.
     """
     split = metadata["split"].to_numpy()
     query_rows = np.flatnonzero(split == query_split)
@@ -120,28 +120,16 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
             raise ValueError("colour_weight > 0 needs one colour descriptor per metadata row")
         if metric != "cosine":
             raise ValueError(f"colour fusion adds cosine similarities; use metric 'cosine', not {metric!r}")
-        if ranked:
-            raise ValueError("colour fusion and category-aware ranking cannot be combined")
-    exact_fusion = fused and index == "Flat"
-    searched = fuse_vectors(vectors, colour_vectors, colour_weight) if exact_fusion else vectors
-    n_searched = candidate_count(k, len(gallery_rows)) if fused and not exact_fusion else k
-    stored_labels = np.asarray(categories).astype(str)[gallery_rows] if ranked else gallery["label"].astype(str)
-    # The fused vectors are unit-norm already: their inner product is the fused score itself.
-    with open_store(store, "ip" if exact_fusion else metric, index, search_params, seed=seed,
-                    drop_on_close=True) as gallery_store:
-        gallery_store.add(np.arange(len(gallery)), searched[gallery_rows], list(stored_labels))
-        if ranked:
-            scores, positions = category_aware_search(
-                gallery_store, vectors[query_rows], np.asarray(categories).astype(str)[query_rows],
-                sorted(set(stored_labels)), k, boost, metric)
-        else:
-            scores, positions = gallery_store.search(searched[query_rows], n_searched)
-        built = gallery_store.describe().get("factory")
-    if fused and not exact_fusion:
-        scores, positions = rerank_fused(positions, vectors[query_rows], colour_vectors[query_rows],
-                                         vectors[gallery_rows], colour_vectors[gallery_rows], colour_weight, k)
-    ranking = {"boost": "inf" if np.isinf(boost) else float(boost), "categories": categories_source} \
-        if ranked else None
+    categories = np.asarray(categories).astype(str) if ranked else None
+    ranking = Ranking(bonus=CategoryBonus(float(boost), categories[gallery_rows], categories_source) if ranked else None,
+                      fusion=ColourFusion(float(colour_weight), colour_vectors[gallery_rows]) if fused else None)
+    with gallery_store(store, vectors[gallery_rows], gallery["label"].astype(str), index, metric, search_params,
+                       seed) as searched:
+        scores, positions = rank(searched, vectors[query_rows], k, ranking,
+                                 query_categories=categories[query_rows] if ranked else None,
+                                 query_colour=colour_vectors[query_rows] if fused else None)
+        built = searched.describe().get("factory")
+        exhaustive = searched.exhaustive
 
     query_labels = queries["label"].to_numpy()
     gallery_labels = gallery["label"].to_numpy()
@@ -172,10 +160,8 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
         "n_queries": int(len(queries)),
         "n_gallery": int(len(gallery)),
         "n_categories": int(len(np.unique(query_labels))),
-        **({"category_ranking": ranking} if ranking else {}),
-        **({"colour_weight": float(colour_weight),
-            "colour_fusion": "exact (weighted concatenation, Flat)" if exact_fusion else
-            f"re-ranked: the network index's {n_searched} nearest, re-scored with the fused score"} if fused else {}),
+        **({"category_ranking": ranking.bonus.describe()} if ranked else {}),
+        **(ranking.fusion.describe(exhaustive, ranking.fusion.candidates(k, len(gallery))) if fused else {}),
     }
     return Evaluation(protocol, per_query, queries, gallery, positions, scores, metrics.summarize(per_query),
                       relevance, category_precision, missing)

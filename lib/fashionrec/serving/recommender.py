@@ -24,7 +24,6 @@ at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and I
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import threading
 import time
@@ -38,14 +37,16 @@ import torch
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, IndexFolderError
-from ..features.colour import (COLOUR_BACKBONE, aligned_colour, candidate_count, check_colour_weight,
-                               colour_descriptors)
+from ..features.colour import COLOUR_BACKBONE, aligned_colour, check_colour_weight, colour_descriptors
 from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
 from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..provenance import dataset_fingerprint
 from ..ranking.milvus import MilvusRowStore
+from ..ranking.policies import (GALLERY_CATEGORIES, CategoryBonus, CategoryFilter, ColourFusion, ExcludedRows,
+                                LiveRows)
+from ..ranking.rank import Ranking, rank
 from ..ranking.store import FaissRowStore, RowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
@@ -120,6 +121,9 @@ class Recommender:
         self._predictor = predictor
         self._lock = threading.RLock()
         self._batch_backbone = None
+        # The category bonus of the folder's model (build.json ``ranking``), on the catalog's own labels.
+        self._bonus_setting = (float((info.get("ranking") or {}).get("boost") or 0.0), "known")
+        self._predicted_by_id: dict[str, str] = {}
         self._reindex()
 
     # --- opening and building ------------------------------------------------------------------
@@ -272,11 +276,12 @@ class Recommender:
         A model chosen by the model search may rank with a bonus for its predicted category
         (build.json ``ranking``); without ``category``, that bonus goes to the catalog items
         *labelled* with the predicted category (a shop knows what it sells; the search's
-        evaluation predicted the gallery's categories too, the harder case).
+        evaluation predicted the gallery's categories too, the harder case: see
+        :meth:`set_category_bonus`).
 
         ``colour_weight`` w in [0, 1] ranks by (1 - w) x network similarity + w x product-colour
-        similarity (:mod:`fashionrec.features.colour`), the score each result then carries: over
-        every item for a Flat index, over the index's ``candidate_count(k)`` nearest otherwise.
+        similarity (:class:`fashionrec.ranking.policies.ColourFusion`), the score each result then
+        carries: over every item for a Flat index, over the index's nearest candidates otherwise.
         Only the photo's own colour descriptor is computed (``timing_ms["colour"]``); the catalog's
         are in the folder. w = 0 is the plain ranking.
         """
@@ -305,11 +310,7 @@ class Recommender:
         search_started = time.perf_counter()
         with self._lock:
             excluded = [self._row(item_id) for item_id in exclude_ids]
-            boost = float(self.info.get("ranking", {}).get("boost") or 0.0)
-            if boost and category is None and predicted in self._category_rows and self._store.metric != "l2":
-                results = self._boosted_search(vector, k, predicted, boost, excluded, colour)
-            else:
-                results = self._search(vector, k, category, excluded, colour)
+            results = self._ranked(vector, k, category, excluded, colour, predicted)
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
@@ -336,7 +337,7 @@ class Recommender:
                 self_score = self._self_score(query[0])
                 first = [self._result(row, self_score if colour is None else
                                       (1 - colour_weight) * self_score + colour_weight)]
-            results = first + self._search(query, k - len(first), category, [*excluded, row], colour)
+            results = first + self._ranked(query, k - len(first), category, [*excluded, row], colour)
         done = time.perf_counter()
         timing = {"decode": 0.0, "preprocess": 0.0, "embed": 0.0, "search": (done - started) * 1000.0,
                   "total": (done - started) * 1000.0}
@@ -350,7 +351,7 @@ class Recommender:
         if vector.shape != (1, self._store.dim):
             raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
         with self._lock:
-            return self._search(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
+            return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
 
     def check_colour_weight(self, colour_weight: float) -> float:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
@@ -395,65 +396,69 @@ class Recommender:
             return 0.0
         return float(np.dot(stored, stored))
 
-    def _search(self, vector: np.ndarray, k: int, category: str | None, excluded: list[int],
-                colour: tuple[np.ndarray, float] | None = None) -> list[Result]:
-        """Top-k live rows (of ``category``, not ``excluded``); the caller holds the lock."""
+    def _ranked(self, vector: np.ndarray, k: int, category: str | None, excluded: list[int],
+                colour: tuple[np.ndarray, float] | None = None, predicted: str | None = None) -> list[Result]:
+        """Top-k live rows (of ``category``, not ``excluded``) under the folder's ranking; the caller holds the lock.
+
+        ``predicted``: the query's predicted category, which the category bonus (if any) favours.
+        ``colour``: (the query's colour descriptor, its weight) for colour fusion.
+        """
         if k <= 0:
             return []
-        allowed = None
-        if category is not None or excluded or self._has_tombstones:
-            allowed = self._category_mask(category).copy()
-            allowed[excluded] = False
-        return self._ranked(vector, k, allowed, colour)
+        filters = []
+        if self._has_tombstones:
+            filters.append(LiveRows(self._deleted))
+        if category is not None:
+            filters.append(CategoryFilter(category, self._label_array))
+        if excluded:
+            filters.append(ExcludedRows(tuple(excluded)))
+        bonus = None
+        if category is None and predicted is not None and self._bonus is not None and self._store.metric != "l2":
+            bonus = self._bonus
+        fusion = ColourFusion(colour[1], self._colour16) if colour is not None else None
+        scores, rows = rank(self._store, vector, k, Ranking(tuple(filters), bonus, fusion),
+                            query_categories=[predicted] if bonus is not None else None,
+                            query_colour=colour[0][None] if colour is not None else None)
+        return [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
 
-    def _ranked(self, vector: np.ndarray, k: int, allowed: np.ndarray | None,
-                colour: tuple[np.ndarray, float] | None) -> list[Result]:
-        """Top-k of the ``allowed`` rows by the network's score, or by the fused score when ``colour`` is given.
+    def set_category_bonus(self, boost, gallery_categories: str = "known") -> None:
+        """Ranks with ``boost`` added for the catalog items of the query's predicted category (``inf``: those first).
 
-        Fused: a Flat index scores every allowed row (exact); another proposes ``candidate_count(k)``
-        rows, re-scored with their colour similarity.
+        ``gallery_categories``: ``known`` ranks by the items' labels (a shop knows what it sells);
+        ``predicted`` by the categories the folder's classifier predicts for them (the protocol of
+        record, which hides the gallery's labels: each item's category is predicted once, from its
+        stored embedding and, for classifiers on other features, its photo). ``boost`` 0: no bonus.
         """
-        if colour is None:
-            scores, rows = self._store.search(vector, k, allowed)
-            return [self._result(int(row), float(score)) for score, row in zip(scores[0], rows[0]) if row >= 0]
-        query_colour, weight = colour
-        n_rows = len(self._items)
-        exact = self.info["index"].get("factory") == "Flat" and self.info["index"].get("store", "faiss") == "faiss"
-        scores, rows = self._store.search(vector, n_rows if exact else candidate_count(k, n_rows), allowed)
-        valid = rows[0] >= 0
-        rows, network = rows[0][valid], scores[0][valid]
-        stored = np.asarray(self._colour16[rows], dtype=np.float32)
-        stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
-        query_colour = query_colour / max(float(np.linalg.norm(query_colour)), 1e-12)
-        fused = (1.0 - weight) * network + weight * (stored @ query_colour)
-        order = np.argsort(-fused, kind="stable")[:k]
-        return [self._result(int(rows[i]), float(fused[i])) for i in order]
+        boost = float(boost)
+        if gallery_categories not in GALLERY_CATEGORIES:
+            raise FashionRecError(f"gallery categories must be one of {', '.join(GALLERY_CATEGORIES)}, "
+                                  f"got {gallery_categories!r}")
+        if boost and self._predictor is None:
+            raise FashionRecError(f"{self.outdir}: a category bonus needs the query's predicted category, and this "
+                                  "folder has no classifier (build it from a fine-tuned model, +head:...)")
+        with self._lock:
+            self._bonus_setting = (boost, gallery_categories)
+            self._bonus = self._category_bonus()
 
-    def _boosted_search(self, vector: np.ndarray, k: int, category: str, boost: float,
-                        excluded: list[int], colour: tuple[np.ndarray, float] | None = None) -> list[Result]:
-        """Top-k live rows when rows of ``category`` get ``boost`` added to their score (``inf``: those first).
+    @property
+    def category_bonus(self) -> dict | None:
+        """The category bonus the ranking applies (boost, whose categories), None without one."""
+        return None if self._bonus is None else self._bonus.describe()
 
-        Scores in the results stay the similarities; only the order carries the bonus.
-        """
-        same = self._search(vector, k, category, excluded, colour)
-        others_allowed = self._category_mask(None) & ~self._category_mask(category)
-        others_allowed = others_allowed.copy()
-        others_allowed[excluded] = False
-        others = self._ranked(vector, k, others_allowed, colour)
-        bonus = math.inf if math.isinf(boost) else boost
-        ranked = [(result.score + bonus, 0, i, result) for i, result in enumerate(same)]
-        ranked += [(result.score, 1, i, result) for i, result in enumerate(others)]
-        ranked.sort(key=lambda entry: (-entry[0], entry[1], entry[2]))
-        return [entry[3] for entry in ranked[:k]]
-
-    def _category_mask(self, category: str | None) -> np.ndarray:
-        key = category or ""
-        if key not in self._masks:
-            mask = ~self._items["deleted"].to_numpy()
-            if category is not None:
-                mask &= self._items["label"].to_numpy() == category
-            self._masks[key] = mask
-        return self._masks[key]
+    def _category_bonus(self) -> CategoryBonus | None:
+        boost, gallery = self._bonus_setting
+        if not boost:
+            return None
+        if gallery == "known":
+            return CategoryBonus(boost, self._label_array, gallery)
+        missing = [row for row, item_id in enumerate(self._ids) if item_id not in self._predicted_by_id]
+        for row in missing:
+            path = self._paths[row]
+            category, _, _ = self._predictor.predict(
+                lambda draft_size: decode_query(path, draft_size, as_array=True), self._embedding_rows([row]))
+            self._predicted_by_id[self._ids[row]] = category
+        return CategoryBonus(boost, np.asarray([self._predicted_by_id[item_id] for item_id in self._ids], dtype=str),
+                             gallery)
 
     def _result(self, row: int, score: float) -> Result:
         return Result(self._ids[row], self._paths[row], self._labels[row], score)
@@ -470,7 +475,9 @@ class Recommender:
         labels = self._items["label"].to_numpy()[live]
         self._category_rows = {str(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True))}
         self._has_tombstones = not live.all()
-        self._masks = {}
+        self._deleted = ~live
+        self._label_array = np.asarray(self._labels, dtype=str)
+        self._bonus = self._category_bonus()
 
     # --- updates ---------------------------------------------------------------------------------
 

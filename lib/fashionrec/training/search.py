@@ -33,7 +33,7 @@ from .. import config
 from ..console import progress_bar
 from ..data.split import validation_split
 from ..evaluation import metrics
-from ..indexing.category import HARD_BOOST
+from ..ranking.policies import HARD_BOOST
 from ..models.classifier import CategoryClassifier
 from ..models.projection import ProjectionHead, l2_normalize, project
 from .classify import train_classifier
