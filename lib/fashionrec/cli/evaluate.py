@@ -1,17 +1,19 @@
-"""``evaluate``: query -> gallery retrieval metrics for one backbone and index, frozen or fine-tuned."""
+"""``evaluate``: query -> gallery retrieval metrics for one backbone and index, frozen or fine-tuned, or an index folder as served."""
 from __future__ import annotations
 
+from ..data.prepared import prepare
 from ..errors import FashionRecError
 from ..experiment.colour import colour_sweep, parse_colour_weights
 from ..experiment.cost import measure_embedding_cost
-from ..data.prepared import prepare
 from ..experiment.evaluate import evaluate_backbone
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
+from ..experiment.served import evaluate_index_folder
 from ..features.colour import check_colour_weight
 from ..models.ensemble import is_combined_name
 from ..models.finetuned import split_backbone_name
 from ..models.registry import check_backbone_name
+from ..ranking.policies import GALLERY_CATEGORIES
 from ..pipeline.report import colour_sweep_text, write_colour_sweep
 from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
@@ -19,13 +21,26 @@ from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
 from .commands import SUMMARIES
 from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
-                     load_user_backbones, print_json, print_metrics, print_skipped, store_settings)
+                     load_user_backbones, print_json, print_metrics, print_skipped, serving_store, store_settings)
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("evaluate", help=SUMMARIES["evaluate"])
-    add_data_arguments(parser)
-    add_backbone_arguments(parser)
+    add_data_arguments(parser, required=False)
+    add_backbone_arguments(parser, required=False)
+    served = parser.add_argument_group(
+        "served", "an index folder measured as it serves: every query photo through Recommender.recommend "
+                  "(instead of --dataset and --backbone)")
+    served.add_argument("--index-dir", default=None, help="the index folder (built by `python -m fashionrec index`)")
+    served.add_argument("--queries", default=None,
+                        help="the query photos: a folder with one sub-folder per category, a CSV (path,label[,...]), "
+                             "or `split`: the query split of record of a folder built with --split gallery")
+    served.add_argument("--category-boost", default=None,
+                        help="a bonus for the items of the query's predicted category (a number, or inf: those first; "
+                             "default: the folder's model's own); needs a folder with a classifier")
+    served.add_argument("--gallery-categories", default=None, choices=GALLERY_CATEGORIES,
+                        help="the items' categories the bonus favours: known (their labels, how a shop serves; "
+                             "default) or predicted (by the folder's classifier, as the protocol of record)")
     parser.add_argument("--index", default="Flat",
                         help="FAISS factory string, e.g. Flat, HNSW32, IVF{nlist},PQ{m}; with --store milvus: Flat, "
                              "HNSW<M>, HNSW<M>_SQ8, IVF<nlist>,Flat, IVF<nlist>,SQ8 or a Milvus index type, "
@@ -93,6 +108,11 @@ def _check_look(args, searched: bool) -> None:
 
 
 def run(args) -> int:
+    if args.index_dir is not None or args.queries is not None:
+        return _run_served(args)
+    if args.dataset is None or args.backbone is None:
+        raise FashionRecError("evaluate needs --dataset and --backbone (or --index-dir and --queries for an index "
+                              "folder as served)")
     load_user_backbones(args)
     check_backbone_name(args.backbone)
     searched = args.finetune and is_combined_name(split_backbone_name(args.backbone)[0])
@@ -235,3 +255,39 @@ def _print_cost(record: dict) -> None:
                           f"{row['bytes_per_vector']} B/vector)" for row in record["cost"]["models"])
         print(f"  cost ({measured['n_images']} query images, runtime {measured['runtime']}, load "
               f"{measured['load_average_1min'][0]}): {costs}")
+
+
+def _run_served(args) -> int:
+    if args.index_dir is None or args.queries is None:
+        raise FashionRecError("--index-dir and --queries go together: the folder, and the photos to query it with")
+    for option in ("dataset", "backbone"):
+        if getattr(args, option) is not None:
+            raise FashionRecError(f"--{option} with --index-dir: the folder says what it was built from; leave it out")
+    if args.finetune or args.colour_weights is not None:
+        raise FashionRecError("--finetune and --colour-weights evaluate a backbone, not an index folder")
+    args.relevance_columns = tuple(column.strip() for column in args.relevance.split(",") if column.strip())
+    boost = None
+    if args.category_boost is not None:
+        try:
+            boost = float(args.category_boost)
+        except ValueError:
+            raise FashionRecError(f"--category-boost must be a number or inf, got {args.category_boost!r}") from None
+    record = evaluate_index_folder(args.index_dir, args.queries, k=args.k, relevance=args.relevance_columns,
+                                   category_boost=boost, gallery_categories=args.gallery_categories,
+                                   colour_weight=check_colour_weight(args.colour_weight),
+                                   settings=inference_settings(args), store=_folder_store(args),
+                                   seed=args.split_seed)
+    if args.json:
+        print_json(record)
+    else:
+        print(f"{record['index_dir']} ({record['version']}) | {record['backbone']} | {record['store']} "
+              f"{record['index']} | k={record['k']} | {record['n_queries']} query photos -> "
+              f"{record['n_gallery']} items | {record['n_own_copies_excluded']} own copies excluded")
+        print_metrics(record)
+        print_skipped(record["skipped"])
+    return 0
+
+
+def _folder_store(args):
+    """--store as the folder's: faiss, evaluate's default, means "where the folder was built" unless a URI is given."""
+    return None if args.store == "faiss" and args.milvus_uri is None else serving_store(args)

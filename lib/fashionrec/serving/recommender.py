@@ -231,6 +231,13 @@ class Recommender:
             live = self._items[~self._items["deleted"].to_numpy()]
             return live[["id", "path", "label"]].reset_index(drop=True)
 
+    @property
+    def items(self) -> pd.DataFrame:
+        """The live items with every column of the items table (id, path, label, digest, ...), in row order."""
+        with self._lock:
+            live = self._items[~self._items["deleted"].to_numpy()]
+            return live.drop(columns=["deleted"]).reset_index(drop=True)
+
     def item(self, item_id: str) -> Result:
         """The catalog item with this id (score 1.0 is its similarity to itself under cosine)."""
         with self._lock:
@@ -343,15 +350,26 @@ class Recommender:
                   "total": (done - started) * 1000.0}
         return Recommendation(results, timing)
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None,
-                      exclude_ids=()) -> list[Result]:
-        """The ``k`` items nearest an embedding already computed (same backbone, as the index's vectors)."""
+    def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None, exclude_ids=(),
+                      predicted_category: str | None = None, colour: np.ndarray | None = None,
+                      colour_weight: float = 0.0) -> list[Result]:
+        """The ``k`` items an embedding already computed gets (same backbone, as the index's vectors).
+
+        The ranking :meth:`recommend` runs, given what it would compute from the photo:
+        ``predicted_category`` (for the category bonus) and ``colour`` (the photo's colour
+        descriptor, for ``colour_weight`` > 0).
+        """
         self._check_query(k, category, exclude_ids)
+        colour_weight = self.check_colour_weight(colour_weight)
         vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
         if vector.shape != (1, self._store.dim):
             raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
+        if colour_weight > 0 and colour is None:
+            raise FashionRecError("a colour weight needs the query's colour descriptor (colour=...)")
+        fusion = (np.asarray(colour, dtype=np.float32).ravel(), colour_weight) if colour_weight > 0 else None
         with self._lock:
-            return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
+            return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids], fusion,
+                                predicted_category)
 
     def check_colour_weight(self, colour_weight: float) -> float:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
