@@ -37,10 +37,11 @@ def add_parser(commands) -> None:
                              "or `split`: the query split of record of a folder built with --split gallery")
     served.add_argument("--category-boost", default=None,
                         help="a bonus for the items of the query's predicted category (a number, or inf: those first; "
-                             "default: the folder's model's own); needs a folder with a classifier")
+                             "default: the model's own); with --index-dir or --finetune (a classifier predicts)")
     served.add_argument("--gallery-categories", default=None, choices=GALLERY_CATEGORIES,
-                        help="the items' categories the bonus favours: known (their labels, how a shop serves; "
-                             "default) or predicted (by the folder's classifier, as the protocol of record)")
+                        help="the items' categories the bonus favours: known (their labels, how a shop serves; the "
+                             "default with --index-dir) or predicted (by the classifier, as the protocol of record; "
+                             "the default with --finetune)")
     parser.add_argument("--index", default="Flat",
                         help="FAISS factory string, e.g. Flat, HNSW32, IVF{nlist},PQ{m}; with --store milvus: Flat, "
                              "HNSW<M>, HNSW<M>_SQ8, IVF<nlist>,Flat, IVF<nlist>,SQ8 or a Milvus index type, "
@@ -126,6 +127,9 @@ def run(args) -> int:
     prepared.check_k(args.k)
     prepared.check_relevance(args.relevance_columns)
     settings = inference_settings(args)
+    if (args.category_boost is not None or args.gallery_categories is not None) and not args.finetune:
+        raise FashionRecError("--category-boost ranks with a classifier's predicted category: give --finetune "
+                              "(or --index-dir with a fine-tuned folder)")
     if searched:
         return _run_searched(args, prepared, settings, store)
     if args.finetune:
@@ -182,7 +186,9 @@ def _run_finetuned(args, prepared, settings, store) -> int:
     result = evaluate_finetuned(prepared, args.backbone, _finetune_config(args, args.split_seed), index=args.index,
                                 k=args.k, metric=args.metric, search_params=args.search_params, settings=settings,
                                 model_path=args.head_out, retrain=args.retrain, store=store,
-                                relevance=args.relevance_columns, colour_weight=args.colour_weight)
+                                relevance=args.relevance_columns, colour_weight=args.colour_weight,
+                                category_boost=_category_boost(args), gallery_categories=args.gallery_categories or
+                                "predicted")
     record = result.record
     embeddings = result.embeddings
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,
@@ -266,14 +272,8 @@ def _run_served(args) -> int:
     if args.finetune or args.colour_weights is not None:
         raise FashionRecError("--finetune and --colour-weights evaluate a backbone, not an index folder")
     args.relevance_columns = tuple(column.strip() for column in args.relevance.split(",") if column.strip())
-    boost = None
-    if args.category_boost is not None:
-        try:
-            boost = float(args.category_boost)
-        except ValueError:
-            raise FashionRecError(f"--category-boost must be a number or inf, got {args.category_boost!r}") from None
     record = evaluate_index_folder(args.index_dir, args.queries, k=args.k, relevance=args.relevance_columns,
-                                   category_boost=boost, gallery_categories=args.gallery_categories,
+                                   category_boost=_category_boost(args), gallery_categories=args.gallery_categories,
                                    colour_weight=check_colour_weight(args.colour_weight),
                                    settings=inference_settings(args), store=_folder_store(args),
                                    seed=args.split_seed)
@@ -286,6 +286,15 @@ def _run_served(args) -> int:
         print_metrics(record)
         print_skipped(record["skipped"])
     return 0
+
+
+def _category_boost(args) -> float | None:
+    if args.category_boost is None:
+        return None
+    try:
+        return float(args.category_boost)
+    except ValueError:
+        raise FashionRecError(f"--category-boost must be a number or inf, got {args.category_boost!r}") from None
 
 
 def _folder_store(args):

@@ -65,7 +65,8 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
                        k: int = 10, metric: str = "cosine", search_params: str = "",
                        settings: InferenceSettings = InferenceSettings(), model_path=None,
                        retrain: bool = False, store: StoreSettings = StoreSettings(), relevance=("label",),
-                       colour_weight: float = 0.0) -> FinetunedEvaluation:
+                       colour_weight: float = 0.0, category_boost: float | None = None,
+                       gallery_categories: str = "predicted") -> FinetunedEvaluation:
     """Trains (or reuses) a fine-tuned model on the train split and scores it on query -> gallery.
 
     The model file is cached under ``data/processed/heads/<backbone>-<key>.pt``, where the
@@ -73,7 +74,10 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
     setting; ``model_path`` writes a copy there as well. A ``k`` larger than the gallery is
     refused before anything is embedded or trained. ``relevance`` and ``colour_weight`` apply to the
     fine-tuned model and its frozen baseline alike (:func:`~fashionrec.experiment.evaluate.evaluate_backbone`);
-    training never sees them.
+    training never sees them. ``category_boost`` ranks the fine-tuned model with a bonus for the
+    query's predicted category (:class:`~fashionrec.ranking.policies.CategoryBonus`), on the
+    gallery's ``predicted`` categories (the classifier's, as the protocol hides the labels) or its
+    ``known`` ones; the record's ``category_ranking`` says which.
     """
     prepared.check_k(k)
     relevance = prepared.check_relevance(relevance)
@@ -113,10 +117,16 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
         save_model(payload, cached)   # metrics are added below, once measured
 
     vectors = _finetuned_vectors(prepared, backbone, payload, cached, metadata, frozen, trained, settings)
-    evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
-                                     search_params=search_params, seed=prepared.split_seed, store=store, **ranking)
     predicted = _predicted_categories(payload, frozen, vectors, multi_view, len(metadata))
     labels = metadata["label"].astype(str).to_numpy()
+    bonus = {}
+    if category_boost:
+        gallery_side = predicted if gallery_categories == "predicted" else labels
+        bonus = dict(categories=np.where(split == "query", predicted, gallery_side)[evaluated], boost=category_boost,
+                     categories_source=gallery_categories)
+    evaluation = evaluate_embeddings(vectors[evaluated], eval_meta, k=k, index=index, metric=metric,
+                                     search_params=search_params, seed=prepared.split_seed, store=store, **ranking,
+                                     **bonus)
     query, gallery = split == "query", split == "gallery"
     classification = category_metrics(labels[query], predicted[query], payload["categories"], seed=prepared.split_seed)
     classifier = classifier_from_payload(payload)
@@ -133,7 +143,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
                                    metadata)
     # The model file keeps the protocol of record's numbers: a colour weight or another relevance re-ranks or
     # re-judges, it does not change what the model measured (a model just trained records it all the same).
-    of_record = not colour_weight and relevance == ("label",)
+    of_record = not colour_weight and relevance == ("label",) and not category_boost
     if trained is not None and not of_record:
         measured = {**measured, "relevance": list(relevance), "colour_weight": colour_weight}
     if trained is not None or (of_record and payload.get("metrics") != measured):
