@@ -22,6 +22,8 @@ from ..ranking.rank import Ranking, gallery_store, rank
 from ..settings import StoreSettings
 
 N_BOOTSTRAP = 1000
+# The keys of an evaluation record (:meth:`Evaluation.to_record`); raised when a key changes meaning or goes.
+RECORD_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Evaluation:
     def to_record(self, bootstrap_seed: int = 0, n_boot: int = N_BOOTSTRAP) -> dict:
         """One flat, JSON-ready row: protocol, means, 95% intervals, per-category table."""
         intervals = metrics.bootstrap_cis(self.per_query, n_boot=n_boot, seed=bootstrap_seed)
-        record = {**self.protocol, **_rounded(self.summary)}
+        record = {"schema_version": RECORD_SCHEMA_VERSION, **self.protocol, **_rounded(self.summary)}
         for name, (low, high) in intervals.items():
             record[f"{name}_ci"] = [round(float(low), 6), round(float(high), 6)]
         record["relevance"] = list(self.relevance)

@@ -43,10 +43,9 @@ class QueryPhotos:
     skipped: list[dict] = field(default_factory=list)
 
 
-def load_queries(queries, info: dict, progress: bool = True) -> QueryPhotos:
+def load_queries(queries, dataset: dict, progress: bool = True) -> QueryPhotos:
     """The query photos ``queries`` names (a folder, a CSV or ``split``), every file checked as the loaders do."""
     if str(queries) == QUERY_SPLIT:
-        dataset = info.get("dataset") or {}
         if dataset.get("split") != "gallery" or not dataset.get("name"):
             raise FashionRecError(f"--queries split needs an index folder built with --split gallery; this one holds "
                                   f"split {dataset.get('split')!r} of {dataset.get('name')!r}: give --queries a "
@@ -80,15 +79,14 @@ def evaluate_index_folder(index_dir, queries, k: int = 10, relevance=("label",),
     """
     with Recommender.load(index_dir, settings, store=store) as recommender:
         if category_boost is not None or gallery_categories is not None:
-            folder_boost = (recommender.category_bonus or {}).get("boost", recommender.info.get("ranking", {})
-                                                                  .get("boost") or 0.0)
+            folder_boost = recommender.manifest.category_boost
             recommender.set_category_bonus(folder_boost if category_boost is None else category_boost,
                                            gallery_categories or "known")
         colour_weight = recommender.check_colour_weight(colour_weight)
         gallery = recommender.items
         if k > len(gallery):
             raise FashionRecError(f"k={k} exceeds the {len(gallery)} items of {index_dir}")
-        photos = load_queries(queries, recommender.info, settings.progress)
+        photos = load_queries(queries, recommender.manifest.dataset, settings.progress)
         relevance = _checked_relevance(relevance, photos.catalog, gallery)
         ids_of_digest = gallery.groupby("digest")["id"].apply(list).to_dict()
         position_of = {item_id: row for row, item_id in enumerate(gallery["id"])}
@@ -108,7 +106,7 @@ def evaluate_index_folder(index_dir, queries, k: int = 10, relevance=("label",),
         policy = {"category_bonus": recommender.category_bonus,
                   "colour_weight": colour_weight, "exclude": "the query's own copies in the catalog (same digest)"}
         described = recommender.describe()
-        info = recommender.info
+        built_from = recommender.manifest.dataset
     if not answered:
         raise FashionRecError(f"no query photo could be used ({len(skipped)} skipped); see the skipped files")
     queried = pd.DataFrame(answered)
@@ -117,7 +115,7 @@ def evaluate_index_folder(index_dir, queries, k: int = 10, relevance=("label",),
         "index_dir": str(Path(index_dir).resolve()), "version": described["version"],
         "backbone": described["backbone"], "runtime": described["runtime"], "store": described["store"],
         "index": described["index"], "search_params": described["search_params"], "metric": described["metric"],
-        "built_from": info.get("dataset"), **photos.source, "policy": policy,
+        "built_from": built_from, **photos.source, "policy": policy,
         "n_own_copies_excluded": int(sum(1 for copies in own_copies if copies)),
         "dataset_fingerprint": dataset_fingerprint(queried.assign(split="query")),
         **evaluation.to_record(bootstrap_seed=seed),

@@ -28,6 +28,8 @@ from .ensemble import CombinedBackbone
 from .projection import HeadedModel, ProjectionHead
 
 FORMAT = "fashionrec-head/1"
+# Which metadata a model file holds; 1: files written before the field existed (they read as they are).
+MODEL_SCHEMA_VERSION = 2
 HEAD_SEPARATOR = "+head:"
 
 
@@ -57,11 +59,14 @@ def _loadable(value):
 
 
 def save_model(payload: dict, path) -> Path:
-    """Writes a model file atomically (plain values and tensors only); returns its path."""
+    """Writes a model file atomically (plain values and tensors only, at this code's schema version); returns its path.
+
+    The one writer of model files: fine-tuning and the model search both save through it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")
-    torch.save(_loadable(payload), temporary)
+    torch.save({**_loadable(payload), "schema_version": MODEL_SCHEMA_VERSION}, temporary)
     os.replace(temporary, path)
     return path
 
@@ -77,7 +82,11 @@ def load_model(path) -> dict:
             from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsUnavailable(f"{path}: not a fashionrec head file (format {FORMAT})")
-    return payload
+    version = int(payload.get("schema_version", 1))
+    if version > MODEL_SCHEMA_VERSION:
+        raise WeightsUnavailable(f"{path}: model file schema version {version}; this fashionrec reads versions up to "
+                                 f"{MODEL_SCHEMA_VERSION}: upgrade fashionrec or train the model again")
+    return {**payload, "schema_version": version}
 
 
 def head_from_payload(payload: dict) -> ProjectionHead:

@@ -16,7 +16,6 @@ What a version of the folder holds (:mod:`fashionrec.serving.folder` for the lay
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -45,10 +44,10 @@ from ..ranking.store import FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
-from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
+from .folder import check_output_folder, is_index_folder, new_version
+from .manifest import BuildManifest
 from .milvus import collection_prefix, drop_unreferenced_collections
 
-FORMAT = "fashionrec-index/1"
 ITEMS_FILE = "ids.parquet"
 EMBEDDINGS_FILE = "embeddings.npy"
 COLOUR_FILE = "colour.npy"
@@ -68,18 +67,18 @@ class BuildReport:
 
     outdir: Path
     version: str
-    info: dict
+    manifest: BuildManifest
     n_computed: int
     n_reused: int
     seconds: float
 
     def to_record(self) -> dict:
-        info = self.info
-        return {"out": str(self.outdir), "version": self.version, "backbone": info["backbone"]["name"],
-                "runtime": info["runtime"], "metric": info["metric"], "index": info["index"],
-                "dim": info["backbone"]["dim"], "n_items": info["counts"]["items"],
-                "n_skipped": info["counts"]["skipped"], "skipped": info["skipped"],
-                "categories": info["counts"]["categories"], "embedded": self.n_computed,
+        built = self.manifest
+        return {"out": str(self.outdir), "version": self.version, "backbone": built.backbone["name"],
+                "runtime": built.runtime, "metric": built.metric, "index": built.index,
+                "dim": built.backbone["dim"], "n_items": built.counts["items"],
+                "n_skipped": built.counts["skipped"], "skipped": built.skipped,
+                "categories": built.counts["categories"], "embedded": self.n_computed,
                 "reused_from_cache": self.n_reused, "seconds": round(self.seconds, 3)}
 
 
@@ -181,7 +180,7 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     if store.store == "milvus":
         vector_store.store.close()
         drop_unreferenced_collections(outdir, milvus_uri(store), store.milvus_token)
-    return BuildReport(outdir, staged.version, staged.info, embeddings.n_computed, embeddings.n_reused,
+    return BuildReport(outdir, staged.version, staged.manifest, embeddings.n_computed, embeddings.n_reused,
                        time.perf_counter() - started)
 
 
@@ -197,7 +196,7 @@ def check_folder_store(index: str, metric: str, search_params: str, store: Store
 @dataclass
 class _Staged:
     version: str
-    info: dict
+    manifest: BuildManifest
 
 
 def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone, base_name,
@@ -209,33 +208,32 @@ def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items,
         base = get_backbone(base_name, weights_file=settings.weights_file) if reference else eager
         classifier = write_classifier(staging.path, backbone, base, settings.runtime, settings.threads)
         described = vector_store.save(staging.path)
-        info = {
-            "format": FORMAT,
-            "created": _now(),
-            "backbone": {"name": backbone, "base": base_name,
-                         "head_file": str(resolve_head_path(reference)) if reference else None,
-                         "weights_file": settings.weights_file, "weights_sha256": embeddings.weights_sha256,
-                         "cache_key": embeddings.cache_key, "dim": int(vectors.shape[1]),
-                         "description": eager.description},
-            "runtime": settings.runtime,
-            "preprocessing": {"transform": repr(model.transform) if hasattr(model, "transform") else None,
-                              "leaves": embeddings.preprocessing, "query": query["preprocessing"]},
-            "ranking": _ranking(reference),
-            "query_model": query,
-            "metric": metric,
-            "index": {"spec": index, **described, "seed": seed, "auto": auto,
-                      "tombstone_rebuild_fraction": TOMBSTONE_REBUILD_FRACTION},
-            "dataset": {**(dataset or {}), "fingerprint": dataset_fingerprint(embeddings.metadata)},
-            "versions": package_versions(),
-            "counts": item_counts(items, all_skipped),
-            "skipped": all_skipped,
-            "classifier": classifier,
-            "colour": {"backbone": COLOUR_BACKBONE, "cache_key": colour_embeddings.cache_key,
-                       "dim": int(colour_vectors.shape[1]), "file": COLOUR_FILE},
-            "updates": [],
-        }
-        write_version_files(staging.path, items, vectors.astype(np.float16), info, colour_vectors.astype(np.float16))
-    return _Staged(staging.version, info)
+        manifest = BuildManifest(
+            created=_now(),
+            backbone={"name": backbone, "base": base_name,
+                      "head_file": str(resolve_head_path(reference)) if reference else None,
+                      "weights_file": settings.weights_file, "weights_sha256": embeddings.weights_sha256,
+                      "cache_key": embeddings.cache_key, "dim": int(vectors.shape[1]),
+                      "description": eager.description},
+            runtime=settings.runtime,
+            preprocessing={"transform": repr(model.transform) if hasattr(model, "transform") else None,
+                           "leaves": embeddings.preprocessing, "query": query["preprocessing"]},
+            ranking=_ranking(reference),
+            query_model=query,
+            metric=metric,
+            index={"spec": index, **described, "seed": seed, "auto": auto,
+                   "tombstone_rebuild_fraction": TOMBSTONE_REBUILD_FRACTION},
+            dataset={**(dataset or {}), "fingerprint": dataset_fingerprint(embeddings.metadata)},
+            versions=package_versions(),
+            counts=item_counts(items, all_skipped),
+            skipped=all_skipped,
+            classifier=classifier,
+            colour={"backbone": COLOUR_BACKBONE, "cache_key": colour_embeddings.cache_key,
+                    "dim": int(colour_vectors.shape[1]), "file": COLOUR_FILE},
+        )
+        write_version_files(staging.path, items, vectors.astype(np.float16), manifest,
+                            colour_vectors.astype(np.float16))
+    return _Staged(staging.version, manifest)
 
 
 def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame, vectors: np.ndarray,
@@ -265,13 +263,13 @@ def _ranking(reference: str | None) -> dict:
     return payload.get("ranking") or {"boost": 0.0, "categories": None}
 
 
-def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, info: dict,
+def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, manifest: BuildManifest,
                         colour16: np.ndarray | None = None) -> None:
     items.to_parquet(directory / ITEMS_FILE, index=False)
     np.save(directory / EMBEDDINGS_FILE, vectors16)
     if colour16 is not None:
         np.save(directory / COLOUR_FILE, colour16)
-    (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    manifest.write(directory)
 
 
 def item_counts(items: pd.DataFrame, skipped) -> dict:

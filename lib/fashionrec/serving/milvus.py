@@ -17,11 +17,12 @@ collections are dropped with them (:func:`drop_unreferenced_collections`).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from ..errors import IndexFolderError
 from ..indexing.milvus_store import drop_collection, list_collections
-from .folder import BUILD_INFO, versions
+from .folder import versions
+from .manifest import BuildManifest
 
 def collection_prefix(outdir) -> str:
     """Collections of one index folder share this prefix (from the folder's absolute path)."""
@@ -34,11 +35,11 @@ def drop_unreferenced_collections(outdir, uri: str, token: str = "") -> list[str
     referenced = set()
     for name in versions(outdir):
         try:
-            info = json.loads((outdir / name / BUILD_INFO).read_text())
-        except (OSError, json.JSONDecodeError):
+            manifest = BuildManifest.read(outdir / name)
+        except IndexFolderError:
             continue
-        if info.get("index", {}).get("store") == "milvus":
-            referenced.add(info["index"]["collection"])
+        if manifest.store == "milvus":
+            referenced.add(manifest.index["collection"])
     prefix = collection_prefix(outdir)
     dropped = [name for name in list_collections(uri, token) if name.startswith(prefix) and name not in referenced]
     for name in dropped:

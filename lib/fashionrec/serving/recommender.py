@@ -23,7 +23,7 @@ at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and I
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import threading
 import time
@@ -50,10 +50,11 @@ from ..ranking.rank import Ranking, rank
 from ..ranking.store import FaissRowStore, RowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
+from .build import (COLOUR_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
                     build_index_folder, item_counts, package_versions, write_version_files)
 from .encoder import as_image, decode_query, encode_source
-from .folder import BUILD_INFO, current_version, new_version
+from .folder import current_version, new_version
+from .manifest import BuildManifest
 from .milvus import collection_prefix, drop_unreferenced_collections
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
@@ -103,12 +104,12 @@ class UpdateReport:
 class Recommender:
     """A loaded index folder: built by :meth:`build` or ``python -m fashionrec index``, opened by :meth:`load`."""
 
-    def __init__(self, outdir: Path, version: str, info: dict, items: pd.DataFrame, vectors16: np.ndarray,
+    def __init__(self, outdir: Path, version: str, manifest: BuildManifest, items: pd.DataFrame, vectors16: np.ndarray,
                  store: RowStore, encoder, predictor, settings: InferenceSettings, spinning: bool,
                  colour16: np.ndarray | None = None):
         self.outdir = outdir
         self.version = version
-        self.info = info
+        self.manifest = manifest
         self.settings = settings
         self.spinning = spinning
         self._items = items
@@ -122,7 +123,7 @@ class Recommender:
         self._lock = threading.RLock()
         self._batch_backbone = None
         # The category bonus of the folder's model (build.json ``ranking``), on the catalog's own labels.
-        self._bonus_setting = (float((info.get("ranking") or {}).get("boost") or 0.0), "known")
+        self._bonus_setting = (manifest.category_boost, "known")
         self._predicted_by_id: dict[str, str] = {}
         self._reindex()
 
@@ -145,34 +146,28 @@ class Recommender:
         """
         outdir = Path(outdir)
         version = current_version(outdir)
-        try:
-            info = json.loads((version / BUILD_INFO).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise IndexFolderError(f"{version / BUILD_INFO}: unreadable ({error}); rebuild the index") from None
-        if info.get("format") != FORMAT:
-            raise IndexFolderError(f"{version}: format {info.get('format')!r}, this fashionrec reads {FORMAT!r}; "
-                                   "rebuild the index")
-        settings = (settings or InferenceSettings()).but(runtime=info["runtime"])
+        manifest = BuildManifest.read(version)
+        settings = (settings or InferenceSettings()).but(runtime=manifest.runtime)
         spinning = spinning_suits_this_machine() if spinning is None else spinning
         try:
             items = pd.read_parquet(version / ITEMS_FILE)
             vectors16 = np.load(version / EMBEDDINGS_FILE, mmap_mode="r")
-            colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if info.get("colour") else None
+            colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if manifest.colour else None
         except (OSError, ValueError) as error:
             raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
-        store = _open_store(version, info["index"], store)
+        store = _open_store(version, manifest.index, store)
         if not len(items) == len(vectors16) == store.ntotal:
             raise IndexFolderError(f"{version}: {len(items)} ids, {len(vectors16)} embeddings and {store.ntotal} "
                                    "indexed vectors do not match; rebuild the index")
         if colour16 is not None and len(colour16) != len(items):
             raise IndexFolderError(f"{version}: {len(items)} ids but {len(colour16)} colour descriptors; "
                                    "rebuild the index")
-        recommender = cls(outdir, version.name, info, items, vectors16, store, None, None, settings, spinning,
+        recommender = cls(outdir, version.name, manifest, items, vectors16, store, None, None, settings, spinning,
                           colour16)
-        recommender._encoder = open_encoder(version, info["query_model"], recommender._runtime_backbone,
+        recommender._encoder = open_encoder(version, manifest.query_model, recommender._runtime_backbone,
                                             settings.threads, spinning)
-        recommender._predictor = open_predictor(version, info.get("classifier"), recommender._base_backbone,
-                                                info["runtime"], settings.threads, spinning)
+        recommender._predictor = open_predictor(version, manifest.classifier, recommender._base_backbone,
+                                                manifest.runtime, settings.threads, spinning)
         return recommender
 
     @classmethod
@@ -188,9 +183,9 @@ class Recommender:
     def _runtime_backbone(self):
         """The backbone the index was embedded with, on its runtime, checked against build.json."""
         if self._batch_backbone is None:
-            described = self.info["backbone"]
+            described = self.manifest.backbone
             eager = get_backbone(described["name"], weights_file=described["weights_file"])
-            model = with_runtime(eager, self.info["runtime"], threads=self.settings.threads)
+            model = with_runtime(eager, self.manifest.runtime, threads=self.settings.threads)
             if model.weights_sha256 != described["weights_sha256"]:
                 raise IndexFolderError(f"{self.outdir}: the weights of {described['name']} differ from those the "
                                        "index was built with; rebuild the index")
@@ -201,7 +196,7 @@ class Recommender:
         return self._batch_backbone
 
     def _base_backbone(self):
-        described = self.info["backbone"]
+        described = self.manifest.backbone
         return get_backbone(described["base"], weights_file=described["weights_file"])
 
     # --- what is in it ---------------------------------------------------------------------------
@@ -232,6 +227,11 @@ class Recommender:
             return live[["id", "path", "label"]].reset_index(drop=True)
 
     @property
+    def info(self) -> dict:
+        """build.json of the loaded version, as a dict (:attr:`manifest` is the typed form)."""
+        return self.manifest.to_dict()
+
+    @property
     def items(self) -> pd.DataFrame:
         """The live items with every column of the items table (id, path, label, digest, ...), in row order."""
         with self._lock:
@@ -255,12 +255,11 @@ class Recommender:
 
     def describe(self) -> dict:
         """The facts a user interface shows about the index."""
-        info = self.info
-        return {"out": str(self.outdir), "version": self.version, "backbone": info["backbone"]["name"],
-                "runtime": info["runtime"], "store": info["index"].get("store", "faiss"),
-                "index": info["index"]["factory"],
-                "search_params": info["index"]["search_params"], "metric": info["metric"],
-                "dataset": info["dataset"].get("name"), "n_items": len(self), "categories": self.categories,
+        built = self.manifest
+        return {"out": str(self.outdir), "version": self.version, "backbone": built.backbone["name"],
+                "runtime": built.runtime, "store": built.store, "index": built.index["factory"],
+                "search_params": built.index["search_params"], "metric": built.metric,
+                "dataset": built.dataset.get("name"), "n_items": len(self), "categories": self.categories,
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
                 "colour": self.has_colour}
 
@@ -387,7 +386,7 @@ class Recommender:
         """The product-colour descriptor of a decoded photo (the batch path's model and preprocessing)."""
         if self._colour_model is None:
             self._colour_model = get_backbone(COLOUR_BACKBONE)
-            if self._colour_model.cache_key != self.info["colour"]["cache_key"]:
+            if self._colour_model.cache_key != self.manifest.colour["cache_key"]:
                 raise IndexFolderError(f"{self.outdir}: the product-colour descriptor now computes differently "
                                        "from when the index was built; rebuild the index")
         model = self._colour_model
@@ -598,7 +597,7 @@ class Recommender:
         self._colour16 = None if self._colour16 is None else np.asarray(self._colour16)[keep]
 
     def _record_update(self, report: UpdateReport) -> None:
-        self.info["updates"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": len(report.added),
+        self.manifest.updates.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": len(report.added),
                                      "removed": len(report.removed), "skipped": report.skipped,
                                      "compacted": report.compacted})
 
@@ -611,23 +610,23 @@ class Recommender:
             version_dir = self.outdir / self.version
             with new_version(self.outdir, expected_current=self.version) as staging:
                 self._store.save(staging.path)
-                for copied in {self.info["query_model"].get("file"), *self._classifier_files()} - {None}:
+                for copied in {self.manifest.query_model.get("file"), *self._classifier_files()} - {None}:
                     _link_or_copy(version_dir / copied, staging.path / copied)
-                info = {**self.info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "index": {**self.info["index"], **self._store.describe()},
-                        "versions": package_versions(),
-                        "counts": item_counts(self._items, self.info["skipped"])}
-                info["dataset"] = {**info["dataset"], "fingerprint": dataset_fingerprint(
-                    self._items.loc[~self._items["deleted"].to_numpy(), ["id", "label", "digest"]])}
-                write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), info,
+                manifest = dataclasses.replace(
+                    self.manifest, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    index={**self.manifest.index, **self._store.describe()}, versions=package_versions(),
+                    counts=item_counts(self._items, self.manifest.skipped),
+                    dataset={**self.manifest.dataset, "fingerprint": dataset_fingerprint(
+                        self._items.loc[~self._items["deleted"].to_numpy(), ["id", "label", "digest"]])})
+                write_version_files(staging.path, self._items, np.asarray(self._vectors16, dtype=np.float16), manifest,
                                     None if self._colour16 is None else np.asarray(self._colour16, dtype=np.float16))
-            self.info, self.version = info, staging.version
+            self.manifest, self.version = manifest, staging.version
             if isinstance(self._store, MilvusRowStore):   # the collections of versions no longer kept
                 drop_unreferenced_collections(self.outdir, self._store.store.uri, self._store.store.token)
             return staging.version
 
     def _classifier_files(self) -> set:
-        described = self.info.get("classifier") or {}
+        described = self.manifest.classifier or {}
         frozen = described.get("frozen") or {}
         return {described.get("file"), frozen.get("file")}
 

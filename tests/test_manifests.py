@@ -1,0 +1,95 @@
+"""The files that pass between layers: typed, versioned, written and read in one place each."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fashionrec.data.catalog import load_folder
+from fashionrec.errors import IndexFolderError, WeightsUnavailable
+from fashionrec.evaluation.protocol import RECORD_SCHEMA_VERSION, evaluate_embeddings
+from fashionrec.models.finetuned import FORMAT as MODEL_FORMAT, MODEL_SCHEMA_VERSION, load_model, save_model
+from fashionrec.serving.folder import current_version
+from fashionrec.serving.manifest import BUILD_INFO, BUILD_SCHEMA_VERSION, BuildManifest
+from fashionrec.serving.recommender import Recommender
+from fashionrec.settings import InferenceSettings
+
+QUIET = InferenceSettings(batch_size=16, workers=0, progress=False)
+
+
+@pytest.fixture
+def folder(color_folder, tmp_path):
+    catalog = load_folder(color_folder, progress=False).catalog
+    Recommender.build(tmp_path / "index", catalog, "colorhist", settings=QUIET).close()
+    return tmp_path / "index"
+
+
+def _build_json(folder):
+    return current_version(folder) / BUILD_INFO
+
+
+def test_build_json_round_trips_through_its_dataclass(folder):
+    written = json.loads(_build_json(folder).read_text())
+    assert written["schema_version"] == BUILD_SCHEMA_VERSION
+    manifest = BuildManifest.read(current_version(folder))
+    assert manifest.to_dict() == written
+    assert BuildManifest.from_dict(manifest.to_dict(), "here") == manifest
+    with Recommender.load(folder, QUIET) as recommender:
+        assert recommender.manifest == manifest and recommender.info == written
+
+
+def test_a_folder_written_before_schema_versions_loads_and_saves_at_the_current_one(folder, color_folder):
+    """Today's folders have no schema_version: they read as version 1 and keep serving."""
+    path = _build_json(folder)
+    old = json.loads(path.read_text())
+    del old["schema_version"]
+    path.write_text(json.dumps(old, indent=1))
+    with Recommender.load(folder, QUIET) as recommender:
+        assert recommender.manifest.schema_version == 1
+        first = recommender.recommend(next(color_folder.glob("red/*.jpg")), k=3)
+        assert [item.label for item in first.results] == ["red"] * 3
+        recommender.remove([recommender.ids[0]])
+        recommender.save()
+    assert json.loads(_build_json(folder).read_text())["schema_version"] == BUILD_SCHEMA_VERSION
+
+
+def test_a_newer_or_broken_build_json_is_refused_in_one_line(folder):
+    path = _build_json(folder)
+    newer = {**json.loads(path.read_text()), "schema_version": BUILD_SCHEMA_VERSION + 1}
+    path.write_text(json.dumps(newer))
+    with pytest.raises(IndexFolderError) as refused:
+        Recommender.load(folder, QUIET)
+    message = str(refused.value)
+    assert "\n" not in message and f"schema version {BUILD_SCHEMA_VERSION + 1}" in message
+    assert f"up to {BUILD_SCHEMA_VERSION}" in message and str(path) in message
+    del newer["runtime"]
+    newer["schema_version"] = BUILD_SCHEMA_VERSION
+    path.write_text(json.dumps(newer))
+    with pytest.raises(IndexFolderError, match="lacks runtime"):
+        Recommender.load(folder, QUIET)
+
+
+def test_model_files_carry_their_schema_version_and_refuse_a_newer_one(tmp_path):
+    payload = {"format": MODEL_FORMAT, "backbone": "efficientnet_lite0", "state_dict": {"w": torch.ones(2)}}
+    save_model(payload, tmp_path / "head.pt")
+    loaded = load_model(tmp_path / "head.pt")
+    assert loaded["schema_version"] == MODEL_SCHEMA_VERSION and loaded["backbone"] == "efficientnet_lite0"
+    torch.save(payload, tmp_path / "today.pt")   # a file as written before schema versions
+    assert load_model(tmp_path / "today.pt")["schema_version"] == 1
+    torch.save({**payload, "schema_version": MODEL_SCHEMA_VERSION + 1}, tmp_path / "newer.pt")
+    with pytest.raises(WeightsUnavailable) as refused:
+        load_model(tmp_path / "newer.pt")
+    assert "\n" not in str(refused.value)
+    assert f"schema version {MODEL_SCHEMA_VERSION + 1}" in str(refused.value)
+    assert f"up to {MODEL_SCHEMA_VERSION}" in str(refused.value)
+
+
+def test_an_evaluation_record_says_its_schema_version():
+    rng = np.random.default_rng(0)
+    metadata = pd.DataFrame({"id": [f"i{n}" for n in range(12)], "label": list("ab") * 6,
+                             "split": ["gallery"] * 8 + ["query"] * 4})
+    record = evaluate_embeddings(rng.normal(size=(12, 4)).astype(np.float32), metadata, k=3).to_record()
+    assert record["schema_version"] == RECORD_SCHEMA_VERSION
