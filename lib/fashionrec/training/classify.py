@@ -11,17 +11,17 @@ import math
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import config
 from ..evaluation import metrics
 from ..models.classifier import CategoryClassifier
 from ..models.projection import l2_normalize
 from ..models.views import MULTI_VIEW_FEATURES
+from ..ranking.policies import CategoryBonus
+from ..ranking.rank import Ranking, gallery_store, rank
+from ..settings import StoreSettings
 
 DEFAULT_BOOSTS = (0.0, 0.05, 0.1, 0.2, math.inf)
-# A score bonus larger than any cosine difference: "rank within the category first".
-_HARD_BOOST = 4.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,24 +137,6 @@ def category_metrics(true_labels, predicted_labels, categories: list[str] | None
 # --------------------------------------------------------------------------------------------
 
 
-def rank(query_vectors: np.ndarray, gallery_vectors: np.ndarray, k: int, query_category=None,
-         gallery_category=None, boost: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-``k`` with an optional bonus for gallery items of the query's (predicted) category.
-
-    ``boost=inf`` (or ``"inf"``) ranks the gallery items of that category first (by similarity) and the
-    others after them: "rank within the predicted category", never fewer than k results.
-    """
-    q = torch.from_numpy(l2_normalize(query_vectors))
-    g = torch.from_numpy(l2_normalize(gallery_vectors))
-    scores = q @ g.T
-    boost = float(boost)
-    if boost and query_category is not None:
-        same = torch.from_numpy(np.asarray(gallery_category)[None, :] == np.asarray(query_category)[:, None])
-        scores = scores + (_HARD_BOOST if math.isinf(boost) else float(boost)) * same.float()
-    top = torch.topk(scores, min(k, g.shape[0]), dim=1)
-    return top.values.numpy(), top.indices.numpy()
-
-
 def boost_label(boost) -> float | str:
     """A boost as JSON can hold it: ``"inf"`` for ranking within the predicted category first."""
     boost = float(boost)
@@ -164,7 +146,9 @@ def boost_label(boost) -> float | str:
 def _boosted_precision(query_vectors, gallery_vectors, query_labels, gallery_labels, query_predicted, k: int,
                        boost: float) -> dict[str, np.ndarray]:
     """Per-query metrics of the ranking with ``boost`` for gallery items of the query's predicted category."""
-    _, positions = rank(query_vectors, gallery_vectors, k, query_predicted, gallery_labels, float(boost))
+    bonus = CategoryBonus(float(boost), gallery_labels, "known") if float(boost) else None
+    with gallery_store(StoreSettings(), gallery_vectors, gallery_labels) as gallery:
+        _, positions = rank(gallery, query_vectors, k, Ranking(bonus=bonus), query_categories=query_predicted)
     relevance = metrics.relevance_from_labels(query_labels, gallery_labels[positions])
     return metrics.retrieval_metrics(relevance, metrics.n_relevant_from_labels(query_labels, gallery_labels), k)
 
