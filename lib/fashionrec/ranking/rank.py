@@ -31,14 +31,15 @@ PAD_ROW = -1
 
 @dataclass(frozen=True)
 class Ranking:
-    """The policies of one ranking: row filters (all must allow a row), a category bonus, a colour fusion."""
+    """The policies of one ranking: row filters (all must allow a row), a category bonus, a colour fusion.
+
+    Another filter (attribute filters over the items table, say) is one more entry of ``filters``:
+    any object with ``mask(n_rows)``, e.g. :class:`~fashionrec.ranking.policies.AllowedRows`.
+    """
 
     filters: tuple = field(default_factory=tuple)
     bonus: CategoryBonus | None = None
     fusion: ColourFusion | None = None
-
-    def with_filters(self, *filters) -> "Ranking":
-        return Ranking((*self.filters, *filters), self.bonus, self.fusion)
 
 
 def rank(store, queries: np.ndarray, k: int, ranking: Ranking = Ranking(), query_categories=None,
