@@ -121,15 +121,15 @@ def run(args) -> int:
         raise FashionRecError(f"--finetune on {args.backbone!r} searches its members, views and heads on validation "
                               "(level 1); level 2 fine-tunes one backbone: name a single backbone for it")
     _check_look(args, searched)
+    if (args.category_boost is not None or args.gallery_categories is not None) and not args.finetune:
+        raise FashionRecError("--category-boost ranks with a classifier's predicted category: give --finetune "
+                              "(or --index-dir with a fine-tuned folder)")
     store = store_settings(args, args.metric, args.index, args.search_params)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
                        category_map=args.category_map, progress=not args.quiet)
     prepared.check_k(args.k)
     prepared.check_relevance(args.relevance_columns)
     settings = inference_settings(args)
-    if (args.category_boost is not None or args.gallery_categories is not None) and not args.finetune:
-        raise FashionRecError("--category-boost ranks with a classifier's predicted category: give --finetune "
-                              "(or --index-dir with a fine-tuned folder)")
     if searched:
         return _run_searched(args, prepared, settings, store)
     if args.finetune:
