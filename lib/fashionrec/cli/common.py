@@ -128,6 +128,21 @@ def inference_settings(args) -> InferenceSettings:
 
 
 def print_metrics(record: dict) -> None:
+    if "relevance_rule" in record:
+        share = record["share_of_catalog"]
+        print(f"  relevant = {record['relevance_rule']}; {record['n_queries']} queries ranked a {record['n_gallery']}-item "
+              f"gallery" + (f" ({share:.0%} of the {record['n_catalog_images']}-image catalog together)"
+                            if share is not None else ""))
+        print(f"  P@{record['k']} = {record['precision_at_k_means']}")
+    _print_core_metrics(record)
+    if record.get("near_duplicate_queries") is not None:
+        clean = record["precision_at_k_without_near_duplicates"]
+        print(f"  leakage check: {record['near_duplicate_queries']} of {record['n_queries']} queries have a near "
+              f"duplicate in the gallery (cosine >= {record['near_duplicate_threshold']:g}); precision_at_k without "
+              f"them {'n/a' if clean is None else f'{clean:.4f}'}")
+
+
+def _print_core_metrics(record: dict) -> None:
     relevance = record.get("relevance", ["label"])
     if relevance != ["label"]:
         missing = record.get("relevance_missing", {})
