@@ -11,7 +11,8 @@ every file to disk, renames the folder to its final name, and only then points C
 (a temporary file, fsync, ``os.replace``, fsync of the folder). A process killed at any moment
 therefore leaves CURRENT naming a complete version, the previous one or the new one; the
 next writer removes what a killed one left behind. Readers never lock: they read CURRENT once
-and open that version's files.
+and open that version's files. Folders and files follow the umask (under umask 022, a web
+server running as another user can read them).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def new_version(outdir, expected_current: str | None = None, keep_previous: bool
                                    f"{expected_current}); load it again and repeat the update")
         _remove_partials(outdir)
         staging = Staging(Path(tempfile.mkdtemp(dir=outdir, prefix=PARTIAL_PREFIX)))
+        os.chmod(staging.path, 0o777 & ~current_umask())   # mkdtemp makes it private (0700)
         try:
             yield staging
             existing = versions(outdir)
@@ -150,12 +152,20 @@ def new_version(outdir, expected_current: str | None = None, keep_previous: bool
 
 def _write_pointer(outdir: Path, name: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=outdir, prefix=PARTIAL_PREFIX + "CURRENT-")
+    os.chmod(temporary, 0o666 & ~current_umask())   # mkstemp makes it private (0600)
     with os.fdopen(handle, "w") as stream:
         stream.write(name + "\n")
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, outdir / CURRENT)
     _fsync_directory(outdir)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_partials(outdir: Path) -> None:
