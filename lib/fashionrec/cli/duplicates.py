@@ -11,16 +11,16 @@ mirror the groups with each item's file).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
 import numpy as np
 
 from ..errors import FashionRecError, IndexFolderError
 from ..evaluation.duplicates import DEFAULT_THRESHOLD, find_duplicates
-from ..serving.build import EMBEDDINGS_FILE, read_items
-from ..serving.folder import current_version
+from ..serving.folder import EMBEDDINGS_FILE, current_version, read_items
 from .commands import SUMMARIES
-from .common import print_json
 
 SHOWN_GROUPS = 20
 
@@ -61,8 +61,9 @@ def duplicates_record(index_dir, threshold: float = DEFAULT_THRESHOLD) -> dict:
 
 def run(args) -> int:
     record = duplicates_record(args.index_dir, args.threshold)
-    if args.json:
-        print_json(record)
+    if args.json:   # as common.print_json, whose module would import torch for a command that needs none
+        json.dump(record, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
         return 0
     print(f"{record['index_dir']} ({record['version']}, {record['n_items']} items): {len(record['exact'])} groups of "
           f"exact duplicates (same file content), {len(record['near'])} groups of near duplicates (cosine >= "

@@ -45,16 +45,13 @@ from ..indexing.backends import check_store, milvus_uri
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
-from .folder import BUILD_INFO, check_output_folder, is_index_folder, new_version
+from .folder import (ATTRIBUTES_FILE, BUILD_INFO, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE, check_output_folder,
+                     is_index_folder, new_version)
 from .milvus import AUTO_INDEX, MilvusRowStore, drop_unreferenced_collections
 from .store import FaissRowStore
 
 FORMAT = "fashionrec-index/1"
-ITEMS_FILE = "ids.parquet"
-EMBEDDINGS_FILE = "embeddings.npy"
 COLOUR_FILE = "colour.npy"
-ATTRIBUTES_FILE = "attributes.parquet"
-ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted", "label_probability"]
 SPLIT_CHOICES = ("all", "train", "gallery", "query")
 # --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
@@ -280,19 +277,6 @@ def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndar
     if colour16 is not None:
         np.save(directory / COLOUR_FILE, colour16)
     (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-
-
-def read_items(version: Path) -> pd.DataFrame:
-    """A version's id map with its attribute columns (a folder without ``label_probability`` gets it, missing)."""
-    items = pd.read_parquet(version / ITEMS_FILE)
-    if "label_probability" not in items.columns:
-        items["label_probability"] = np.nan
-    if (version / ATTRIBUTES_FILE).is_file():
-        attributes = pd.read_parquet(version / ATTRIBUTES_FILE)
-        if len(attributes) != len(items):
-            raise ValueError(f"{ATTRIBUTES_FILE} has {len(attributes)} rows, the id map {len(items)}")
-        items = pd.concat([items, attributes], axis=1)
-    return items
 
 
 def item_counts(items: pd.DataFrame, skipped) -> dict:

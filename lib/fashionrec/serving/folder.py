@@ -24,6 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from ..errors import IndexFolderError
 
 try:
@@ -35,6 +38,10 @@ CURRENT = "CURRENT"
 LOCK = ".lock"
 PARTIAL_PREFIX = ".partial-"
 BUILD_INFO = "build.json"
+ITEMS_FILE = "ids.parquet"
+ATTRIBUTES_FILE = "attributes.parquet"
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted", "label_probability"]
 _VERSION = re.compile(r"^v(\d{6,})$")
 BUILD_HINT = ("build one with `python -m fashionrec index --dataset NAME [--data-dir DIR] --backbone BACKBONE "
               "--out {outdir}`")
@@ -67,6 +74,19 @@ def current_version(outdir) -> Path:
     if not _VERSION.match(name) or not (version / BUILD_INFO).is_file():
         raise IndexFolderError(f"{outdir}: CURRENT names {name!r}, which is not a complete version; {hint}")
     return version
+
+
+def read_items(version: Path) -> pd.DataFrame:
+    """A version's id map with its attribute columns (a folder without ``label_probability`` gets it, missing)."""
+    items = pd.read_parquet(version / ITEMS_FILE)
+    if "label_probability" not in items.columns:
+        items["label_probability"] = np.nan
+    if (version / ATTRIBUTES_FILE).is_file():
+        attributes = pd.read_parquet(version / ATTRIBUTES_FILE)
+        if len(attributes) != len(items):
+            raise ValueError(f"{ATTRIBUTES_FILE} has {len(attributes)} rows, the id map {len(items)}")
+        items = pd.concat([items, attributes], axis=1)
+    return items
 
 
 def is_index_folder(path) -> bool:

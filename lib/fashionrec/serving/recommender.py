@@ -48,10 +48,10 @@ from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (COLOUR_FILE, EMBEDDINGS_FILE, FORMAT, ITEM_COLUMNS, TOMBSTONE_REBUILD_FRACTION,
-                    build_index_folder, item_counts, package_versions, read_items, write_version_files)
+from .build import (COLOUR_FILE, FORMAT, TOMBSTONE_REBUILD_FRACTION, build_index_folder, item_counts,
+                    package_versions, write_version_files)
 from .encoder import as_image, check_box, crop_box, decode_query, encode_source, tiny_image_warnings
-from .folder import BUILD_INFO, current_version, new_version
+from .folder import BUILD_INFO, EMBEDDINGS_FILE, ITEM_COLUMNS, current_version, new_version, read_items
 from .milvus import MilvusRowStore, drop_unreferenced_collections
 from .store import FaissRowStore, RowStore
 
