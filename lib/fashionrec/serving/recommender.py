@@ -595,7 +595,7 @@ class Recommender:
 
     def _labelled(self, items: pd.DataFrame, given: pd.Series, vectors: np.ndarray) -> pd.DataFrame:
         """``items`` with the classifier's category (and its probability) where the catalog gave no label."""
-        labels, probabilities = items["label"].tolist(), items["label_probability"].to_numpy(dtype=float)
+        labels, probabilities = items["label"].tolist(), items["label_probability"].to_numpy(dtype=float, copy=True)
         for row, (item_id, path) in enumerate(zip(items["id"], items["path"])):
             if given[item_id] is not None:
                 continue
