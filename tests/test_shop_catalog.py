@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 from fashionrec import Recommender
 from fashionrec.cli import main
@@ -378,3 +379,29 @@ def test_an_add_table_carries_attributes_and_a_share_of_bad_files_decides_the_ex
         assert sorted(r.id for r in answer.results) == ["0002", "0011"]   # all there are; 0010 itself is Blue
     additions = load_additions(tmp_path / "photos")   # a flat folder: every photo unlabelled
     assert additions.catalog["label"].isna().all() and len(additions.catalog) == 12
+
+
+# --- the app: filters, attributes in captions, a box with its preview ---------------------------------------------
+
+
+def test_the_app_filters_by_attribute_shows_attributes_and_crops_to_a_box(tmp_path, monkeypatch):
+    rows = []
+    for i in range(48):
+        path = write_product_image(tmp_path / "photos" / f"item-{i:03d}.jpg", seed=i, category=i % 4)
+        rows.append({"id": f"sku-{i:03d}", "path": str(path), "label": GENERATED_CATEGORIES[i % 4],
+                     "colour": COLOURS[i % 3], "price": float(i)})
+    Recommender.build(tmp_path / "index", pd.DataFrame(rows), "colorhist", settings=QUIET).close()
+    photo = write_product_image(tmp_path / "query.jpg", seed=77, category=2).read_bytes()
+    monkeypatch.setenv("FASHIONREC_INDEX_DIR", str(tmp_path / "index"))
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=300).run()
+    at.multiselect(key="filter-colour").select("Green").run()
+    at.file_uploader(key="upload").upload("query.jpg", photo, "image/jpeg").run()
+    assert not at.exception
+    captions = [caption for image in at.image for caption in image.captions if caption.split(".")[0].isdigit()]
+    assert len(captions) == 8 and all("colour Green" in caption and "price" in caption for caption in captions)
+    for key, value in (("box-x", 10), ("box-y", 10), ("box-w", 20), ("box-h", 20)):
+        at.number_input(key=key).set_value(value)
+    at.run()
+    assert not at.exception
+    assert any("the box is 20x20 pixels" in warning.value for warning in at.warning)
+    assert any("searching inside 20x20 at (10, 10)" in caption for image in at.image for caption in image.captions)
