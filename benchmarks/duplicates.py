@@ -6,7 +6,9 @@ Builds a catalog table from the clothing photos (or generated product shots when
 absent), plants ``--planted`` exact copies (the same bytes under a new id) and as many near
 copies (re-encoded JPEG at quality 70, 90% of the size, a 2% border cropped), indexes it with
 ``efficientnet_lite0`` (Flat, cosine; embeddings come from the cache on a second run), then
-runs ``python -m fashionrec duplicates`` on the folder.
+runs ``python -m fashionrec duplicates`` on the folder. ``--imagededup phash,cnn`` runs the
+field's reference, imagededup, on the same files for comparison (PHash: perceptual hashes,
+Hamming distance <= 10; CNN: its MobileNetV3 encodings, cosine >= the same threshold).
 
 Reported per kind: recall = planted pairs found in a group of that kind; precision = of the
 found pairs that involve a planted copy, the share that are its planted pair (pairs among the
@@ -85,8 +87,7 @@ def plant(table: pd.DataFrame, work: Path, n_planted: int, seed: int) -> tuple[p
     return pd.concat([table, pd.DataFrame(rows)], ignore_index=True), exact, near
 
 
-def scores(groups: list[list[str]], planted: list[tuple]) -> dict:
-    found = group_pairs(groups)
+def scores(found: set[frozenset], planted: list[tuple]) -> dict:
     truth = {frozenset(pair) for pair in planted}
     copies = {pair_member for pair in planted for pair_member in pair if "copy" in pair_member}
     involving = {pair for pair in found if pair & copies}
@@ -94,6 +95,21 @@ def scores(groups: list[list[str]], planted: list[tuple]) -> dict:
             "recall": len(truth & found) / len(truth) if truth else float("nan"),
             "pairs_with_a_copy": len(involving),
             "precision": len(involving & truth) / len(involving) if involving else float("nan")}
+
+
+def imagededup_scores(method: str, catalog: pd.DataFrame, exact: list, near: list, threshold: float) -> dict:
+    """imagededup's PHash or CNN on the same files: its duplicate lists as pairs, scored like ours."""
+    from imagededup.methods import CNN, PHash   # the comparison's own dependency, imported when asked for
+
+    started = time.perf_counter()
+    finder = PHash(verbose=False) if method == "phash" else CNN(verbose=False)
+    encodings = {sku: finder.encode_image(image_file=path) for sku, path in zip(catalog["sku"], catalog["file"])}
+    encodings = {sku: encoding for sku, encoding in encodings.items() if encoding is not None}
+    options = {"max_distance_threshold": 10} if method == "phash" else {"min_similarity_threshold": threshold}
+    duplicates = finder.find_duplicates(encoding_map=encodings, **options)
+    found = {frozenset((a, b)) for a, others in duplicates.items() for b in others}
+    return {"exact": scores(found, exact), "near": scores(found, near),
+            "seconds": round(time.perf_counter() - started, 1), "options": options}
 
 
 def main() -> int:
@@ -104,6 +120,7 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--work", default=str(REPO / "results" / "bench-duplicates"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--imagededup", default="", help="also run imagededup's methods: phash, cnn or phash,cnn")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = Path(args.work)
@@ -131,10 +148,13 @@ def main() -> int:
     originals_only = [group for group in record["exact"] + record["near"] if not any("copy" in i for i in group)]
     result = {"dataset": "clothing", "backbone": BACKBONE, "index": "Flat", "metric": "cosine",
               "threshold": args.threshold, "n_items": record["n_items"], "seed": args.seed,
-              "exact": scores(record["exact"], exact), "near": scores(record["near"] + record["exact"], near),
+              "exact": scores(group_pairs(record["exact"]), exact),
+              "near": scores(group_pairs(record["near"] + record["exact"]), near),
               "groups_among_originals": len(originals_only),
               "duplicates_seconds": record["seconds"], "command_wall_seconds": round(wall, 3),
               "load_average": [round(value, 2) for value in load]}
+    for method in filter(None, args.imagededup.split(",")):
+        result[f"imagededup_{method}"] = imagededup_scores(method, catalog, exact, near, args.threshold)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -146,6 +166,12 @@ def main() -> int:
         entry = result[kind]
         print(f"| {kind} | {entry['planted_pairs']} | {entry['found']} | {entry['recall']:.3f} | "
               f"{entry['pairs_with_a_copy']} | {entry['precision']:.3f} |")
+    for method in filter(None, args.imagededup.split(",")):
+        entry = result[f"imagededup_{method}"]
+        for kind in ("exact", "near"):
+            print(f"| imagededup {method}, {kind} | {entry[kind]['planted_pairs']} | {entry[kind]['found']} | "
+                  f"{entry[kind]['recall']:.3f} | {entry[kind]['pairs_with_a_copy']} | {entry[kind]['precision']:.3f} |")
+        print(f"imagededup {method}: {entry['seconds']:.1f} s (encoding every photo and searching)")
     print(f"groups among the original photos: {result['groups_among_originals']}")
     print(f"duplicates step {result['duplicates_seconds']:.2f} s; command wall {wall:.2f} s (load average "
           f"{', '.join(map(str, result['load_average']))})")

@@ -36,8 +36,11 @@ from fashionrec.models.finetuned import save_model
 from fashionrec.models.projection import project
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import with_runtime
+from fashionrec.pipeline.plots import result_caption
+from fashionrec.pipeline.widgets import recommender_widget
 from fashionrec.serving.encoder import TINY_IMAGE_SIDE, check_box, crop_box, tiny_image_warnings
 from fashionrec.serving.folder import CURRENT, current_version, new_version
+from fashionrec.serving.recommender import Result
 from fashionrec.settings import InferenceSettings, StoreSettings
 from fashionrec.training.classify import train_classifier
 from fashionrec.training.finetune import head_payload
@@ -405,3 +408,20 @@ def test_the_app_filters_by_attribute_shows_attributes_and_crops_to_a_box(tmp_pa
     assert not at.exception
     assert any("the box is 20x20 pixels" in warning.value for warning in at.warning)
     assert any("searching inside 20x20 at (10, 10)" in caption for image in at.image for caption in image.captions)
+
+
+def test_the_notebook_widget_and_grids_show_attributes_and_predicted_labels(tmp_path, capsys):
+    predicted = Result("a", "a.jpg", "Dress", 0.91234, {"colour": "Red", "price": 49.5, "size": None}, 0.876)
+    assert result_caption(predicted) == "Dress? (88%)\n0.912\ncolour Red\nprice 49.5"
+    assert result_caption(Result("b", "b.jpg", "Shoes", 0.5)) == "Shoes\n0.500"
+    rows = [{"id": f"sku-{i:02d}", "path": str(write_product_image(tmp_path / f"p{i:02d}.jpg", seed=i, category=i % 4)),
+             "label": GENERATED_CATEGORIES[i % 4], "colour": COLOURS[i % 3]} for i in range(24)]
+    with Recommender.build(tmp_path / "index", pd.DataFrame(rows), "colorhist", settings=QUIET) as recommender:
+        widget = recommender_widget(recommender, k=4)
+        pick, filters = widget.children[0].children[1], widget.children[2]
+        assert "colour" in filters.placeholder
+        filters.value = "colour=Purple"
+        pick.value = pick.options[1][1]
+        assert "no item has colour Purple" in capsys.readouterr().out
+        filters.value = "colour=Green"
+        assert "ms" in capsys.readouterr().out
