@@ -77,7 +77,7 @@ class PreparedData:
             if column not in available:
                 raise FashionRecError(f"--relevance: column {column!r} is not in the catalog ({self.dataset} at "
                                       f"{self.root}); available: {', '.join(available)} (attribute columns come "
-                                      "from catalog.csv, --dataset catalog)")
+                                      "from a catalog table's other columns: --catalog FILE)")
         return columns
 
     def check_k(self, k: int) -> None:
