@@ -36,6 +36,7 @@ from fashionrec.models.finetuned import save_model
 from fashionrec.models.projection import project
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import with_runtime
+from fashionrec.pipeline.params import resolve_params
 from fashionrec.pipeline.plots import result_caption
 from fashionrec.pipeline.widgets import recommender_widget
 from fashionrec.serving.encoder import TINY_IMAGE_SIDE, check_box, crop_box, tiny_image_warnings
@@ -110,6 +111,22 @@ def test_cli_build_refuses_a_catalog_with_another_dataset_in_one_line(tmp_path, 
     assert main(["index", "--catalog", str(tmp_path / "products.csv"), "--dataset", "clothing", "--columns", COLUMNS,
                  "--backbone", "colorhist", "--out", str(tmp_path / "idx")]) == 2
     assert capsys.readouterr().err.strip() == "error: --catalog is --dataset catalog; it does not go with --dataset clothing"
+
+
+def test_embed_and_parameter_files_take_the_same_table_and_columns(tmp_path, capsys):
+    _shop_table(tmp_path).to_csv(tmp_path / "products.csv", index=False)
+    assert main(["embed", "--catalog", str(tmp_path / "products.csv"), "--columns", COLUMNS, "--image-root",
+                 str(tmp_path / "photos"), "--backbone", "colorhist", "--out", str(tmp_path / "emb"), "--quiet",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 12
+    resolved = resolve_params({"catalog": str(tmp_path / "products.csv"), "columns": COLUMNS,
+                               "image_root": str(tmp_path / "photos")}, tmp_path / "shop.yaml")
+    assert (resolved["dataset"], resolved["data_dir"]) == ("catalog", str(tmp_path / "products.csv"))
+    assert resolved["columns"] == COLUMNS and resolved["image_root"] == str(tmp_path / "photos")
+    with pytest.raises(FashionRecError, match="unknown role 'type'"):
+        resolve_params({"catalog": str(tmp_path / "products.csv"), "columns": "type=label"}, tmp_path / "shop.yaml")
+    with pytest.raises(FashionRecError, match="not 'clothing'"):
+        resolve_params({"catalog": str(tmp_path / "products.csv"), "dataset": "clothing"}, tmp_path / "shop.yaml")
 
 
 # --- filters ------------------------------------------------------------------------------------------------------
@@ -293,10 +310,19 @@ def test_a_shops_catalog_from_its_csv_to_filtered_results_and_unlabelled_arrival
     catalog_photos, arrivals = (_generated_photos if source == "generated" else _clothing_photos)(tmp_path)
     shop = tmp_path / "shop"
     rng = np.random.default_rng(0)
+    # Two duplicates planted as shops make them: the same file under a second SKU, and the same
+    # photo at 95% of its size saved as PNG (benchmarks/duplicates.py plants harder near copies).
+    shutil.copyfile(catalog_photos[5][0], shop / "photos" / "copy.jpg")
+    with Image.open(catalog_photos[9][0]) as original:
+        original.convert("RGB").resize((original.width * 95 // 100, original.height * 95 // 100)) \
+            .save(shop / "photos" / "near-copy.png")
+    catalog_photos = [*catalog_photos, (shop / "photos" / "copy.jpg", catalog_photos[5][1]),
+                      (shop / "photos" / "near-copy.png", catalog_photos[9][1])]
     products = pd.DataFrame({"sku": [f"SKU-{i:04d}" for i in range(len(catalog_photos))],
                              "file": [f"photos/{path.name}" for path, _ in catalog_photos],
                              "type": [label for _, label in catalog_photos],
                              "colour": rng.choice(COLOURS, size=len(catalog_photos))})
+    exact_copy, near_copy = products["sku"].iloc[-2], products["sku"].iloc[-1]
     products.to_csv(shop / "products.csv", index=False)
     index_dir, plain_dir = tmp_path / "index", tmp_path / "plain"
 
@@ -329,6 +355,19 @@ def test_a_shops_catalog_from_its_csv_to_filtered_results_and_unlabelled_arrival
     refused = capsys.readouterr()
     assert refused.err.count("\n") == 1 and "40 image(s) to add have no label" in refused.err
     assert "no category classifier" in refused.err and (plain_dir / CURRENT).read_text() == before
+
+    # The planted duplicates are found (on the backbone's own embeddings), and evaluate explains its numbers.
+    assert main(["duplicates", "--index-dir", str(plain_dir), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert ["SKU-0005", exact_copy] in found["exact"] and found["threshold"] == 0.97
+    assert any({"SKU-0009", near_copy} <= set(group) for group in found["near"])
+    assert main(["evaluate", "--catalog", str(shop / "products.csv"), "--columns", COLUMNS, "--backbone", LITE0,
+                 "--k", "5", "--quiet", "--json", "--relevance", "label,colour"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["relevance_rule"] == "same label and same colour (a row missing a value is never relevant)"
+    assert evaluated["share_of_catalog"] == pytest.approx((evaluated["n_queries"] + evaluated["n_gallery"])
+                                                          / len(products), abs=1e-4)
+    assert evaluated["near_duplicate_queries"] >= 0 and "precision_at_k_without_near_duplicates" in evaluated
 
     # ...and labelled by the classifier of one that has one, marked as predicted with their probability.
     assert main(["index", "--update", str(index_dir), "--add", str(tmp_path / "new-arrivals"), "--quiet",
