@@ -120,6 +120,9 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--work", default=str(REPO / "results" / "bench-duplicates"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", default="0.9,0.93,0.95",
+                        help="other thresholds whose recall and precision are reported beside --threshold's")
+    parser.add_argument("--reuse", action="store_true", help="reuse the index folder --work holds (same catalog)")
     parser.add_argument("--imagededup", default="", help="also run imagededup's methods: phash, cnn or phash,cnn")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -133,12 +136,13 @@ def main() -> int:
     index_dir = work / "index"
     environment = {**os.environ, "PYTHONPATH": str(REPO / "lib")}
     command = [sys.executable, "-m", "fashionrec"]
-    built = subprocess.run([*command, "index", "--catalog", str(work / "products.csv"), "--columns",
-                            "path=file,label=type,id=sku", "--backbone", BACKBONE, "--out", str(index_dir),
-                            "--quiet", "--json"], env=environment, capture_output=True, text=True)
-    if built.returncode != 0:
-        print(built.stderr, file=sys.stderr)
-        return built.returncode
+    if not (args.reuse and (index_dir / "CURRENT").is_file()):
+        built = subprocess.run([*command, "index", "--catalog", str(work / "products.csv"), "--columns",
+                                "path=file,label=type,id=sku", "--backbone", BACKBONE, "--out", str(index_dir),
+                                "--quiet", "--json"], env=environment, capture_output=True, text=True)
+        if built.returncode != 0:
+            print(built.stderr, file=sys.stderr)
+            return built.returncode
     load = os.getloadavg()
     started = time.perf_counter()
     found = subprocess.run([*command, "duplicates", "--index-dir", str(index_dir), "--threshold",
@@ -153,6 +157,14 @@ def main() -> int:
               "groups_among_originals": len(originals_only),
               "duplicates_seconds": record["seconds"], "command_wall_seconds": round(wall, 3),
               "load_average": [round(value, 2) for value in load]}
+    result["sweep"] = {}
+    for threshold in [float(value) for value in args.sweep.split(",") if value]:
+        swept = json.loads(subprocess.run([*command, "duplicates", "--index-dir", str(index_dir), "--threshold",
+                                           str(threshold), "--json"], env=environment, capture_output=True,
+                                          text=True, check=True).stdout)
+        result["sweep"][threshold] = {"near": scores(group_pairs(swept["near"] + swept["exact"]), near),
+                                      "groups_among_originals": sum(not any("copy" in i for i in group)
+                                                                    for group in swept["exact"] + swept["near"])}
     for method in filter(None, args.imagededup.split(",")):
         result[f"imagededup_{method}"] = imagededup_scores(method, catalog, exact, near, args.threshold)
     if args.json:
@@ -172,6 +184,11 @@ def main() -> int:
             print(f"| imagededup {method}, {kind} | {entry[kind]['planted_pairs']} | {entry[kind]['found']} | "
                   f"{entry[kind]['recall']:.3f} | {entry[kind]['pairs_with_a_copy']} | {entry[kind]['precision']:.3f} |")
         print(f"imagededup {method}: {entry['seconds']:.1f} s (encoding every photo and searching)")
+    for threshold, entry in result["sweep"].items():
+        near_entry = entry["near"]
+        print(f"| near, threshold {threshold:g} | {near_entry['planted_pairs']} | {near_entry['found']} | "
+              f"{near_entry['recall']:.3f} | {near_entry['pairs_with_a_copy']} | {near_entry['precision']:.3f} | "
+              f"({entry['groups_among_originals']} groups among the originals)")
     print(f"groups among the original photos: {result['groups_among_originals']}")
     print(f"duplicates step {result['duplicates_seconds']:.2f} s; command wall {wall:.2f} s (load average "
           f"{', '.join(map(str, result['load_average']))})")
