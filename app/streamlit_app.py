@@ -16,7 +16,7 @@ import random
 import sys
 
 import streamlit as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from fashionrec import Recommender, StoreSettings
 from fashionrec.data.images import load_image
@@ -26,6 +26,9 @@ from fashionrec.settings import STORES
 
 INDEX_ENV = "FASHIONREC_INDEX_DIR"
 GRID_COLUMNS = 4
+# A text attribute with more distinct values than this is not offered as a filter (ids, names...).
+MAX_FILTER_CHOICES = 40
+BOX_OUTLINE = (230, 40, 90)
 # Every result in the same frame (the whole product, padded), so the grid lines up.
 THUMBNAIL_SIZE = (360, 480)
 THUMBNAIL_BACKGROUND = (246, 246, 246)
@@ -81,12 +84,66 @@ def sidebar(recommender: Recommender) -> tuple[int, str | None, float]:
                  "discounted). Between: (1 - w) x network + w x colour similarity."
                  + ("" if recommender.has_colour else " This index folder has no colour descriptors: rebuild it "
                                                       "with `python -m fashionrec index` to use it."))
+        filters = attribute_filters(recommender)
         st.header("Index")
         st.markdown(f"**{described['n_items']:,}** items of *{described['dataset'] or 'a catalog'}*  \n"
                     f"backbone `{described['backbone']}` ({described['runtime']})  \n"
                     f"index `{described['index']}` {described['search_params']} · {described['metric']}  \n"
                     f"`{described['out']}` ({described['version']})")
-    return k, None if choice == "All categories" else choice, colour_weight
+    return k, None if choice == "All categories" else choice, colour_weight, filters
+
+
+def attribute_filters(recommender: Recommender) -> list[str]:
+    """Sidebar widgets for the catalog's attributes: any-of for text, a range for numbers; the filters chosen."""
+    kinds = recommender.describe()["attributes"]
+    if not kinds:
+        return []
+    st.header("Filters")
+    catalog = recommender.catalog
+    filters = []
+    for column, kind in kinds.items():
+        values = catalog[column].dropna()
+        if values.empty:
+            continue
+        if kind == "number":
+            low, high = float(values.min()), float(values.max())
+            if low == high:
+                continue
+            chosen = st.slider(column, min_value=low, max_value=high, value=(low, high), key=f"filter-{column}")
+            if chosen != (low, high):
+                filters.append(f"{column}={chosen[0]:g}..{chosen[1]:g}")
+            continue
+        choices = sorted(values.astype(str).str.strip().unique())
+        if len(choices) > MAX_FILTER_CHOICES:
+            continue
+        chosen = st.multiselect(column, choices, key=f"filter-{column}", placeholder="any")
+        if chosen:
+            filters.append(f"{column}={','.join(chosen)}")
+    return filters
+
+
+def crop_inputs(data: bytes) -> tuple[int, int, int, int] | None:
+    """Numeric x, y, width, height of the product in an uploaded photo, with a preview; None: the whole photo."""
+    try:
+        picture = decode_query(data)
+    except ImageError:
+        return None   # run_query says why the photo cannot be used
+    width, height = picture.size
+    with st.expander("Crop to the product", icon=":material/crop:"):
+        left, right = st.columns(2)
+        x = left.number_input("x (from the left)", 0, width - 1, 0, key="box-x")
+        y = right.number_input("y (from the top)", 0, height - 1, 0, key="box-y")
+        box_width = left.number_input("width", 1, width, width, key="box-w")
+        box_height = right.number_input("height", 1, height, height, key="box-h")
+        box = (int(x), int(y), int(box_width), int(box_height))
+        if box == (0, 0, width, height):
+            return None
+        preview = picture.copy()
+        ImageDraw.Draw(preview).rectangle([x, y, min(x + box_width, width) - 1, min(y + box_height, height) - 1],
+                                          outline=BOX_OUTLINE, width=max(2, min(width, height) // 100))
+        preview.thumbnail((640, 640))
+        st.image(preview, caption=f"searching inside {box_width}x{box_height} at ({x}, {y})", width="stretch")
+        return box
 
 
 def query_inputs(recommender: Recommender) -> None:
@@ -109,16 +166,21 @@ def query_inputs(recommender: Recommender) -> None:
         set_query(kind="item", id=item_id.strip())
 
 
-def run_query(recommender: Recommender, query: dict, k: int, category: str | None, colour_weight: float = 0.0):
+def run_query(recommender: Recommender, query: dict, k: int, category: str | None, colour_weight: float = 0.0,
+              filters=(), box=None):
     """(answer, the query's picture, its caption); an unusable query is shown as an error and gives None."""
     try:
         if query["kind"] == "photo":
-            answer = recommender.recommend(query["data"], k=k, category=category, colour_weight=colour_weight)
+            answer = recommender.recommend(query["data"], k=k, category=category, colour_weight=colour_weight,
+                                           filters=list(filters), box=box)
             picture = decode_query(query["data"])
+            if box is not None:
+                picture = picture.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
             picture.thumbnail((640, 640))
             return answer, picture, query["name"]
         item = recommender.item(query["id"])
-        return recommender.similar_to(query["id"], k=k, category=category, colour_weight=colour_weight), \
+        return recommender.similar_to(query["id"], k=k, category=category, colour_weight=colour_weight,
+                                      filters=list(filters)), \
             thumbnail(item.path), \
             f"{item.label} · {item.id}"
     except ImageError as error:
@@ -142,9 +204,17 @@ def show_results(answer, category: str | None) -> None:
                 except ImageError as error:   # the file changed or went away since it was indexed
                     st.warning(f"{item.id}: {error.reason}")
                     picture = Image.new("RGB", THUMBNAIL_SIZE, THUMBNAIL_BACKGROUND)
-                st.image(picture, caption=f"{rank}. {item.label} · {item.score:.3f}", width="stretch")
+                st.image(picture, caption=result_caption(rank, item), width="stretch")
                 st.button("More like this", key=f"more-{rank}-{item.id}", on_click=more_like_this, args=(item.id,),
                           width="stretch")
+
+
+def result_caption(rank: int, item) -> str:
+    """``3. Shirt · 0.912 · colour Red · price 25``; a predicted category says so, with its probability."""
+    label = item.label if item.label_probability is None else f"{item.label} (predicted, {item.label_probability:.0%})"
+    attributes = " · ".join(f"{column} {value:g}" if isinstance(value, float) else f"{column} {value}"
+                            for column, value in item.attributes.items() if value is not None)
+    return f"{rank}. {label} · {item.score:.3f}" + (f" · {attributes}" if attributes else "")
 
 
 def timing_line(timing: dict) -> str:
@@ -166,22 +236,26 @@ def main() -> None:
         st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
-    k, category, colour_weight = sidebar(recommender)
+    k, category, colour_weight, filters = sidebar(recommender)
     left, right = st.columns([1, 3], gap="large")
     with left:
         query_inputs(recommender)
         query = st.session_state.get("query")
         answer = None
         if query is not None:
-            answer, picture, caption = run_query(recommender, query, k, category, colour_weight)
+            box = crop_inputs(query["data"]) if query["kind"] == "photo" else None
+            answer, picture, caption = run_query(recommender, query, k, category, colour_weight, filters, box)
             if answer is not None:
                 st.image(picture, caption=f"Query: {caption}", width="stretch")
+                for warning in answer.warnings:
+                    st.warning(warning, icon=":material/warning:")
                 if answer.predicted_category is not None:
                     st.success(f"Looks like **{answer.predicted_category}** ({answer.category_probability:.0%})")
                 st.caption(timing_line(answer.timing_ms))
     with right:
         if answer is not None:
-            st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else ""))
+            st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else "")
+                         + (f" with {' and '.join(filters)}" if filters else ""))
             st.caption(f"Score: {recommender.describe()['metric']} similarity of the embeddings, higher is closer"
                        + (f"; {1 - colour_weight:.2f} x that + {colour_weight:.2f} x product-colour similarity."
                           if colour_weight > 0 else "."))

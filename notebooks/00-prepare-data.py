@@ -25,6 +25,8 @@ data_dir = None
 max_per_class = 40
 split_seed = 0
 category_map = None
+columns = None
+image_root = None
 k = 10
 
 # %%
@@ -33,7 +35,7 @@ from fashionrec.data.split import split_counts
 from fashionrec.pipeline.stages import run_dir, stage_prepare
 
 prepared = stage_prepare(run_name, dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
-                         category_map=category_map, k=k)
+                         category_map=category_map, k=k, columns=columns, image_root=image_root)
 out = run_dir(run_name)
 
 # %% [markdown]

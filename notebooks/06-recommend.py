@@ -27,6 +27,8 @@ data_dir = None
 max_per_class = 40
 split_seed = 0
 category_map = None
+columns = None
+image_root = None
 k = 10
 n_grid_queries = 6
 recommend_backbone = "efficientnet_lite0"
@@ -42,7 +44,7 @@ from fashionrec.pipeline.widgets import catalog_picks, recommender_widget
 
 recommender = stage_recommender(run_name, recommend_backbone, index=recommend_index, dataset=dataset,
                                 data_dir=data_dir, split_seed=split_seed, max_per_class=max_per_class,
-                                category_map=category_map)
+                                category_map=category_map, columns=columns, image_root=image_root)
 described = recommender.describe()
 out = run_dir(run_name)
 

@@ -14,7 +14,7 @@ from fashionrec.cli import main
 from conftest import REPO, data_dirs, session_data_root
 
 TIMING_KEYS = {"decode", "preprocess", "embed", "search", "total"}
-RESULT_KEYS = {"id", "path", "label", "score"}
+RESULT_KEYS = {"id", "path", "label", "score", "attributes", "label_probability"}
 QUIET = ["--quiet", "--workers", "0"]
 
 
@@ -60,7 +60,7 @@ def test_index_writes_a_folder_and_reports_it(built, capsys):
         "build.json", "colour.npy", "embeddings.npy", "ids.parquet", "index.faiss", "index.faiss.json", "query.onnx"]
     assert info["colour"]["backbone"] == "product_colour" and info["colour"]["dim"] == 324
     items = pd.read_parquet(built / "v000001" / "ids.parquet")
-    assert list(items.columns) == ["id", "path", "label", "digest", "deleted"]
+    assert list(items.columns) == ["id", "path", "label", "digest", "deleted", "label_probability"]
 
 
 @pytest.mark.integration
@@ -139,7 +139,7 @@ def test_index_update_adds_a_csv_and_removes_ids(built, generated_photos, tmp_pa
     copy = tmp_path / "index"
     subprocess.run(["cp", "-a", str(built), str(copy)], check=True)
     code, record, _ = _run(capsys, "index", "--update", str(copy), "--add", str(csv), "--remove", "box/item-001.jpg",
-                           "--json", *QUIET)
+                           "--max-skipped-fraction", "0.1", "--json", *QUIET)
     assert code == 0, record
     assert record["added"] == new["id"].tolist() and record["removed"] == ["box/item-001.jpg"]
     assert [item["path"] for item in record["skipped"]] == ["broken.jpg"]

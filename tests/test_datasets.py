@@ -144,7 +144,7 @@ def test_catalog_loader_reports_missing_labels_duplicate_ids_and_absent_files(tm
 
 def test_catalog_loader_names_the_file_when_columns_are_missing(tmp_path):
     (tmp_path / "catalog.csv").write_text("file,category\nx.jpg,Shirt\n")
-    with pytest.raises(DatasetError, match="catalog.csv: missing columns"):
+    with pytest.raises(DatasetError, match="catalog.csv: missing columns .path., .label.; name your own with --columns"):
         load_catalog_csv(tmp_path, progress=False)
 
 

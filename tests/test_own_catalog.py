@@ -116,6 +116,8 @@ def test_a_backbone_from_a_user_module_runs_through_the_pipeline_into_the_report
     assert f"- `{USER_BACKBONE}`: 16-d, all {N_USED} images embedded; weights sha256 {mine['weights_sha256'][:16]}" \
         in report
     assert re.search(rf"^\| {USER_BACKBONE} \| Flat \| ", report, re.MULTILINE), "no results row for it"
+    assert re.search(rf"^- \d+ groups of exact duplicates, \d+ groups of near duplicates among {N_USED} images",
+                     report, re.MULTILINE), "no duplicates section"
 
 
 @pytest.mark.integration

@@ -108,7 +108,7 @@ def test_a_queries_csv_counts_a_missing_file_and_a_non_image_and_loses_nothing_e
 @pytest.mark.parametrize("argv, message", [
     (["--index-dir", "somewhere"], "go together"),
     (["--index-dir", "somewhere", "--queries", "split", "--backbone", LITE0], "leave it out"),
-    (["--k", "5"], "--dataset and --backbone"),
+    (["--k", "5"], "--dataset (or --catalog) and --backbone"),
 ])
 def test_index_dir_and_queries_go_together_and_refuse_backbone_options(argv, message, capsys):
     assert main(["evaluate", *argv]) != 0

@@ -5,6 +5,7 @@ SUMMARIES = {
     "embed": "embed every image of a dataset and report what was left out",
     "index": "build a servable index folder of a catalog, or update one",
     "recommend": "catalog items most similar to a photo or to a catalog item",
+    "duplicates": "exact and near-duplicate items of an index folder, grouped",
     "app": "the recommendation app in the browser (Streamlit)",
     "backbones": "list the backbones (built-in, and those your modules register)",
     "data": "find or fetch the named datasets (each independently)",

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .. import config
+from ..data.catalog import parse_columns
 from ..data.ledger import describe_counts
 from ..errors import FashionRecError
 from ..indexing.backends import check_store
@@ -17,11 +18,45 @@ MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--dataset", required=required, help="fashion-mnist, clothing, folder or catalog")
+    """The dataset arguments; ``--catalog FILE`` stands for ``--dataset catalog --data-dir FILE``
+    (call :func:`data_source` once the arguments are parsed)."""
+    parser.add_argument("--dataset", required=False, help="fashion-mnist, clothing, folder or catalog"
+                        + (" (or --catalog FILE)" if required else ""))
     parser.add_argument("--data-dir", default=None, help="where the dataset lies (default: the dataset's usual place)")
+    add_catalog_arguments(parser)
+    parser.set_defaults(dataset_required=required)
     parser.add_argument("--max-per-class", type=int, default=None, help="cap images per category (seeded sample)")
     parser.add_argument("--category-map", default=None, help="YAML mapping old label -> new label (null drops)")
     parser.add_argument("--split-seed", type=int, default=config.DEFAULT_SEED)
+
+
+def add_catalog_arguments(parser) -> None:
+    parser.add_argument("--catalog", default=None, metavar="FILE",
+                        help="a shop's catalog table, .csv or .parquet (implies --dataset catalog; see docs/catalog.md)")
+    parser.add_argument("--columns", default=None, metavar="ROLE=COLUMN,...",
+                        help="the catalog's own column names, e.g. path=file,label=type,id=sku; every other "
+                             "column is an attribute")
+    parser.add_argument("--image-root", default=None, metavar="DIR",
+                        help="the folder the catalog's image paths start from (default: the catalog file's folder)")
+
+
+def data_source(args) -> dict:
+    """Resolves ``--catalog`` into ``args.dataset``/``args.data_dir``; the loader options of
+    ``--columns``/``--image-root`` (keyword arguments of ``load_dataset`` and ``prepare``)."""
+    if args.catalog is not None:
+        if args.dataset not in (None, "catalog"):
+            raise FashionRecError(f"--catalog is --dataset catalog; it does not go with --dataset {args.dataset}")
+        if args.data_dir is not None:
+            raise FashionRecError("--catalog names the catalog file; leave --data-dir out (paths in it start from "
+                                   "its folder, or from --image-root)")
+        args.dataset, args.data_dir = "catalog", args.catalog
+    if getattr(args, "dataset_required", False) and not args.dataset:
+        raise FashionRecError("--dataset (or --catalog FILE) is required")
+    if (args.columns or args.image_root) and args.dataset != "catalog":
+        raise FashionRecError("--columns and --image-root go with --catalog FILE (or --dataset catalog)")
+    if args.dataset != "catalog":
+        return {}
+    return {"columns": parse_columns(args.columns), "image_root": args.image_root}
 
 
 def add_backbone_module_argument(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +128,21 @@ def inference_settings(args) -> InferenceSettings:
 
 
 def print_metrics(record: dict) -> None:
+    if "relevance_rule" in record:
+        share = record["share_of_catalog"]
+        print(f"  relevant = {record['relevance_rule']}; {record['n_queries']} queries ranked a {record['n_gallery']}-item "
+              f"gallery" + (f" ({share:.0%} of the {record['n_catalog_images']}-image catalog together)"
+                            if share is not None else ""))
+        print(f"  P@{record['k']} = {record['precision_at_k_means']}")
+    _print_core_metrics(record)
+    if record.get("near_duplicate_queries") is not None:
+        clean = record["precision_at_k_without_near_duplicates"]
+        print(f"  leakage check: {record['near_duplicate_queries']} of {record['n_queries']} queries have a near "
+              f"duplicate in the gallery (cosine >= {record['near_duplicate_threshold']:g}); precision_at_k without "
+              f"them {'n/a' if clean is None else f'{clean:.4f}'}")
+
+
+def _print_core_metrics(record: dict) -> None:
     relevance = record.get("relevance", ["label"])
     if relevance != ["label"]:
         missing = record.get("relevance_missing", {})

@@ -15,7 +15,8 @@ from ..models.registry import get_backbone
 from ..models.runtime import calibration_sample, with_runtime
 from ..settings import ENGINES
 from .commands import SUMMARIES
-from .common import add_backbone_arguments, add_data_arguments, inference_settings, load_user_backbones, print_json
+from .common import (add_backbone_arguments, add_data_arguments, data_source, inference_settings,
+                     load_user_backbones, print_json)
 
 
 def add_parser(commands) -> None:
@@ -41,6 +42,7 @@ def default_out_dir(dataset: str, root: Path) -> Path:
 
 
 def run(args) -> int:
+    catalog_options = data_source(args)
     if args.ray_address is not None and args.engine != "ray":
         raise FashionRecError("--ray-address applies only with --engine ray")
     if args.engine == "ray" and args.runtime == "onnx-int8":
@@ -50,7 +52,7 @@ def run(args) -> int:
     settings = inference_settings(args).but(engine=args.engine, ray_address=args.ray_address)
     # The whole catalog, unsplit: categories too small for the split are embedded too.
     loaded = load_dataset(args.dataset, args.data_dir, max_per_class=args.max_per_class, seed=args.split_seed,
-                          category_map=args.category_map, progress=settings.progress)
+                          category_map=args.category_map, progress=settings.progress, **catalog_options)
     model = get_backbone(args.backbone, weights_file=settings.weights_file)
     # No split here: int8 calibrates on a seeded sample of the whole catalog.
     calibration = calibration_sample(loaded.catalog["path"].tolist(), seed=args.split_seed) \

@@ -20,8 +20,9 @@ from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
 from .commands import SUMMARIES
-from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
-                     load_user_backbones, print_json, print_metrics, print_skipped, serving_store, store_settings)
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source,
+                     inference_settings, load_user_backbones, print_json, print_metrics, print_skipped,
+                     serving_store, store_settings)
 
 
 def add_parser(commands) -> None:
@@ -111,9 +112,10 @@ def _check_look(args, searched: bool) -> None:
 def run(args) -> int:
     if args.index_dir is not None or args.queries is not None:
         return _run_served(args)
+    catalog_options = data_source(args)
     if args.dataset is None or args.backbone is None:
-        raise FashionRecError("evaluate needs --dataset and --backbone (or --index-dir and --queries for an index "
-                              "folder as served)")
+        raise FashionRecError("evaluate needs --dataset (or --catalog) and --backbone (or --index-dir and --queries "
+                              "for an index folder as served)")
     load_user_backbones(args)
     check_backbone_name(args.backbone)
     searched = args.finetune and is_combined_name(split_backbone_name(args.backbone)[0])
@@ -126,7 +128,7 @@ def run(args) -> int:
                               "(or --index-dir with a fine-tuned folder)")
     store = store_settings(args, args.metric, args.index, args.search_params)
     prepared = prepare(args.dataset, args.data_dir, split_seed=args.split_seed, max_per_class=args.max_per_class,
-                       category_map=args.category_map, progress=not args.quiet)
+                       category_map=args.category_map, progress=not args.quiet, **catalog_options)
     prepared.check_k(args.k)
     prepared.check_relevance(args.relevance_columns)
     settings = inference_settings(args)

@@ -2,19 +2,28 @@
 
     python -m fashionrec index --dataset D [--data-dir DIR] --backbone NAME [--index SPEC|auto] --out OUTDIR [--json]
         [--store faiss|milvus --milvus-uri URI]     (vectors in index.faiss, or in a Milvus collection)
-    python -m fashionrec index --update OUTDIR [--add DIR_OR_CSV] [--remove ID [ID ...]] [--json]
+    python -m fashionrec index --catalog products.csv --columns path=file,label=type,id=sku --backbone NAME --out OUTDIR
+    python -m fashionrec index --update OUTDIR [--add DIR_OR_TABLE [--columns ...]] [--remove ID [ID ...]] [--json]
 
-``--add`` takes an ImageFolder tree (one sub-folder per category), a folder holding
-``catalog.csv``, or a CSV file (columns path,label and optionally id; paths relative to the
-CSV's folder). The update is written as a new version of the folder; the previous one stays
-loadable until the new one is complete.
+``--add`` takes a folder (category sub-folders, and/or unlabelled photos lying in it), a folder
+holding ``catalog.csv``, or a CSV or Parquet table (``--columns`` and ``--image-root`` as for a
+build; its other columns are the new items' attributes). Photos without a label get the
+category the index's classifier predicts, marked as predicted with its probability; an index
+without a classifier refuses them before anything is embedded. An update that adds nothing,
+or leaves out more than ``--max-skipped-fraction`` of the files, writes nothing and exits 1,
+with one summary line and the ledger of left-out files in a JSON file (``--ledger``).
+The update is written as a new version of the folder; the previous one stays loadable until
+the new one is complete.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
-from ..data.catalog import load_catalog_csv, load_folder
+from .. import config
+from ..data.catalog import load_additions, parse_columns
 from ..data.ledger import describe_counts
 from ..errors import FashionRecError
 from ..indexing.faiss_index import METRICS
@@ -23,8 +32,10 @@ from ..serving.folder import current_version
 from ..serving.recommender import Recommender
 from ..settings import StoreSettings
 from .commands import SUMMARIES
-from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, inference_settings,
-                     load_user_backbones, print_json, serving_store)
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source,
+                     inference_settings, load_user_backbones, print_json, serving_store)
+
+UPDATE_FAILED = 1
 
 
 def add_parser(commands) -> None:
@@ -49,7 +60,13 @@ def add_parser(commands) -> None:
     add_store_arguments(build, default=None, what="where the vectors are indexed (an update: where they are)")
     update = parser.add_argument_group("update")
     update.add_argument("--update", default=None, metavar="OUTDIR", help="update this index folder")
-    update.add_argument("--add", default=None, metavar="DIR_OR_CSV", help="images to add (see above)")
+    update.add_argument("--add", default=None, metavar="DIR_OR_TABLE", help="images to add (see above)")
+    update.add_argument("--max-skipped-fraction", type=float, default=0.0,
+                        help="the share of --add's files that may be left out before the update fails "
+                             "(default %(default)s: any left-out file fails it)")
+    update.add_argument("--ledger", default=None, metavar="FILE",
+                        help="where an update writes its ledger of left-out files (default: "
+                             "results/index-updates/<folder>-<time>.json)")
     update.add_argument("--remove", nargs="+", default=None, metavar="ID", help="ids to remove")
     parser.set_defaults(handler=run)
 
@@ -57,6 +74,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     if args.update:
         return _update(args)
+    catalog_options = data_source(args)
     missing = [flag for flag, value in (("--dataset", args.dataset), ("--backbone", args.backbone), ("--out", args.out))
                if not value]
     if missing:
@@ -67,6 +85,7 @@ def run(args) -> int:
     load_user_backbones(args)
     settings = inference_settings(args)
     report = index_dataset(args.out, args.dataset, args.backbone, data_dir=args.data_dir, split=args.split,
+                           **catalog_options,
                            max_per_class=args.max_per_class, category_map=args.category_map,
                            split_seed=args.split_seed, index=args.index, metric=args.metric,
                            search_params=args.search_params, settings=settings,
@@ -89,55 +108,93 @@ def run(args) -> int:
     return 0
 
 
-def _catalog_to_add(source: str):
-    """(paths, labels, ids, skipped) from an ImageFolder tree, a folder with catalog.csv, or a CSV file."""
-    path = Path(source)
-    if not path.exists():
-        raise FashionRecError(f"--add {source}: no such file or folder")
-    if path.is_file() or (path / "catalog.csv").is_file():
-        loaded = load_catalog_csv(path, progress=False)
-    else:
-        loaded = load_folder(path, progress=False)
-    catalog = loaded.catalog
-    return catalog["path"].tolist(), catalog["label"].tolist(), catalog["id"].tolist(), loaded.skipped
-
-
 def _update(args) -> int:
     if args.add is None and not args.remove:
-        raise FashionRecError("index --update: nothing to do; give --add DIR_OR_CSV and/or --remove ID [ID ...]")
-    if args.dataset or args.out:
-        raise FashionRecError("index --update: --dataset and --out build a new index; an update takes only "
-                              "--add / --remove")
+        raise FashionRecError("index --update: nothing to do; give --add DIR_OR_TABLE and/or --remove ID [ID ...]")
+    if args.dataset or args.out or args.catalog:
+        raise FashionRecError("index --update: --dataset, --catalog and --out build a new index; an update takes "
+                              "only --add / --remove")
+    if (args.columns or args.image_root) and not args.add:
+        raise FashionRecError("index --update: --columns and --image-root describe the table --add names")
+    if not 0.0 <= args.max_skipped_fraction <= 1.0:
+        raise FashionRecError(f"--max-skipped-fraction is a share between 0 and 1, got {args.max_skipped_fraction}")
     store = serving_store(args)
     current_version(args.update)   # a clear error for a missing or broken folder before anything else
     load_user_backbones(args)
-    to_add = _catalog_to_add(args.add) if args.add else None
+    to_add = load_additions(args.add, parse_columns(args.columns), args.image_root) if args.add else None
     with Recommender.load(args.update, inference_settings(args), store=store) as recommender:
+        if to_add is not None:
+            recommender.check_can_label(to_add.catalog["label"].tolist())   # before anything is embedded
         record = _apply_update(recommender, args, to_add)
+    ledger = _write_ledger(args, record) if record["skipped"] or record["failed"] else None
+    record["ledger"] = str(ledger) if ledger else None
     if args.json:
         print_json(record)
-        return 0
-    print(f"updated {record['out']} ({record['version']}): added {len(record['added'])}, removed {len(record['removed'])}, "
-          f"{describe_counts(record['skipped'])}; {record['n_items']} items"
-          + (f", {record['n_tombstones']} tombstones" if record["n_tombstones"] else "")
-          + (" (index rebuilt without its tombstones)" if record["compacted"] else ""))
-    for item in record["skipped"]:
-        print(f"  ({item['stage']}) {item['path']}: {item['reason']}")
-    return 0
+    else:
+        _print_update(record)
+    return UPDATE_FAILED if record["failed"] else 0
 
 
 def _apply_update(recommender: Recommender, args, to_add) -> dict:
-    """Removes, adds and saves a new version; the update's record."""
+    """Removes, adds and (unless the add failed its checks) saves a new version; the update's record."""
     if args.remove:
         unknown = [item_id for item_id in args.remove if item_id not in set(recommender.ids)]
         if unknown:
             raise FashionRecError(f"index --update: unknown id(s) {', '.join(unknown[:5])}; nothing was changed")
     removed = recommender.remove(args.remove) if args.remove else None
-    added = recommender.add(*to_add[:3]) if to_add else None
-    version = recommender.save()
-    return {"out": str(args.update), "version": version,
-            "added": added.added if added else [], "removed": removed.removed if removed else [],
-            "skipped": [*(to_add[3] if to_add else []), *(added.skipped if added else [])],
-            "compacted": bool(removed and removed.compacted),
+    added = None
+    if to_add is not None:
+        catalog = to_add.catalog
+        attributes = catalog.drop(columns=["id", "path", "label"])
+        added = recommender.add(catalog["path"].tolist(), catalog["label"].tolist(), catalog["id"].tolist(),
+                                attributes if len(attributes.columns) else None)
+    skipped = [*(to_add.skipped if to_add else []), *(added.skipped if added else [])]
+    failed = _add_failure(args, added, skipped) if to_add is not None else None
+    version = None if failed else recommender.save()
+    return {"out": str(args.update), "version": version or recommender.version, "saved": version is not None,
+            "failed": failed,
+            "added": added.added if added and not failed else [], "removed": removed.removed if removed else [],
+            "predicted": added.predicted if added and not failed else [],
+            "skipped": skipped, "compacted": bool(removed and removed.compacted),
             "n_items": len(recommender), "n_tombstones": recommender.describe()["tombstones"],
             "index": recommender.info["index"]["factory"]}
+
+
+def _add_failure(args, added, skipped: list[dict]) -> str | None:
+    """Why an add fails (it then writes nothing): it added nothing, or left out too many files; None if it passed."""
+    n_added = len(added.added) if added else 0
+    looked_at = n_added + len(skipped)
+    if n_added == 0:
+        return f"--add {args.add} added nothing ({looked_at} file(s) looked at)"
+    share = len(skipped) / looked_at
+    if share > args.max_skipped_fraction:
+        return (f"--add {args.add} left out {len(skipped)} of {looked_at} files ({share:.0%}), more than "
+                f"--max-skipped-fraction {args.max_skipped_fraction:g}")
+    return None
+
+
+def _write_ledger(args, record: dict) -> Path:
+    """The update's left-out files (path, stage, reason) and its outcome, as a JSON file."""
+    if args.ledger:
+        path = Path(args.ledger)
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = config.RESULTS_DIR / "index-updates" / f"{Path(args.update).resolve().name}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {key: record[key] for key in ("out", "version", "saved", "failed")}
+    path.write_text(json.dumps({**summary, "n_added": len(record["added"]), "skipped": record["skipped"]},
+                               indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def _print_update(record: dict) -> None:
+    tail = f"; ledger: {record['ledger']}" if record["ledger"] else ""
+    if record["failed"]:
+        print(f"update failed, nothing written to {record['out']} (still {record['version']}): {record['failed']}; "
+              f"{describe_counts(record['skipped'])}{tail}")
+        return
+    predicted = f" ({len(record['predicted'])} with a predicted category)" if record["predicted"] else ""
+    print(f"updated {record['out']} ({record['version']}): added {len(record['added'])}{predicted}, removed "
+          f"{len(record['removed'])}, {describe_counts(record['skipped'])}; {record['n_items']} items"
+          + (f", {record['n_tombstones']} tombstones" if record["n_tombstones"] else "")
+          + (" (index rebuilt without its tombstones)" if record["compacted"] else "") + tail)

@@ -31,8 +31,12 @@ from .ledger import describe_counts, skipped_entry
 from .split import subsample
 
 CATALOG_COLUMNS = ["id", "path", "label"]
-# Names the workbench itself gives catalog columns: an attribute column of catalog.csv may not take them.
-RESERVED_COLUMNS = frozenset({*CATALOG_COLUMNS, "split", "digest", "deleted"})
+# Names the workbench itself gives catalog columns: an attribute column of a catalog may not take them.
+RESERVED_COLUMNS = frozenset({*CATALOG_COLUMNS, "split", "digest", "deleted", "label_probability"})
+# The roles --columns maps to a catalog's own columns (path and label required, id optional).
+MAPPED_ROLES = ("path", "label", "id")
+CATALOG_FILES = ("catalog.csv", "catalog.parquet")
+TABLE_SUFFIXES = frozenset({".csv", ".parquet"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 # Labels in the clothing photos that name no category of clothing.
 CLOTHING_NON_CATEGORIES = frozenset({"Not sure", "Skip", "Other"})
@@ -72,9 +76,13 @@ def _leave_out(rows: pd.DataFrame, drop: np.ndarray, root: Path, skipped: list[d
     return rows[~drop].reset_index(drop=True)
 
 
-def _drop_missing_labels(rows: pd.DataFrame, root: Path, skipped: list[dict]) -> pd.DataFrame:
+def _drop_missing_labels(rows: pd.DataFrame, root: Path, skipped: list[dict], unlabelled: bool = False) \
+        -> pd.DataFrame:
+    """Rows without a label go to the ledger, or (``unlabelled``) stay with label None."""
     labels = rows["label"].astype("string").str.strip()
     missing = (labels.isna() | (labels == "")).to_numpy(dtype=bool)
+    if unlabelled:
+        return rows.assign(label=[None if gone else str(label) for label, gone in zip(labels, missing)])
     return _leave_out(rows.assign(label=labels), missing, root, skipped, "label", "missing label")
 
 
@@ -110,10 +118,12 @@ def _keep_usable_images(rows: pd.DataFrame, root: Path, skipped: list[dict], pro
 def _finish(name: str, root: Path, rows: pd.DataFrame, skipped: list[dict], progress: bool,
             category_map: dict | None = None, category_map_source: str = "category map",
             non_categories=frozenset(), max_per_class: int | None = None, seed: int = config.DEFAULT_SEED,
-            materialise: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> LoadedDataset:
+            materialise: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+            unlabelled: bool = False) -> LoadedDataset:
     """The steps every loader shares (see the module docstring); ``materialise`` writes the
-    image files of the rows it is given (Fashion-MNIST writes only the sampled ones)."""
-    rows = _drop_missing_labels(rows, root, skipped)
+    image files of the rows it is given (Fashion-MNIST writes only the sampled ones);
+    ``unlabelled`` keeps rows without a label (label None)."""
+    rows = _drop_missing_labels(rows, root, skipped, unlabelled)
     if category_map:
         rows = _apply_map(rows, category_map, category_map_source, root, skipped)
     rows = _drop_non_categories(rows, non_categories, root, skipped)
@@ -127,7 +137,7 @@ def _finish(name: str, root: Path, rows: pd.DataFrame, skipped: list[dict], prog
     capped = subsample(rows, max_per_class, seed)
     n_not_sampled += len(rows) - len(capped)
     rows = capped.copy()
-    rows["label"] = rows["label"].astype(str)
+    rows["label"] = [None if label is None else str(label) for label in rows["label"]]
     rows["id"] = rows["id"].astype(str)
     attributes = [column for column in rows.columns if column not in CATALOG_COLUMNS]
     return LoadedDataset(name, root, rows[CATALOG_COLUMNS + attributes].reset_index(drop=True), skipped, n_not_sampled)
@@ -247,17 +257,21 @@ def load_clothing(data_dir=None, progress: bool = True, category_map: dict | Non
 
 def load_folder(data_dir, progress: bool = True, category_map: dict | None = None,
                 category_map_source: str = "category map", max_per_class: int | None = None,
-                seed: int = config.DEFAULT_SEED) -> LoadedDataset:
+                seed: int = config.DEFAULT_SEED, unlabelled: bool = False) -> LoadedDataset:
     """An ImageFolder-style tree: one sub-folder per category, images anywhere below it.
 
     Hidden files (``.DS_Store``, ``._*``) are ignored, as ImageFolder does; every other
-    file is either a catalog item or in the ledger, files lying directly in the top folder too.
+    file is either a catalog item or in the ledger, files lying directly in the top folder too
+    (``unlabelled``: those are kept, with label None).
     """
     root = _existing_dir(data_dir, "folder", "one sub-folder per category: <data-dir>/<category>/<image>")
     records, skipped = [], []
     for entry in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not entry.is_dir():
-            skipped.append(skipped_entry(entry.name, "label", OUTSIDE_CATEGORY_FOLDER))
+            if unlabelled:
+                records.append({"id": entry.name, "path": str(entry), "label": None})
+            else:
+                skipped.append(skipped_entry(entry.name, "label", OUTSIDE_CATEGORY_FOLDER))
             continue
         for path in sorted(entry.rglob("*")):
             # A directory is reported only when its name poses as an image (``look.jpg/``).
@@ -267,48 +281,139 @@ def load_folder(data_dir, progress: bool = True, category_map: dict | None = Non
             records.append({"id": relative, "path": str(path), "label": entry.name})
     rows = pd.DataFrame(records, columns=CATALOG_COLUMNS)
     return _finish("folder", root, rows, skipped, progress, category_map, category_map_source,
-                   max_per_class=max_per_class, seed=seed)
+                   max_per_class=max_per_class, seed=seed, unlabelled=unlabelled)
+
+
+def parse_columns(columns) -> dict[str, str]:
+    """``"path=file,label=type,id=sku"`` (or that as a dict) -> ``{"path": "file", "label": "type", "id": "sku"}``.
+
+    Keys are the workbench's roles (``path``, ``label``, ``id``); values name the catalog's own
+    columns. A role left out keeps its own name as the column (``path``, ``label``, ``id``).
+    """
+    if columns is None or columns == "" or columns == {}:
+        return {}
+    if isinstance(columns, str):
+        pairs = [part.split("=", 1) for part in columns.split(",") if part.strip()]
+        malformed = [part for part in pairs if len(part) != 2 or not part[0].strip() or not part[1].strip()]
+        if malformed:
+            raise DatasetError(f"--columns {columns!r}: write role=column pairs separated by commas, "
+                               "e.g. path=file,label=type,id=sku")
+        columns = {role.strip(): column.strip() for role, column in pairs}
+    unknown = [role for role in columns if role not in MAPPED_ROLES]
+    if unknown:
+        raise DatasetError(f"--columns: unknown role {unknown[0]!r}{did_you_mean(unknown[0], MAPPED_ROLES)}; "
+                           f"the roles are {', '.join(MAPPED_ROLES)} (every other column is an attribute)")
+    return {str(role): str(column) for role, column in columns.items()}
+
+
+def find_catalog_file(data_dir) -> Path:
+    """The catalog table ``data_dir`` names: a .csv or .parquet file, or a folder holding catalog.csv/.parquet."""
+    if data_dir is None:
+        raise DatasetError("--dataset catalog needs --data-dir or --catalog (a CSV or Parquet file, or a folder "
+                           "holding catalog.csv with columns path,label)")
+    path = Path(data_dir)
+    if path.is_dir():
+        for name in CATALOG_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise DatasetError(f"{path / CATALOG_FILES[0]}: not found (a catalog directory needs catalog.csv with "
+                           "columns path,label, or name the file itself with --catalog)")
+    if not path.exists():
+        raise DatasetError(f"{path}: no such catalog file or folder")
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DatasetError(f"{path}: a catalog is a .csv or .parquet file (got {path.suffix or 'no suffix'})")
+    return path
+
+
+def read_catalog_table(path: Path, text_columns=()) -> pd.DataFrame:
+    """The table of a CSV or Parquet catalog file; ``text_columns`` are read as text, the others typed.
+
+    A CSV's attribute columns get pandas' types (numbers stay numbers, for ranges); an empty
+    cell is missing. An unreadable file is one DatasetError naming it.
+    """
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, dtype={column: str for column in text_columns}, keep_default_na=False,
+                                na_values=[""])
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetError(f"{path}: cannot be read as a catalog table ({reason})") from None
+    for column in text_columns:
+        if column in table.columns:
+            table[column] = table[column].map(lambda value: None if pd.isna(value) else str(value))
+    return table
 
 
 def load_catalog_csv(data_dir, progress: bool = True, category_map: dict | None = None,
                      category_map_source: str = "category map", max_per_class: int | None = None,
-                     seed: int = config.DEFAULT_SEED) -> LoadedDataset:
-    """A directory holding ``catalog.csv`` with ``path,label`` (relative paths) and optional ``id``.
+                     seed: int = config.DEFAULT_SEED, columns=None, image_root=None,
+                     unlabelled: bool = False) -> LoadedDataset:
+    """A catalog table: a CSV or Parquet file, or a folder holding ``catalog.csv`` (or ``catalog.parquet``).
 
-    ``data_dir`` may also name the CSV file itself; its paths are then relative to its folder.
-    Any other column (``colour``, ``pattern``, ``gender``...) is an attribute kept on the catalog
-    as text (an empty cell stays missing), for ``evaluate --relevance label,colour``; a column
-    named like one the workbench adds (``split``, ``digest``, ``deleted``) is an error.
+    ``columns`` maps the workbench's roles to the table's own columns (:func:`parse_columns`,
+    e.g. ``path=file,label=type,id=sku``); without it the table has ``path,label`` and optionally
+    ``id``. Paths are relative to ``image_root`` when given, else to the table's folder. Every
+    other column (``colour``, ``price``, ``gender``...) is an attribute, kept with its type (an
+    empty cell stays missing), for filters, results and ``evaluate --relevance label,colour``; a
+    column named like one the workbench adds (``split``, ``digest``, ``deleted``) is an error.
+    ``unlabelled``: rows without a label (or a table without a label column) are kept with
+    label None, for an index whose classifier predicts them.
     """
-    if data_dir is not None and Path(data_dir).is_file():
-        csv_path = Path(data_dir)
-        root = csv_path.parent
-    else:
-        root = _existing_dir(data_dir, "catalog", "a folder holding catalog.csv with columns path,label")
-        csv_path = root / "catalog.csv"
-    if not csv_path.exists():
-        raise DatasetError(f"{csv_path}: not found (a catalog directory needs catalog.csv with columns path,label)")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
-    missing_columns = {"path", "label"} - set(table.columns)
-    if missing_columns:
-        raise DatasetError(f"{csv_path}: missing columns {sorted(missing_columns)}")
-    no_path = table["path"].isna()
-    skipped = [skipped_entry(f"{csv_path.name} line {line + 2}", "catalog", "missing path")
-               for line in table.index[no_path]]
-    table = table[~no_path]
-    clashing = sorted(set(table.columns) & (RESERVED_COLUMNS - set(CATALOG_COLUMNS)))
+    mapping = parse_columns(columns)
+    table_path = find_catalog_file(data_dir)
+    sources = {role: mapping.get(role, role) for role in MAPPED_ROLES}
+    table = read_catalog_table(table_path, text_columns=list(sources.values()))
+    required = [role for role in ("path", "label", "id") if role in mapping or role == "path"
+                or (role == "label" and not unlabelled)]
+    missing = [role for role in required if sources[role] not in table.columns]
+    if missing:
+        named = ", ".join(f"{sources[role]!r}" + (f" (--columns {role}={sources[role]})" if role in mapping else "")
+                          for role in missing)
+        hint = "" if mapping else "; name your own with --columns path=...,label=...,id=..."
+        raise DatasetError(f"{table_path}: missing column{'s' if len(missing) > 1 else ''} {named}{hint}; its "
+                           f"columns: {', '.join(map(str, table.columns))}")
+    root = (Path(image_root) if image_root is not None else table_path.parent).absolute()
+    if image_root is not None and not root.is_dir():
+        raise DatasetError(f"{root}: no such directory (--image-root, the folder the catalog's paths start from)")
+    paths = table[sources["path"]]
+    no_path = paths.isna().to_numpy() | (paths.astype("string").str.strip() == "").fillna(True).to_numpy()
+    skipped = [skipped_entry(f"{table_path.name} line {line + 2}", "catalog", "missing path")
+               for line in np.flatnonzero(no_path)]
+    table = table[~no_path].reset_index(drop=True)
+    attributes = [column for column in table.columns if column not in sources.values()]
+    clashing = sorted(set(map(str, attributes)) & RESERVED_COLUMNS)
     if clashing:
-        raise DatasetError(f"{csv_path}: column(s) {clashing} are names the workbench gives its own columns; "
-                           "rename them (e.g. to original_split)")
-    ids = table["id"] if "id" in table.columns else table["path"]
+        raise DatasetError(f"{table_path}: column(s) {clashing} are names the workbench gives its own columns; "
+                           "rename them (e.g. to original_split), or map them with --columns")
+    paths = table[sources["path"]].astype(str)
+    ids = table[sources["id"]] if sources["id"] in table.columns else paths
+    labels = table[sources["label"]] if sources["label"] in table.columns else pd.Series([None] * len(table))
     rows = pd.DataFrame({
-        "id": ids.fillna(table["path"]).values,
-        "path": [str(root / p) for p in table["path"]],
-        "label": table["label"].values,
-        **{column: table[column].values for column in table.columns if column not in CATALOG_COLUMNS},
+        "id": ids.fillna(paths).astype(str).values,
+        "path": [str(root / p) for p in paths],
+        "label": labels.values,
+        **{str(column): table[column].values for column in attributes},
     })
     return _finish("catalog", root, rows, skipped, progress, category_map, category_map_source,
-                   max_per_class=max_per_class, seed=seed)
+                   max_per_class=max_per_class, seed=seed, unlabelled=unlabelled)
+
+
+def load_additions(source, columns=None, image_root=None, progress: bool = False) -> LoadedDataset:
+    """Images to add to an index: a catalog table (as :func:`load_catalog_csv`) or a folder.
+
+    A folder holds category sub-folders and/or photos lying directly in it; photos without a
+    label (directly in the folder, or a row without one) are kept with label None.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DatasetError(f"--add {source}: no such file or folder")
+    if path.is_file() or any((path / name).is_file() for name in CATALOG_FILES):
+        return load_catalog_csv(path, progress=progress, columns=columns, image_root=image_root, unlabelled=True)
+    if columns or image_root is not None:
+        raise DatasetError(f"--add {source}: --columns and --image-root go with a catalog table (CSV or Parquet)")
+    return load_folder(path, progress=progress, unlabelled=True)
 
 
 def _existing_dir(data_dir, dataset: str, layout: str) -> Path:
@@ -329,14 +434,16 @@ LOADERS: dict[str, Callable[..., LoadedDataset]] = {
 
 
 def load_dataset(name: str, data_dir=None, max_per_class: int | None = None, seed: int = config.DEFAULT_SEED,
-                 category_map: dict | str | Path | None = None, progress: bool = True) -> LoadedDataset:
+                 category_map: dict | str | Path | None = None, progress: bool = True, columns=None,
+                 image_root=None) -> LoadedDataset:
     """Loads a named dataset, optionally remaps its categories and caps the images per category.
 
     ``category_map`` merges or renames categories (``{"Hoodie": "Tops"}``); a category
     mapped to ``None`` is dropped; an entry that matches no label of the catalog is an
     error (naming close matches), raised before any image is checked. The map applies
     before sampling and splitting, so every later step sees the mapped labels, and
-    ``max_per_class`` caps the mapped categories.
+    ``max_per_class`` caps the mapped categories. ``columns`` and ``image_root`` go with the
+    ``catalog`` dataset (:func:`load_catalog_csv`).
     """
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset {name!r}{did_you_mean(name, LOADERS)}; available: {', '.join(LOADERS)}")
@@ -344,8 +451,14 @@ def load_dataset(name: str, data_dir=None, max_per_class: int | None = None, see
         raise DatasetError(f"max_per_class must be a positive number or None (no cap), got {max_per_class}")
     mapping = read_category_map(category_map) if category_map else None
     source = str(category_map) if category_map and not isinstance(category_map, dict) else "category map"
+    table_options = {}
+    if columns or image_root is not None:
+        if name != "catalog":
+            raise DatasetError(f"--columns and --image-root go with --dataset catalog (a CSV or Parquet table), "
+                               f"not --dataset {name}")
+        table_options = {"columns": columns, "image_root": image_root}
     loaded = LOADERS[name](data_dir, progress=progress, category_map=mapping, category_map_source=source,
-                           max_per_class=max_per_class, seed=seed)
+                           max_per_class=max_per_class, seed=seed, **table_options)
     if loaded.catalog.empty:
         raise _no_images_error(loaded)
     return loaded

@@ -44,6 +44,7 @@ import re
 import stat
 import struct
 import threading
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 MAX_PIXELS = 64_000_000
+# Pillow warns (two lines on stderr) from 89 megapixels; MAX_PIXELS refuses such images first, in one line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 log = logging.getLogger(__name__)
 

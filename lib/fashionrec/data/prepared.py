@@ -68,7 +68,7 @@ class PreparedData:
             if column not in available:
                 raise FashionRecError(f"--relevance: column {column!r} is not in the catalog ({self.dataset} at "
                                       f"{self.root}); available: {', '.join(available)} (attribute columns come "
-                                      "from catalog.csv, --dataset catalog)")
+                                      "from a catalog table's other columns: --catalog FILE)")
         return columns
 
     def check_k(self, k: int) -> None:
@@ -81,14 +81,15 @@ class PreparedData:
 
 
 def prepare(dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
-            category_map=None, progress: bool = True) -> PreparedData:
+            category_map=None, progress: bool = True, columns=None, image_root=None) -> PreparedData:
     """Loads and validates a named dataset (every image decoded in full), then splits it (seeded).
 
     The images of a category too small to fill train, gallery and query enter the ledger
-    with stage ``split``.
+    with stage ``split``. ``columns``, ``image_root``: a catalog table's own columns and image
+    folder (:func:`fashionrec.data.catalog.load_catalog_csv`).
     """
     loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
-                          category_map=category_map, progress=progress)
+                          category_map=category_map, progress=progress, columns=columns, image_root=image_root)
     catalog, too_small = split_catalog(loaded.catalog, seed=split_seed)
     left_out = {entry["label"]: entry for entry in too_small}
     split_skips = [skipped_entry(_relative(loaded.root, path), "split",

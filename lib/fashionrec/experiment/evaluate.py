@@ -11,6 +11,7 @@ import pandas as pd
 from ..data.ledger import count_by_stage
 from ..data.prepared import PreparedData
 from ..data.split import SPLITS
+from ..evaluation.duplicates import leakage
 from ..evaluation.protocol import evaluate_embeddings
 from ..features.colour import aligned_colour, colour_descriptors
 from ..features.embed import Embeddings, embed_catalog
@@ -95,4 +96,27 @@ def evaluation_record(prepared: PreparedData, backbone: str, runtime: str, embed
         "n_skipped_by_stage": count_by_stage(prepared.skipped + embeddings.skipped),
         "skipped": prepared.skipped + embeddings.skipped,
         "versions": software_versions(),
+        **explained(prepared, embeddings, evaluation),
     }
+
+
+def explained(prepared: PreparedData, embeddings: Embeddings, evaluation) -> dict:
+    """What the headline numbers mean: the relevance rule, how much of the catalog was asked and
+    searched, what P@k is, and the leakage check (queries with a near duplicate in the gallery)."""
+    protocol = evaluation.protocol
+    columns = list(evaluation.relevance)
+    rule = ("same category (label)" if columns == ["label"]
+            else "same " + " and same ".join(columns) + " (a row missing a value is never relevant)")
+    n_catalog = int(len(prepared.catalog))
+    used = protocol["n_queries"] + protocol["n_gallery"]
+    record = {"relevance_rule": rule, "n_catalog_images": n_catalog,
+              "share_of_catalog": round(used / n_catalog, 4) if n_catalog else None,
+              "precision_at_k_means": f"the share of each query's top {protocol['k']} gallery results that are "
+                                      f"relevant ({rule}), averaged over the {protocol['n_queries']} queries"}
+    row_of = {item_id: row for row, item_id in enumerate(embeddings.metadata["id"])}
+    query_ids, gallery_ids = evaluation.queries["id"].tolist(), evaluation.gallery["id"].tolist()
+    if len(embeddings.vectors) == len(row_of) and all(item_id in row_of for item_id in query_ids + gallery_ids):
+        vectors = embeddings.vectors
+        record.update(leakage(vectors[[row_of[i] for i in query_ids]], vectors[[row_of[i] for i in gallery_ids]],
+                              evaluation.per_query["precision_at_k"]))
+    return record

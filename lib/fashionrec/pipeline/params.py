@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config
-from ..data.catalog import LOADERS
+from ..data.catalog import LOADERS, parse_columns
 from ..errors import FashionRecError, did_you_mean
 from ..indexing.faiss_index import METRICS, SPINE_FACTORIES
 from ..indexing.milvus_store import STORE_FAISS_INDEXES, STORE_MILVUS_INDEXES
@@ -77,6 +77,14 @@ PARAMETERS: tuple[Parameter, ...] = (
               "`path,label`).", ("00", "06"), choices=tuple(LOADERS), notebook_value="fashion-mnist"),
     Parameter("data_dir", "path", None, "Where the dataset lies. Null: the dataset's usual places "
               "(`fashion-mnist`, `clothing`); required for `folder` and `catalog`.", ("00", "06"), nullable=True),
+    Parameter("catalog", "path", None, "A shop's catalog table, a `.csv` or `.parquet` file (docs/catalog.md): "
+              "stands for `dataset: catalog` with `data_dir` the file (leave both out, or set `dataset: catalog`). "
+              "As `--catalog`.", (PIPELINE,), nullable=True),
+    Parameter("columns", "str", None, "The catalog table's own column names, `path=file,label=type,id=sku`; "
+              "every other column is an attribute. Null: the table has `path`, `label` (and `id`). As `--columns`.",
+              ("00", "06"), nullable=True),
+    Parameter("image_root", "path", None, "The folder the catalog table's image paths start from. Null: the "
+              "table's own folder. As `--image-root`.", ("00", "06"), nullable=True),
     Parameter("max_per_class", "int", None, "At most this many images per category (a seeded sample, drawn after "
               "the category map and after bad files are left out). Null: no cap, as on the command line.",
               ("00", "06"), nullable=True, minimum=1, notebook_value=40),
@@ -175,6 +183,8 @@ def resolve_params(raw: dict, source, run_name: str | None = None) -> dict:
     required one, a value of the wrong type, or a path that does not exist.
     """
     source = Path(source)
+    if raw.get("catalog") is not None and "dataset" not in raw:
+        raw = {**raw, "dataset": "catalog"}
     unknown = [name for name in raw if name not in BY_NAME]
     if unknown:
         described = ", ".join(f"{name!r}{did_you_mean(name, BY_NAME)}" for name in unknown)
@@ -187,6 +197,21 @@ def resolve_params(raw: dict, source, run_name: str | None = None) -> dict:
         value = raw.get(parameter.name, parameter.default)
         resolved[parameter.name] = _checked(parameter, value, source)
     resolved["run_name"] = run_name or resolved["run_name"] or source.stem
+    return _with_catalog_table(resolved, source)
+
+
+def _with_catalog_table(resolved: dict, source: Path) -> dict:
+    """``catalog: FILE`` becomes ``dataset: catalog`` with ``data_dir`` the file; ``columns`` is checked now."""
+    if resolved["catalog"] is not None:
+        if resolved["dataset"] != "catalog":
+            raise FashionRecError(f"{source}: catalog names a catalog table, which is dataset 'catalog', not "
+                                  f"{resolved['dataset']!r}")
+        if resolved["data_dir"] is not None:
+            raise FashionRecError(f"{source}: give catalog (the table) or data_dir, not both")
+        resolved["data_dir"] = resolved["catalog"]
+    if (resolved["columns"] or resolved["image_root"]) and resolved["dataset"] != "catalog":
+        raise FashionRecError(f"{source}: columns and image_root go with a catalog table (catalog: FILE)")
+    parse_columns(resolved["columns"])
     return resolved
 
 

@@ -213,11 +213,19 @@ def recommendations(queries, title: str = "", path=None):
                 continue
             item = answer.results[column]
             color = None if label is None else RIGHT if item.label == label else WRONG
-            _show_image(axis, item.path, f"{item.label}\n{item.score:.3f}", color)
+            _show_image(axis, item.path, result_caption(item), color)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def result_caption(item) -> str:
+    """Label (a predicted one marked ``?`` with its probability), score, and the item's attributes, one per line."""
+    label = item.label if item.label_probability is None else f"{item.label}? ({item.label_probability:.0%})"
+    attributes = [f"{column} {value:g}" if isinstance(value, float) else f"{column} {value}"
+                  for column, value in item.attributes.items() if value is not None]
+    return "\n".join([label, f"{item.score:.3f}", *attributes[:3]])
 
 
 def _show_query(axis, image, caption: str):

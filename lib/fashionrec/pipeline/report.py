@@ -13,6 +13,8 @@ import pandas as pd
 
 from .. import config
 from ..data.ledger import describe_counts
+from ..evaluation.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from ..features.files import load_embeddings
 from .stages import COLOUR_SWEEP_FIGURE, COLOUR_SWEEP_FILE, small_gallery_caveat, write_colour_sweep_files
 
 PRIMARY_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k", "hit_rate_at_k", "recall_at_k")
@@ -238,6 +240,35 @@ def _timings_section(out: Path) -> list[str]:
 LEDGER_LINES_SHOWN = 20
 
 
+def duplicates_section(out: Path, backbones: dict, threshold: float = DEFAULT_THRESHOLD,
+                       shown: int = 10) -> list[str]:
+    """Exact (same content digest) and near (cosine >= threshold) duplicates among the run's images, with
+    the groups that span the query and gallery splits: each such query is an easy hit (leakage)."""
+    backbone = next((name for name, entry in backbones.items() if entry["status"] == "ok"), None)
+    if backbone is None or not (out / "embeddings").is_dir():
+        return []
+    try:
+        vectors, metadata, _ = load_embeddings(out / "embeddings", backbone)
+    except (OSError, ValueError):
+        return []
+    groups = find_duplicates(vectors, metadata["digest"], threshold)
+    split, ids, paths = metadata["split"].tolist(), metadata["id"].astype(str).tolist(), metadata["path"].tolist()
+    spanning = [group for group in groups.exact + groups.near
+                if {"query", "gallery"} <= {split[row] for row in group}]
+    lines = [f"## Duplicates (exact: same file content; near: `{backbone}` cosine >= {threshold:g})", "",
+             f"- {len(groups.exact)} groups of exact duplicates, {len(groups.near)} groups of near duplicates among "
+             f"{len(metadata)} images; {len(spanning)} groups have members in both the query and the gallery split, "
+             "so those queries find a copy of themselves (`python -m fashionrec evaluate --json` reports "
+             "`near_duplicate_queries` and `precision_at_k_without_near_duplicates`).", ""]
+    for kind, kind_groups in (("exact", groups.exact), ("near", groups.near)):
+        for group in kind_groups[:shown]:
+            lines.append(f"- {kind}: " + ", ".join(f"`{ids[row]}` ({split[row]}, `{Path(paths[row]).name}`)"
+                                                   for row in group))
+        if len(kind_groups) > shown:
+            lines.append(f"- ... and {len(kind_groups) - shown} more {kind} groups")
+    return lines + [""]
+
+
 def _ledger_section(skipped: list[dict]) -> list[str]:
     if not skipped:
         return ["Files left out: none.", ""]
@@ -369,7 +400,8 @@ def write_report(run_name: str, params_file: str | None = None) -> Path:
                          f"{sha[:16] + '…' if sha else 'none (no learnt weights)'}")
         else:
             lines.append(f"- `{name}`: **skipped** — {entry['reason']}")
-    lines += ["", f"## Results (P@{k}, hit@1, mAP@{k}, hit@{k}, recall@{k}; value [95% CI])", "",
+    lines += ["", *duplicates_section(out, backbones)]
+    lines += [f"## Results (P@{k}, hit@1, mAP@{k}, hit@{k}, recall@{k}; value [95% CI])", "",
               _markdown(_with_intervals(results)), ""]
     for variant, reason in summary.get("indexes_not_built", {}).items():
         lines.append(f"- not evaluated: `{variant}`: {reason}")

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .. import config
+from ..data.catalog import parse_columns
 from ..data.prepared import PreparedData, prepare
 from ..errors import FashionRecError, IndexBuildError, WeightsUnavailable
 from ..evaluation.analysis import distance_and_dimension, umap_2d
@@ -71,11 +72,13 @@ def read_json(path: Path):
 
 def stage_prepare(run_name: str, dataset: str, data_dir=None, split_seed: int = config.DEFAULT_SEED,
                   max_per_class: int | None = None, category_map=None, k: int | None = None,
-                  progress: bool = True) -> PreparedData:
+                  progress: bool = True, columns=None, image_root=None) -> PreparedData:
     """Loads, checks and splits the catalog; writes ``catalog.parquet``, the ledger ``skipped.json`` and
-    ``prepare.json``. With ``k``, a gallery smaller than k is an error now, before anything is embedded."""
+    ``prepare.json``. With ``k``, a gallery smaller than k is an error now, before anything is embedded.
+    ``columns``, ``image_root``: a catalog table's own columns and image folder."""
     prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
-                       category_map=category_map, progress=progress)
+                       category_map=category_map, progress=progress, columns=parse_columns(columns),
+                       image_root=image_root)
     if k is not None:
         prepared.check_k(k)
     out = run_dir(run_name)
@@ -535,7 +538,8 @@ def _stored_dims(candidates: pd.DataFrame) -> dict:
 
 def stage_recommender(run_name: str, backbone: str, index: str = "Flat", dataset: str = "fashion-mnist",
                       data_dir=None, split_seed: int = config.DEFAULT_SEED, max_per_class: int | None = None,
-                      category_map=None, settings: InferenceSettings = InferenceSettings()) -> Recommender:
+                      category_map=None, settings: InferenceSettings = InferenceSettings(), columns=None,
+                      image_root=None) -> Recommender:
     """An index folder of the run's whole catalog (``results/<run>/index/...``), built now and loaded.
 
     The catalog is the one 00-prepare-data wrote for this run; a run without it loads
@@ -546,8 +550,9 @@ def stage_recommender(run_name: str, backbone: str, index: str = "Flat", dataset
         prepared = load_prepared(run_name)
     else:
         prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
-                           category_map=category_map, progress=settings.progress)
+                           category_map=category_map, progress=settings.progress, columns=parse_columns(columns),
+                           image_root=image_root)
     folder = out / "index" / "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{backbone}-{index}")
-    return Recommender.build(folder, prepared.catalog[["id", "path", "label"]], backbone, index=index,
+    return Recommender.build(folder, prepared.catalog.drop(columns=["split"]), backbone, index=index,
                              settings=settings, root=prepared.root, skipped=prepared.skipped, seed=prepared.split_seed,
                              dataset={**prepared.describe(), "name": prepared.dataset, "split": "all"})

@@ -36,7 +36,8 @@ def catalog_picks(recommender: Recommender, n: int, seed: int = 0) -> list[str]:
 
 
 def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, seed: int = 0) -> widgets.Widget:
-    """Upload a photo or pick a catalog item; k slider; category filter; the result grid below."""
+    """Upload a photo or pick a catalog item; k slider; category filter; attribute filters (``colour=Red;
+    price=10..50``, see :mod:`fashionrec.data.attributes`); the result grid below."""
     catalog = recommender.catalog.set_index("id")
     picks = catalog_picks(recommender, n_picks, seed)
     upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload a photo")
@@ -44,6 +45,9 @@ def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, 
                             description="Catalog item")
     slider = widgets.IntSlider(value=k, min=1, max=24, description="k")
     category = widgets.Dropdown(options=[ALL_CATEGORIES, *recommender.categories], description="Category")
+    attributes = ", ".join(recommender.attribute_columns) or "none in this index"
+    filters = widgets.Text(description="Filters", placeholder=f"colour=Red; price=10..50 ({attributes})",
+                           continuous_update=False)
     output = widgets.Output()
     state = {"query": None}
 
@@ -52,15 +56,16 @@ def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, 
         if query is None:
             return
         chosen = None if category.value == ALL_CATEGORIES else category.value
+        where = [part.strip() for part in filters.value.split(";") if part.strip()]
         with output:
             output.clear_output(wait=True)
             try:
                 if query[0] == "photo":
-                    answer = recommender.recommend(query[2], k=slider.value, category=chosen)
+                    answer = recommender.recommend(query[2], k=slider.value, category=chosen, filters=where)
                     row = (decode_query(query[2]), query[1], answer, None)
                 else:
                     item = recommender.item(query[1])
-                    answer = recommender.similar_to(query[1], k=slider.value, category=chosen)
+                    answer = recommender.similar_to(query[1], k=slider.value, category=chosen, filters=where)
                     row = (item.path, f"{item.label} · {item.id}", answer, item.label)
             except ImageError as error:
                 print(f"{query[1]}: {error.reason}; try another photo")
@@ -74,6 +79,8 @@ def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, 
             timing = answer.timing_ms
             print(f"{timing['total']:.1f} ms" + (f"; predicted category {answer.predicted_category}"
                                                   if answer.predicted_category else ""))
+            for warning in answer.warnings:
+                print(f"warning: {warning}")
 
     def uploaded(change):
         files = change["new"]
@@ -90,4 +97,5 @@ def recommender_widget(recommender: Recommender, k: int = 5, n_picks: int = 24, 
     pick.observe(picked, names="value")
     slider.observe(show, names="value")
     category.observe(show, names="value")
-    return widgets.VBox([widgets.HBox([upload, pick]), widgets.HBox([slider, category]), output])
+    filters.observe(show, names="value")
+    return widgets.VBox([widgets.HBox([upload, pick]), widgets.HBox([slider, category]), filters, output])

@@ -6,7 +6,9 @@ What a version of the folder holds (:mod:`fashionrec.serving.folder` for the lay
                       runtime, metric, index factory and search parameters, dataset and its
                       fingerprint, package versions, counts, skipped files with reasons, updates
     index.faiss       the faiss index (+ index.faiss.json), row i = id-map row i
-    ids.parquet       the id map: id, path, label, digest, deleted (tombstones), in row order
+    ids.parquet       the id map: id, path, label, digest, deleted (tombstones), label_probability (the
+                      classifier's probability of a predicted label; missing for a catalog's own), in row order
+    attributes.parquet  the catalog's attribute columns (colour, price, ...), typed, in row order (none: no file)
     embeddings.npy    the embeddings as float16 (memory-mapped when loaded), in row order
     colour.npy        the product-colour descriptors (float16, row order), for colour-aware ranking
                       (``colour_weight``; folders built before it have none and refuse a weight > 0)
@@ -44,14 +46,12 @@ from ..ranking.store import FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model
 from .encoder import decode_query, encode_source
-from .folder import check_output_folder, is_index_folder, new_version
+from .folder import (ATTRIBUTES_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE, check_output_folder,
+                     is_index_folder, new_version)
 from .manifest import BuildManifest
 from .milvus import collection_prefix, drop_unreferenced_collections
 
-ITEMS_FILE = "ids.parquet"
-EMBEDDINGS_FILE = "embeddings.npy"
 COLOUR_FILE = "colour.npy"
-ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted"]
 SPLIT_CHOICES = ("all", "train", "gallery", "query")
 # --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
@@ -124,7 +124,8 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
                        memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
                        recall_target: float = DEFAULT_RECALL_TARGET,
                        store: StoreSettings = StoreSettings()) -> BuildReport:
-    """Embeds ``catalog`` (id, path, label) with ``backbone`` and writes a new version of ``outdir``.
+    """Embeds ``catalog`` (id, path, label, and any attribute columns) with ``backbone`` and writes a new
+    version of ``outdir``.
 
     ``index``: a faiss factory string or template, or ``auto`` (:func:`choose_index` for the
     catalog's size under ``memory_budget_bytes`` and ``recall_target``). ``dataset``: provenance
@@ -153,8 +154,9 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     vectors = embeddings.vectors
     colour = colour_descriptors(embeddings.metadata[["id", "path", "label"]], settings, root=root)
     colour_vectors = aligned_colour(embeddings.metadata, colour)
+    attributes = [column for column in embeddings.metadata.columns if column not in (*ITEM_COLUMNS, "split")]
     items = embeddings.metadata.assign(path=[str(Path(p).resolve()) for p in embeddings.metadata["path"]],
-                                       deleted=False)[ITEM_COLUMNS]
+                                       deleted=False, label_probability=np.nan)[ITEM_COLUMNS + attributes]
     if store.store == "milvus":
         auto = None
         vector_store = MilvusRowStore.build(collection_prefix(outdir), vectors, items["label"].astype(str).tolist(),
@@ -265,7 +267,11 @@ def _ranking(reference: str | None) -> dict:
 
 def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, manifest: BuildManifest,
                         colour16: np.ndarray | None = None) -> None:
-    items.to_parquet(directory / ITEMS_FILE, index=False)
+    """``items``: the id map's columns and the attributes, written to the id map and the attributes table."""
+    items[ITEM_COLUMNS].to_parquet(directory / ITEMS_FILE, index=False)
+    attributes = [column for column in items.columns if column not in ITEM_COLUMNS]
+    if attributes:
+        items[attributes].to_parquet(directory / ATTRIBUTES_FILE, index=False)
     np.save(directory / EMBEDDINGS_FILE, vectors16)
     if colour16 is not None:
         np.save(directory / COLOUR_FILE, colour16)
@@ -291,10 +297,12 @@ def _now() -> str:
 
 def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: str = "all",
                   max_per_class: int | None = None, category_map=None, split_seed: int = config.DEFAULT_SEED,
-                  **build) -> BuildReport:
+                  columns=None, image_root=None, **build) -> BuildReport:
     """Loads a named dataset (the whole catalog, or one split of record) and builds an index folder of it.
 
-    ``build`` are :func:`build_index_folder`'s keyword arguments.
+    ``columns``, ``image_root``: a catalog table's own columns and image folder; its other
+    columns travel into the folder as attributes. ``build`` are :func:`build_index_folder`'s
+    keyword arguments.
     """
     if split not in SPLIT_CHOICES:
         raise FashionRecError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
@@ -307,17 +315,20 @@ def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: 
         check_index_spec(build.get("index", "Flat"), backbone_dim(backbone))
     if split == "all":
         loaded = load_dataset(dataset, data_dir, max_per_class=max_per_class, seed=split_seed,
-                              category_map=category_map, progress=progress)
+                              category_map=category_map, progress=progress, columns=columns, image_root=image_root)
         catalog, root, skipped = loaded.catalog, loaded.root, loaded.skipped
     else:
         prepared = prepare(dataset, data_dir, split_seed=split_seed, max_per_class=max_per_class,
-                           category_map=category_map, progress=progress)
+                           category_map=category_map, progress=progress, columns=columns, image_root=image_root)
         catalog = prepared.catalog[prepared.catalog["split"] == split].reset_index(drop=True)
         root, skipped = prepared.root, prepared.skipped
     provenance = {"name": dataset, "data_dir": str(root), "split": split, "split_seed": split_seed,
                   "max_per_class": max_per_class,
                   "category_map": category_map if isinstance(category_map, (dict, type(None))) else str(category_map)}
-    return build_index_folder(outdir, catalog[["id", "path", "label"]], backbone, root=root, dataset=provenance,
+    if columns:
+        provenance["columns"] = dict(columns)
+    return build_index_folder(outdir, catalog.drop(columns=["split"], errors="ignore"), backbone, root=root,
+                              dataset=provenance,
                               skipped=skipped, seed=build.pop("seed", split_seed), **build)
 
 

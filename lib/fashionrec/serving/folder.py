@@ -11,7 +11,8 @@ every file to disk, renames the folder to its final name, and only then points C
 (a temporary file, fsync, ``os.replace``, fsync of the folder). A process killed at any moment
 therefore leaves CURRENT naming a complete version, the previous one or the new one; the
 next writer removes what a killed one left behind. Readers never lock: they read CURRENT once
-and open that version's files.
+and open that version's files. Folders and files follow the umask (under umask 022, a web
+server running as another user can read them).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from ..errors import IndexFolderError
 
@@ -34,6 +38,10 @@ CURRENT = "CURRENT"
 LOCK = ".lock"
 PARTIAL_PREFIX = ".partial-"
 BUILD_INFO = "build.json"
+ITEMS_FILE = "ids.parquet"
+ATTRIBUTES_FILE = "attributes.parquet"
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted", "label_probability"]
 _VERSION = re.compile(r"^v(\d{6,})$")
 BUILD_HINT = ("build one with `python -m fashionrec index --dataset NAME [--data-dir DIR] --backbone BACKBONE "
               "--out {outdir}`")
@@ -66,6 +74,19 @@ def current_version(outdir) -> Path:
     if not _VERSION.match(name) or not (version / BUILD_INFO).is_file():
         raise IndexFolderError(f"{outdir}: CURRENT names {name!r}, which is not a complete version; {hint}")
     return version
+
+
+def read_items(version: Path) -> pd.DataFrame:
+    """A version's id map with its attribute columns (a folder without ``label_probability`` gets it, missing)."""
+    items = pd.read_parquet(version / ITEMS_FILE)
+    if "label_probability" not in items.columns:
+        items["label_probability"] = np.nan
+    if (version / ATTRIBUTES_FILE).is_file():
+        attributes = pd.read_parquet(version / ATTRIBUTES_FILE)
+        if len(attributes) != len(items):
+            raise ValueError(f"{ATTRIBUTES_FILE} has {len(attributes)} rows, the id map {len(items)}")
+        items = pd.concat([items, attributes], axis=1)
+    return items
 
 
 def is_index_folder(path) -> bool:
@@ -129,6 +150,7 @@ def new_version(outdir, expected_current: str | None = None, keep_previous: bool
                                    f"{expected_current}); load it again and repeat the update")
         _remove_partials(outdir)
         staging = Staging(Path(tempfile.mkdtemp(dir=outdir, prefix=PARTIAL_PREFIX)))
+        os.chmod(staging.path, 0o777 & ~current_umask())   # mkdtemp makes it private (0700)
         try:
             yield staging
             existing = versions(outdir)
@@ -150,12 +172,20 @@ def new_version(outdir, expected_current: str | None = None, keep_previous: bool
 
 def _write_pointer(outdir: Path, name: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=outdir, prefix=PARTIAL_PREFIX + "CURRENT-")
+    os.chmod(temporary, 0o666 & ~current_umask())   # mkstemp makes it private (0600)
     with os.fdopen(handle, "w") as stream:
         stream.write(name + "\n")
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, outdir / CURRENT)
     _fsync_directory(outdir)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_partials(outdir: Path) -> None:

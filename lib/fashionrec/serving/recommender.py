@@ -24,6 +24,7 @@ at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and I
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import threading
 import time
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.attributes import attribute_kinds, filter_mask, json_value
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
 from ..errors import FashionRecError, IndexFolderError
@@ -44,16 +46,16 @@ from ..models.registry import get_backbone
 from ..models.runtime import with_runtime
 from ..provenance import dataset_fingerprint
 from ..ranking.milvus import MilvusRowStore
-from ..ranking.policies import (GALLERY_CATEGORIES, CategoryBonus, CategoryFilter, ColourFusion, ExcludedRows,
-                                LiveRows)
+from ..ranking.policies import (GALLERY_CATEGORIES, AllowedRows, CategoryBonus, CategoryFilter, ColourFusion,
+                                ExcludedRows, LiveRows)
 from ..ranking.rank import Ranking, rank
 from ..ranking.store import FaissRowStore, RowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (COLOUR_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE, TOMBSTONE_REBUILD_FRACTION,
-                    build_index_folder, item_counts, package_versions, write_version_files)
-from .encoder import as_image, decode_query, encode_source
-from .folder import current_version, new_version
+from .build import (COLOUR_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder, item_counts, package_versions,
+                    write_version_files)
+from .encoder import as_image, check_box, crop_box, decode_query, encode_source, tiny_image_warnings
+from .folder import EMBEDDINGS_FILE, ITEM_COLUMNS, current_version, new_version, read_items
 from .manifest import BuildManifest
 from .milvus import collection_prefix, drop_unreferenced_collections
 
@@ -62,12 +64,19 @@ STAGES = ("decode", "preprocess", "embed", "search", "total")
 
 @dataclass(frozen=True)
 class Result:
-    """One recommended catalog item."""
+    """One recommended catalog item.
+
+    ``attributes``: the catalog's other columns for it (colour, price...), missing values None.
+    ``label_probability``: None for a label the catalog gave; for one the index's classifier
+    predicted (an unlabelled new arrival), the probability it gave it.
+    """
 
     id: str
     path: str
     label: str
     score: float
+    attributes: dict = field(default_factory=dict)
+    label_probability: float | None = None
 
 
 @dataclass
@@ -78,6 +87,7 @@ class Recommendation:
     timing_ms: dict[str, float]
     predicted_category: str | None = None
     category_probability: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         record = {"results": [asdict(result) for result in self.results],
@@ -85,17 +95,21 @@ class Recommendation:
         if self.predicted_category is not None:
             record["predicted_category"] = self.predicted_category
             record["category_probability"] = round(self.category_probability, 4)
+        if self.warnings:
+            record["warnings"] = list(self.warnings)
         return record
 
 
 @dataclass
 class UpdateReport:
-    """What an update did: ids added and removed, files skipped (with reasons), whether the index was rebuilt."""
+    """What an update did: ids added and removed, files skipped (with reasons), whether the index was rebuilt;
+    ``predicted``: the added items whose category the classifier gave (id, label, probability)."""
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     compacted: bool = False
+    predicted: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,7 +164,7 @@ class Recommender:
         settings = (settings or InferenceSettings()).but(runtime=manifest.runtime)
         spinning = spinning_suits_this_machine() if spinning is None else spinning
         try:
-            items = pd.read_parquet(version / ITEMS_FILE)
+            items = read_items(version)
             vectors16 = np.load(version / EMBEDDINGS_FILE, mmap_mode="r")
             colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if manifest.colour else None
         except (OSError, ValueError) as error:
@@ -221,10 +235,20 @@ class Recommender:
 
     @property
     def catalog(self) -> pd.DataFrame:
-        """The live items (id, path, label), in row order."""
+        """The live items (id, path, label and the attribute columns), in row order."""
         with self._lock:
             live = self._items[~self._items["deleted"].to_numpy()]
-            return live[["id", "path", "label"]].reset_index(drop=True)
+            return live[["id", "path", "label", *self.attribute_columns]].reset_index(drop=True)
+
+    @property
+    def attribute_columns(self) -> list[str]:
+        """The catalog's attribute columns (colour, price...), which filters may name."""
+        return [column for column in self._items.columns if column not in ITEM_COLUMNS]
+
+    def attribute_mask(self, filters) -> np.ndarray | None:
+        """Bool per row: the item passes every filter (:mod:`fashionrec.data.attributes`); None: no filters."""
+        with self._lock:
+            return filter_mask(self._items, filters, self.attribute_columns)
 
     @property
     def info(self) -> dict:
@@ -261,7 +285,7 @@ class Recommender:
                 "search_params": built.index["search_params"], "metric": built.metric,
                 "dataset": built.dataset.get("name"), "n_items": len(self), "categories": self.categories,
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
-                "colour": self.has_colour}
+                "colour": self.has_colour, "attributes": attribute_kinds(self._items, self.attribute_columns)}
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -271,7 +295,7 @@ class Recommender:
         return self._colour16 is not None
 
     def recommend(self, image, k: int = 10, category: str | None = None, exclude_ids=(),
-                  colour_weight: float = 0.0) -> Recommendation:
+                  colour_weight: float = 0.0, filters=None, box=None) -> Recommendation:
         """The ``k`` catalog items most similar to ``image`` (a path, bytes, a file object or a PIL image).
 
         ``category``: only items of that category; ``exclude_ids``: never these items. Results
@@ -290,18 +314,28 @@ class Recommender:
         carries: over every item for a Flat index, over the index's nearest candidates otherwise.
         Only the photo's own colour descriptor is computed (``timing_ms["colour"]``); the catalog's
         are in the folder. w = 0 is the plain ranking.
+
+        ``filters``: only items whose attributes pass them, e.g. ``["colour=Red", "price=10..50"]``
+        or ``{"colour": ["Red", "Blue"]}`` (:mod:`fashionrec.data.attributes`); applied inside the
+        search, so k results come back while k items pass. ``box``: ``(x, y, width, height)`` in
+        the photo's pixels, the product to search for (:func:`~fashionrec.serving.encoder.crop_box`).
+        A photo (or box) under ``TINY_IMAGE_SIDE`` pixels on a side gets a warning in ``warnings``.
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
+        restrict = self.attribute_mask(filters)
+        box = check_box(box)
         started = time.perf_counter()
         decoded = {}
 
         def image_for(draft_size):
+            # A box is in the photo's own pixels: decode it whole (no draft) and crop.
+            draft_size = None if box is not None else draft_size
             if draft_size not in decoded:
-                decoded[draft_size] = decode_query(image, draft_size, as_array=True)
+                decoded[draft_size] = crop_box(decode_query(image, draft_size, as_array=True), box)
             return decoded[draft_size]
 
-        image_for(self._encoder.draft_size)
+        warnings = tiny_image_warnings(image_for(self._encoder.draft_size), box)
         decode_done = time.perf_counter()
         vector, timing = encode_source(self._encoder, image_for)
         timing = {"decode": (decode_done - started) * 1000.0, **timing}
@@ -316,22 +350,23 @@ class Recommender:
         search_started = time.perf_counter()
         with self._lock:
             excluded = [self._row(item_id) for item_id in exclude_ids]
-            results = self._ranked(vector, k, category, excluded, colour, predicted)
+            results = self._ranked(vector, k, category, excluded, colour, predicted, restrict)
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
-        return Recommendation(results, timing, predicted, probability)
+        return Recommendation(results, timing, predicted, probability, warnings)
 
     def similar_to(self, item_id: str, k: int = 10, category: str | None = None, exclude_ids=(),
-                   colour_weight: float = 0.0) -> Recommendation:
+                   colour_weight: float = 0.0, filters=None) -> Recommendation:
         """"More like this": the ``k`` items most similar to a catalog item, from its stored vector.
 
-        Nothing is decoded or embedded. The item itself comes first (unless excluded or outside
-        ``category``): it is the query, and it wins any tie with an identical image.
-        ``colour_weight``: as in :meth:`recommend`, with the item's stored colour descriptor.
+        Nothing is decoded or embedded. The item itself comes first (unless excluded, outside
+        ``category`` or not passing ``filters``): it is the query, and it wins any tie with an
+        identical image. ``colour_weight``, ``filters``: as in :meth:`recommend`.
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
+        restrict = self.attribute_mask(filters)
         started = time.perf_counter()
         with self._lock:
             row = self._row(item_id)
@@ -339,11 +374,13 @@ class Recommender:
             colour = (np.asarray(self._colour16[row], dtype=np.float32), colour_weight) if colour_weight > 0 else None
             excluded = [self._row(other) for other in exclude_ids]
             first = []
-            if row not in excluded and (category is None or self._labels[row] == category):
+            if row not in excluded and (category is None or self._labels[row] == category) \
+                    and (restrict is None or restrict[row]):
                 self_score = self._self_score(query[0])
                 first = [self._result(row, self_score if colour is None else
                                       (1 - colour_weight) * self_score + colour_weight)]
-            results = first + self._ranked(query, k - len(first), category, [*excluded, row], colour)
+            results = first + self._ranked(query, k - len(first), category, [*excluded, row], colour,
+                                           restrict=restrict)
         done = time.perf_counter()
         timing = {"decode": 0.0, "preprocess": 0.0, "embed": 0.0, "search": (done - started) * 1000.0,
                   "total": (done - started) * 1000.0}
@@ -351,15 +388,16 @@ class Recommender:
 
     def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None, exclude_ids=(),
                       predicted_category: str | None = None, colour: np.ndarray | None = None,
-                      colour_weight: float = 0.0) -> list[Result]:
+                      colour_weight: float = 0.0, filters=None) -> list[Result]:
         """The ``k`` items an embedding already computed gets (same backbone, as the index's vectors).
 
         The ranking :meth:`recommend` runs, given what it would compute from the photo:
         ``predicted_category`` (for the category bonus) and ``colour`` (the photo's colour
-        descriptor, for ``colour_weight`` > 0).
+        descriptor, for ``colour_weight`` > 0). ``filters``: as in :meth:`recommend`.
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
+        restrict = self.attribute_mask(filters)
         vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
         if vector.shape != (1, self._store.dim):
             raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
@@ -368,7 +406,7 @@ class Recommender:
         fusion = (np.asarray(colour, dtype=np.float32).ravel(), colour_weight) if colour_weight > 0 else None
         with self._lock:
             return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids], fusion,
-                                predicted_category)
+                                predicted_category, restrict)
 
     def check_colour_weight(self, colour_weight: float) -> float:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
@@ -414,11 +452,13 @@ class Recommender:
         return float(np.dot(stored, stored))
 
     def _ranked(self, vector: np.ndarray, k: int, category: str | None, excluded: list[int],
-                colour: tuple[np.ndarray, float] | None = None, predicted: str | None = None) -> list[Result]:
+                colour: tuple[np.ndarray, float] | None = None, predicted: str | None = None,
+                restrict: np.ndarray | None = None) -> list[Result]:
         """Top-k live rows (of ``category``, not ``excluded``) under the folder's ranking; the caller holds the lock.
 
         ``predicted``: the query's predicted category, which the category bonus (if any) favours.
-        ``colour``: (the query's colour descriptor, its weight) for colour fusion.
+        ``colour``: (the query's colour descriptor, its weight) for colour fusion. ``restrict``: the
+        rows the attribute filters allow (:meth:`attribute_mask`).
         """
         if k <= 0:
             return []
@@ -429,6 +469,8 @@ class Recommender:
             filters.append(CategoryFilter(category, self._label_array))
         if excluded:
             filters.append(ExcludedRows(tuple(excluded)))
+        if restrict is not None:
+            filters.append(AllowedRows(restrict))
         bonus = None
         if category is None and predicted is not None and self._bonus is not None and self._store.metric != "l2":
             bonus = self._bonus
@@ -478,7 +520,10 @@ class Recommender:
                              gallery)
 
     def _result(self, row: int, score: float) -> Result:
-        return Result(self._ids[row], self._paths[row], self._labels[row], score)
+        probability = self._label_probabilities[row]
+        return Result(self._ids[row], self._paths[row], self._labels[row], score,
+                      {column: json_value(values[row]) for column, values in self._attribute_values.items()},
+                      None if np.isnan(probability) else float(probability))
 
     def _embedding_rows(self, rows) -> np.ndarray:
         return np.asarray(self._vectors16[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -488,6 +533,8 @@ class Recommender:
         live = ~self._items["deleted"].to_numpy()
         self._ids, self._paths, self._labels = (self._items[column].astype(str).tolist()
                                                 for column in ("id", "path", "label"))
+        self._label_probabilities = self._items["label_probability"].to_numpy(dtype=float)
+        self._attribute_values = {column: self._items[column].to_numpy() for column in self.attribute_columns}
         self._row_of = {self._ids[row]: int(row) for row in np.flatnonzero(live)}
         labels = self._items["label"].to_numpy()[live]
         self._category_rows = {str(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True))}
@@ -498,39 +545,50 @@ class Recommender:
 
     # --- updates ---------------------------------------------------------------------------------
 
-    def add(self, paths, labels, ids=None) -> UpdateReport:
+    def add(self, paths, labels, ids=None, attributes: pd.DataFrame | None = None) -> UpdateReport:
         """Embeds new images (batch path, same backbone and runtime as the index) and adds them.
 
-        ``ids`` default to the paths as given. Every file is decoded in full first (verdicts
-        cached by content, as the loaders do); a file that is not a usable image, or whose id
-        is already in the index, is skipped with its stage and reason (the ledger of
-        :mod:`fashionrec.data.ledger`); the others are added, in order, after the existing
-        rows. Call :meth:`save` to write the change.
+        ``ids`` default to the paths as given. A label None asks the index's category classifier:
+        the item gets the predicted category, and its probability in the id map's
+        ``label_probability`` (FashionRecError before anything is embedded when the index has no
+        classifier). ``attributes``: a table row-aligned with ``paths`` (colour, price...).
+        Every file is decoded in full first (verdicts cached by content, as the loaders do); a
+        file that is not a usable image, or whose id is already in the index, is skipped with its
+        stage and reason (the ledger of :mod:`fashionrec.data.ledger`); the others are added, in
+        order, after the existing rows. Call :meth:`save` to write the change.
         """
         paths = [str(path) for path in paths]
-        labels = [str(label) for label in labels]
+        labels = [None if label is None or (isinstance(label, float) and math.isnan(label)) else str(label)
+                  for label in labels]
         ids = [str(item_id) for item_id in ids] if ids is not None else list(paths)
         if not len(paths) == len(labels) == len(ids):
             raise FashionRecError(f"add: {len(paths)} paths, {len(labels)} labels and {len(ids)} ids differ in number")
+        if attributes is not None and len(attributes) != len(paths):
+            raise FashionRecError(f"add: {len(paths)} paths but {len(attributes)} rows of attributes")
+        self.check_can_label(labels)
         report = UpdateReport()
         rows, seen = [], set()
         verdicts = check_files(paths, progress=self.settings.progress)
-        for path, label, item_id, verdict in zip(paths, labels, ids, verdicts):
+        for position, (path, label, item_id, verdict) in enumerate(zip(paths, labels, ids, verdicts)):
             if item_id in self._row_of or item_id in seen:
                 report.skipped.append(skipped_entry(path, "duplicate", f"id {item_id!r} is already in the index"))
             elif verdict is not None:
                 report.skipped.append(skipped_entry(path, *verdict))
             else:
                 seen.add(item_id)
-                rows.append({"id": item_id, "path": str(Path(path).resolve()), "label": label})
+                rows.append({"id": item_id, "path": str(Path(path).resolve()), "label": label,
+                             **({} if attributes is None else attributes.iloc[position].to_dict())})
         if not rows:
             return report
         backbone = self._runtime_backbone()
-        embedded = embed_catalog(pd.DataFrame(rows, columns=["id", "path", "label"]), backbone, self.settings)
+        table = pd.DataFrame(rows)
+        embedded = embed_catalog(table.assign(label=table["label"].fillna("")), backbone, self.settings)
         report.skipped.extend(embedded.skipped)
         if len(embedded.vectors) == 0:
             return report
-        new_items = embedded.metadata.assign(deleted=False)[ITEM_COLUMNS]
+        new_items = self._labelled(embedded.metadata.assign(deleted=False, label_probability=np.nan),
+                                   table.set_index("id")["label"], embedded.vectors)
+        new_items = new_items[[*ITEM_COLUMNS, *[c for c in new_items.columns if c not in ITEM_COLUMNS]]]
         new_colour = None
         if self._colour16 is not None:
             new_colour = aligned_colour(new_items, colour_descriptors(new_items[["id", "path", "label"]],
@@ -543,8 +601,37 @@ class Recommender:
                 self._colour16 = np.concatenate([np.asarray(self._colour16), new_colour.astype(np.float16)])
             self._reindex()
         report.added = new_items["id"].tolist()
+        guessed = new_items[new_items["label_probability"].notna()]
+        report.predicted = [{"id": item_id, "label": label, "probability": round(float(probability), 4)}
+                            for item_id, label, probability in zip(guessed["id"], guessed["label"],
+                                                                   guessed["label_probability"])]
         self._record_update(report)
         return report
+
+    def check_can_label(self, labels) -> None:
+        """FashionRecError when some labels are None and the index has no category classifier to predict them."""
+        unlabelled = sum(label is None for label in labels)
+        if unlabelled and self._predictor is None:
+            raise FashionRecError(f"{unlabelled} image(s) to add have no label and {self.outdir} has no category "
+                                  "classifier to predict one (an index of a fine-tuned model has one: "
+                                  "`index --backbone NAME+head:FILE`); give them labels (a category sub-folder, or "
+                                  "a label column)")
+
+    def _labelled(self, items: pd.DataFrame, given: pd.Series, vectors: np.ndarray) -> pd.DataFrame:
+        """``items`` with the classifier's category (and its probability) where the catalog gave no label."""
+        labels, probabilities = items["label"].tolist(), items["label_probability"].to_numpy(dtype=float, copy=True)
+        for row, (item_id, path) in enumerate(zip(items["id"], items["path"])):
+            if given[item_id] is not None:
+                continue
+            decoded = {}
+
+            def image_for(draft_size, path=path, decoded=decoded):
+                if draft_size not in decoded:
+                    decoded[draft_size] = decode_query(path, draft_size, as_array=True)
+                return decoded[draft_size]
+
+            labels[row], probabilities[row], _ = self._predictor.predict(image_for, vectors[row:row + 1])
+        return items.assign(label=labels, label_probability=probabilities)
 
     def remove(self, ids) -> UpdateReport:
         """Removes items by id; an unknown id is an error and nothing is removed.
@@ -599,7 +686,7 @@ class Recommender:
     def _record_update(self, report: UpdateReport) -> None:
         self.manifest.updates.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": len(report.added),
                                      "removed": len(report.removed), "skipped": report.skipped,
-                                     "compacted": report.compacted})
+                                     "compacted": report.compacted, "predicted": len(report.predicted)})
 
     def save(self) -> str:
         """Writes the current state as a new version of the folder (atomically); returns its name.
