@@ -37,7 +37,7 @@ import torch
 
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
-from ..errors import FashionRecError, IndexFolderError
+from ..errors import BadParameter, FashionRecError, IndexFolderError, UnknownCategory, UnknownItem
 from ..evaluation.protocol import dataset_fingerprint
 from ..features.colour import (COLOUR_BACKBONE, aligned_colour, candidate_count, check_colour_weight,
                                colour_descriptors)
@@ -75,10 +75,13 @@ class Recommendation:
     timing_ms: dict[str, float]
     predicted_category: str | None = None
     category_probability: float | None = None
+    index_version: str | None = None       # the folder version that answered, e.g. "v000003"
 
     def to_dict(self) -> dict:
         record = {"results": [asdict(result) for result in self.results],
                   "timing_ms": {stage: round(ms, 3) for stage, ms in self.timing_ms.items()}}
+        if self.index_version is not None:
+            record["index_version"] = self.index_version
         if self.predicted_category is not None:
             record["predicted_category"] = self.predicted_category
             record["category_probability"] = round(self.category_probability, 4)
@@ -119,6 +122,7 @@ class Recommender:
         self._predictor = predictor
         self._lock = threading.RLock()
         self._batch_backbone = None
+        self._store_settings: StoreSettings | None = None
         self._reindex()
 
     # --- opening and building ------------------------------------------------------------------
@@ -155,7 +159,8 @@ class Recommender:
             colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if info.get("colour") else None
         except (OSError, ValueError) as error:
             raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
-        store = _open_store(version, info["index"], store)
+        store_settings = store
+        store = _open_store(version, info["index"], store_settings)
         if not len(items) == len(vectors16) == store.ntotal:
             raise IndexFolderError(f"{version}: {len(items)} ids, {len(vectors16)} embeddings and {store.ntotal} "
                                    "indexed vectors do not match; rebuild the index")
@@ -164,6 +169,7 @@ class Recommender:
                                    "rebuild the index")
         recommender = cls(outdir, version.name, info, items, vectors16, store, None, None, settings, spinning,
                           colour16)
+        recommender._store_settings = store_settings
         recommender._encoder = open_encoder(version, info["query_model"], recommender._runtime_backbone,
                                             settings.threads, spinning)
         recommender._predictor = open_predictor(version, info.get("classifier"), recommender._base_backbone,
@@ -220,6 +226,11 @@ class Recommender:
         return self._predictor is not None
 
     @property
+    def query_encoder(self):
+        """This version's encoder of query photos (:mod:`fashionrec.serving.encoder`), for callers that batch."""
+        return self._encoder
+
+    @property
     def catalog(self) -> pd.DataFrame:
         """The live items (id, path, label), in row order."""
         with self._lock:
@@ -251,6 +262,31 @@ class Recommender:
                 "dataset": info["dataset"].get("name"), "n_items": len(self), "categories": self.categories,
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
                 "colour": self.has_colour}
+
+    def refresh(self) -> bool:
+        """Swaps to the version CURRENT names, when another process (or another Recommender) saved a newer one.
+
+        The new version is loaded beside this one and swapped in under the lock: every answer
+        comes wholly from one version, and says which (``Recommendation.index_version``). A
+        query model or classifier the two versions share (an update keeps them) stays open.
+        Returns whether it swapped; changes not yet saved here are dropped with the old state.
+        Raises IndexFolderError when CURRENT names no loadable version (this one keeps serving).
+        """
+        if current_version(self.outdir).name == self.version:
+            return False
+        fresh = Recommender.load(self.outdir, self.settings, self.spinning, self._store_settings)
+        with self._lock:
+            if fresh.info["query_model"] == self.info["query_model"]:
+                fresh._encoder = self._encoder
+            if fresh.info.get("classifier") == self.info.get("classifier"):
+                fresh._predictor = self._predictor
+            if fresh.info["backbone"] == self.info["backbone"] and fresh.info["runtime"] == self.info["runtime"]:
+                fresh._batch_backbone = self._batch_backbone
+            state = dict(vars(fresh))
+            del state["_lock"]
+            vars(self).update(state)
+            self._store.fallback_vectors = self._embedding_rows
+        return True
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -289,30 +325,40 @@ class Recommender:
                 decoded[draft_size] = decode_query(image, draft_size, as_array=True)
             return decoded[draft_size]
 
-        image_for(self._encoder.draft_size)
-        decode_done = time.perf_counter()
-        vector, timing = encode_source(self._encoder, image_for)
-        timing = {"decode": (decode_done - started) * 1000.0, **timing}
-        predicted = probability = None
-        if self._predictor is not None:
-            predicted, probability, timing["classify"] = self._predictor.predict(image_for, vector)
-        colour = None
-        if colour_weight > 0:
-            colour_started = time.perf_counter()
-            colour = (self._query_colour(image_for(None)), colour_weight)
-            timing["colour"] = (time.perf_counter() - colour_started) * 1000.0
+        while True:   # once, unless refresh() swapped in another query model during the embedding
+            encoder, predictor = self._encoder, self._predictor
+            image_for(encoder.draft_size)
+            decode_done = time.perf_counter()
+            vector, timing = encode_source(encoder, image_for)
+            timing = {"decode": (decode_done - started) * 1000.0, **timing}
+            predicted = probability = None
+            if predictor is not None:
+                predicted, probability, timing["classify"] = predictor.predict(image_for, vector)
+            colour = None
+            if colour_weight > 0:
+                colour_started = time.perf_counter()
+                colour = (self._query_colour(image_for(None)), colour_weight)
+                timing["colour"] = (time.perf_counter() - colour_started) * 1000.0
+            self._lock.acquire()
+            if encoder is self._encoder and predictor is self._predictor:
+                break
+            self._lock.release()
         search_started = time.perf_counter()
-        with self._lock:
+        try:
+            self._check_query(k, category, exclude_ids)
+            version = self.version
             excluded = [self._row(item_id) for item_id in exclude_ids]
             boost = float(self.info.get("ranking", {}).get("boost") or 0.0)
             if boost and category is None and predicted in self._category_rows and self._store.metric != "l2":
                 results = self._boosted_search(vector, k, predicted, boost, excluded, colour)
             else:
                 results = self._search(vector, k, category, excluded, colour)
+        finally:
+            self._lock.release()
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
-        return Recommendation(results, timing, predicted, probability)
+        return Recommendation(results, timing, predicted, probability, version)
 
     def similar_to(self, item_id: str, k: int = 10, category: str | None = None, exclude_ids=(),
                    colour_weight: float = 0.0) -> Recommendation:
@@ -326,6 +372,8 @@ class Recommender:
         colour_weight = self.check_colour_weight(colour_weight)
         started = time.perf_counter()
         with self._lock:
+            self._check_query(k, category, exclude_ids)
+            version = self.version
             row = self._row(item_id)
             query = self._store.stored_vectors([row])
             colour = (np.asarray(self._colour16[row], dtype=np.float32), colour_weight) if colour_weight > 0 else None
@@ -339,7 +387,7 @@ class Recommender:
         done = time.perf_counter()
         timing = {"decode": 0.0, "preprocess": 0.0, "embed": 0.0, "search": (done - started) * 1000.0,
                   "total": (done - started) * 1000.0}
-        return Recommendation(results, timing)
+        return Recommendation(results, timing, index_version=version)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None,
                       exclude_ids=()) -> list[Result]:
@@ -347,7 +395,7 @@ class Recommender:
         self._check_query(k, category, exclude_ids)
         vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
         if vector.shape != (1, self._store.dim):
-            raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
+            raise BadParameter(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
         with self._lock:
             return self._search(vector, k, category, [self._row(item_id) for item_id in exclude_ids])
 
@@ -355,11 +403,11 @@ class Recommender:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
         weight = check_colour_weight(colour_weight, "colour_weight")
         if weight > 0 and self._colour16 is None:
-            raise FashionRecError(f"{self.outdir} was built without product-colour descriptors (an index folder "
+            raise BadParameter(f"{self.outdir} was built without product-colour descriptors (an index folder "
                                   "from before colour-aware ranking); rebuild it with `python -m fashionrec index "
                                   "... --out` to use a colour weight, or use colour weight 0")
         if weight > 0 and self._store.metric != "cosine":
-            raise FashionRecError(f"a colour weight adds cosine similarities; this index ranks by "
+            raise BadParameter(f"a colour weight adds cosine similarities; this index ranks by "
                                   f"{self._store.metric}: rebuild it with --metric cosine or use colour weight 0")
         return weight
 
@@ -376,18 +424,18 @@ class Recommender:
 
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise FashionRecError(f"k must be a positive integer, got {k!r}")
+            raise BadParameter(f"k must be a positive integer, got {k!r}")
         if category is not None and category not in self._category_rows:
-            raise FashionRecError(f"unknown category {category!r}; this index has: {', '.join(self.categories)}")
+            raise UnknownCategory(f"unknown category {category!r}; this index has: {', '.join(self.categories)}")
         unknown = [item_id for item_id in exclude_ids if item_id not in self._row_of]
         if unknown:
-            raise FashionRecError(f"unknown id(s) to exclude: {', '.join(map(str, unknown[:5]))}")
+            raise UnknownItem(f"unknown id(s) to exclude: {', '.join(map(str, unknown[:5]))}")
 
     def _row(self, item_id: str) -> int:
         try:
             return self._row_of[str(item_id)]
         except KeyError:
-            raise FashionRecError(f"unknown id {item_id!r}: not in the index {self.outdir}") from None
+            raise UnknownItem(f"unknown id {item_id!r}: not in the index {self.outdir}") from None
 
     def _self_score(self, stored: np.ndarray) -> float:
         if self._store.metric == "l2":
@@ -534,7 +582,7 @@ class Recommender:
         with self._lock:
             unknown = [item_id for item_id in ids if item_id not in self._row_of]
             if unknown:
-                raise FashionRecError(f"unknown id(s), nothing removed: {', '.join(unknown[:5])}"
+                raise UnknownItem(f"unknown id(s), nothing removed: {', '.join(unknown[:5])}"
                                       + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
             rows = np.array(sorted({self._row_of[item_id] for item_id in ids}), dtype=np.int64)
             if self._store.remove(rows):
