@@ -267,8 +267,9 @@ def test_writes_and_an_outside_update_under_load_fail_no_query(built, generated_
                 assert client.delete(f"{url}/items/{removed[0]}").status_code == 404
                 update_dir = tmp_path / "more"
                 update_dir.mkdir()
-                for photo in _catalog_photos(generated_photos, 120, 3):
-                    shutil.copy(photo, update_dir / photo.name)
+                for photo in _catalog_photos(generated_photos, 120, 3):   # an ImageFolder: one sub-folder per category
+                    (update_dir / photo.parent.name).mkdir(exist_ok=True)
+                    shutil.copy(photo, update_dir / photo.parent.name / photo.name)
                 env = {**os.environ, "FASHIONREC_DATA": str(data_root), "PYTHONPATH": str(REPO / "lib")}
                 update = subprocess.run([sys.executable, "-m", "fashionrec", "index", "--update", str(outdir), "--add",
                                          str(update_dir), "--quiet", "--workers", "0"], env=env, capture_output=True)
