@@ -318,3 +318,21 @@ def test_a_server_killed_during_an_update_leaves_a_folder_it_loads_again(built, 
     with running_server(outdir, data_root) as (url, _):
         health = httpx.get(url + "/health").json()
     assert health["items"] in (64, 64 + len(photos)) and health["index_version"] == (outdir / "CURRENT").read_text().strip()
+
+
+def test_a_loaded_recommender_refreshes_to_a_version_saved_elsewhere(built, generated_photos, tmp_path):
+    outdir = tmp_path / "index"
+    shutil.copytree(built, outdir, symlinks=True)
+    _, outside, _ = generated_photos
+    reader = Recommender.load(outdir, QUIET)
+    before = reader.recommend(outside[0], k=3)
+    assert before.index_version == "v000001" and not reader.refresh()
+    with Recommender.load(outdir, QUIET) as writer:
+        writer.remove([before.results[0].id])
+        writer.save()
+    assert reader.recommend(outside[0], k=3).index_version == "v000001"   # until it refreshes
+    assert reader.refresh() and reader.version == "v000002" and len(reader) == 63
+    after = reader.recommend(outside[0], k=3)
+    assert after.index_version == "v000002" and before.results[0].id not in [item.id for item in after.results]
+    assert [item.id for item in after.results] == [item.id for item in before.results[1:3]] + [after.results[2].id]
+    assert reader.similar_to(after.results[0].id, k=2).index_version == "v000002"
