@@ -43,7 +43,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(index_dir: Path, data_root: Path, token: str | None = TOKEN, *extra: str):
+def running_server(index_dir: Path, data_root: Path, token: str | None = TOKEN, *extra: str,
+                   start_timeout: float = 120, stop_timeout: float = 10):
     """A ``serve`` process on 127.0.0.1 until the block ends (SIGTERM, then SIGKILL); yields (url, process)."""
     port = _free_port()
     env = {**os.environ, "FASHIONREC_DATA": str(data_root), "PYTHONPATH": str(REPO / "lib")}
@@ -55,20 +56,20 @@ def running_server(index_dir: Path, data_root: Path, token: str | None = TOKEN, 
                                 "--port", str(port), "--watch-s", "0.2", *extra], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while True:
             assert process.poll() is None, Path(log.name).read_text()[-2000:]
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
-            assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
+            assert time.monotonic() < deadline, f"the server did not answer /health within {start_timeout} s"
             time.sleep(0.1)
         yield url, process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -336,3 +337,33 @@ def test_a_loaded_recommender_refreshes_to_a_version_saved_elsewhere(built, gene
     assert after.index_version == "v000002" and before.results[0].id not in [item.id for item in after.results]
     assert [item.id for item in after.results] == [item.id for item in before.results[1:3]] + [after.results[2].id]
     assert reader.similar_to(after.results[0].id, k=2).index_version == "v000002"
+
+
+def test_ray_serve_gives_the_same_answers(server, built, generated_photos, data_root):
+    """``--engine ray`` on a local Ray cluster that the server process starts and stops."""
+    pytest.importorskip("ray.serve", reason="Ray Serve's extras are not installed (pip install 'ray[serve]')")
+    _, outside, _ = generated_photos
+    with running_server(built, data_root, TOKEN, "--engine", "ray", "--replicas", "1", start_timeout=300,
+                        stop_timeout=120) as (url, _), httpx.Client() as client:
+        answers = {}
+
+        def ask(i):
+            with httpx.Client() as own:
+                answers[i] = _recommend(own, url, Path(outside[i % len(outside)]), k=5).json()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert client.get(url + "/health").json() == {"status": "ok", "index_version": "v000001", "items": 64}
+        assert _recommend(client, url, b"not an image", k=3).status_code == 422
+        assert client.delete(f"{url}/items/x").status_code == 401
+        metrics = client.get(url + "/metrics").text
+    for i, answer in answers.items():
+        expected = _recommend(httpx, server, Path(outside[i % len(outside)]), k=5).json()
+        assert [item["id"] for item in answer["results"]] == [item["id"] for item in expected["results"]]
+        np.testing.assert_allclose([item["score"] for item in answer["results"]],
+                                   [item["score"] for item in expected["results"]], atol=1e-5)
+        assert answer["index_version"] == "v000001"
+    assert 'route="/recommend",status="200"' in metrics

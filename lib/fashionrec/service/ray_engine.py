@@ -8,14 +8,18 @@ the single-process batcher; the routes, limits, answers and errors are those of
 """
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..models.query_model import run_query_model
 from ..settings import InferenceSettings
-from .app import create_app
+from .app import create_app, wrap_with_limits
 from .catalog import ServedIndex
 from .limits import ServiceLimits
 from .server import api_token, warn_if_exposed
@@ -54,25 +58,21 @@ def embed_together(encoders: list, crops: list[np.ndarray]) -> list[tuple[np.nda
 
 def deployment(index_dir: str, settings: InferenceSettings, limits: ServiceLimits, replicas: int,
                media_dir: str | None, watch_interval_s: float | None, token: str | None):
-    """The bound Ray Serve application (one deployment, ``replicas`` copies)."""
+    """The bound Ray Serve application: one deployment, ``replicas`` copies, each loading the index itself."""
     from ray import serve
 
-    index = ServedIndex(index_dir, settings, media_dir=media_dir)
-    app = create_app(index, limits, token, embedder=None, watch_interval_s=None)
-
     @serve.deployment(num_replicas=replicas, max_ongoing_requests=max(4 * limits.max_batch, 16))
-    @serve.ingress(app)
+    @serve.ingress()
     class FashionRec:
         def __init__(self):
-            # The replica's own index and application state: the app object was pickled with its closure,
-            # so the replica re-creates the index it serves and points the app's embedder at its batch method.
-            served = ServedIndex(index_dir, settings, media_dir=media_dir)
-            app.state.index.__dict__.update(served.__dict__)
-            app.state.embedder.__dict__.clear()
-            app.state.embedder.__class__ = BatchedEmbedder
-            app.state.embedder.batched = self.embed_batch
+            self.index = ServedIndex(index_dir, settings, media_dir=media_dir)
             if watch_interval_s:
-                app.state.index.watch(watch_interval_s)
+                self.index.watch(watch_interval_s)
+
+        def __serve_build_asgi_app__(self):
+            app = create_app(self.index, limits, token, embedder=BatchedEmbedder(self.embed_batch),
+                             watch_interval_s=None)
+            return wrap_with_limits(app, limits)
 
         @serve.batch(max_batch_size=limits.max_batch, batch_wait_timeout_s=limits.max_wait_ms / 1000.0)
         async def embed_batch(self, encoders: list, crops: list) -> list:
@@ -83,14 +83,25 @@ def deployment(index_dir: str, settings: InferenceSettings, limits: ServiceLimit
 
 def serve_on_ray(index_dir, settings: InferenceSettings, limits: ServiceLimits, host: str = "127.0.0.1",
                  port: int = 8000, replicas: int = 1, address: str | None = None, media_dir=None,
-                 watch_interval_s: float | None = 1.0, blocking: bool = True) -> None:
-    """Starts (or joins) a Ray cluster and runs the application on Ray Serve's HTTP proxy at ``host:port``."""
+                 watch_interval_s: float | None = 1.0) -> None:
+    """Starts (or joins) a Ray cluster and runs the application on Ray Serve's HTTP proxy at ``host:port``
+    until interrupted; then the application is deleted (and a local cluster this started, stopped)."""
     import ray
     from ray import serve
 
     token = api_token()
     warn_if_exposed(host, token)
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(str(index_dir), settings, limits, replicas, media_dir, watch_interval_s, token),
-              name=APPLICATION, route_prefix="/", blocking=blocking)
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(str(Path(index_dir).resolve()), settings, limits, replicas, media_dir,
+                             watch_interval_s, token), name=APPLICATION, route_prefix="/")
+        print(f"serving {Path(index_dir).name} on Ray Serve ({replicas} replica(s)) at http://{host}:{port} "
+              "(OpenAPI: /docs)", file=sys.stderr, flush=True)
+        stop = threading.Event()
+        for received in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(received, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
