@@ -91,7 +91,7 @@ def serve_on_ray(index_dir, settings: InferenceSettings, limits: ServiceLimits, 
 
     token = api_token()
     warn_if_exposed(host, token)
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(str(Path(index_dir).resolve()), settings, limits, replicas, media_dir,
