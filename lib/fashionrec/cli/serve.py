@@ -17,6 +17,7 @@ import argparse
 
 from ..data.images import MAX_PIXELS
 from ..errors import BadParameter
+from ..models.runtime import available_threads
 from ..service.catalog import ServedIndex
 from ..service.limits import ServiceLimits
 from ..service.ray_engine import serve_on_ray
@@ -39,6 +40,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="longest a batch waits for photos still being decoded (default 5; an idle server "
                              "never waits)")
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="photos decoded at once (default: the CPUs this process may use)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB: 413)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"largest image, read from its header before decoding (default {MAX_PIXELS}: 422)")
@@ -76,4 +79,4 @@ def run(args) -> int:
 def _limits(args) -> ServiceLimits:
     return ServiceLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                          max_k=args.max_k, timeout_s=args.timeout_s, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms)
+                         max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads or available_threads())

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
+import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -62,15 +63,21 @@ class Refused(Exception):
 
 
 class LocalEmbedder:
-    """Query crops embedded in this process, in dynamic batches (:class:`MicroBatcher`)."""
+    """Query crops embedded in this process, in dynamic batches (:class:`MicroBatcher`).
+
+    At most ``limits.decode_threads`` photos are decoded at once: more threads than cores
+    would only take the cores from the embedding, whose threads wait for each other at every
+    layer (a descheduled one stalls the whole batch).
+    """
 
     def __init__(self, limits: ServiceLimits, metrics: ServiceMetrics):
         self.batcher = MicroBatcher(limits.max_batch, limits.max_wait_ms, on_batch=metrics.observe_batch)
+        self.decoding = anyio.CapacityLimiter(limits.decode_threads)
 
     async def embed(self, encoder: OnnxEncoder, prepare) -> tuple[np.ndarray, dict]:
         """``prepare()`` (decode and crop, on a worker thread) -> the crop's embedding, with the time of each stage."""
         with self.batcher.announce() as ticket:
-            pixels, timing = await run_in_threadpool(prepare)
+            pixels, timing = await anyio.to_thread.run_sync(prepare, limiter=self.decoding)
             future = ticket.submit(encoder, pixels)
         queued = time.perf_counter()
         vector, batch_seconds = await asyncio.wrap_future(future)

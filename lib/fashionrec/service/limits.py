@@ -17,7 +17,8 @@ class ServiceLimits:
     """``max_upload_bytes``: a request body larger is refused (413) before it is parsed; ``max_pixels``:
     an image whose header declares more is refused (422) before it is decoded; ``max_k``: the most
     results one query may ask for; ``timeout_s``: a request not answered by then gets 503;
-    ``max_batch`` / ``max_wait_ms``: the dynamic batch of query photos embedded together."""
+    ``max_batch`` / ``max_wait_ms``: the dynamic batch of query photos embedded together;
+    ``decode_threads``: photos decoded at once."""
 
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = MAX_PIXELS
@@ -25,9 +26,10 @@ class ServiceLimits:
     timeout_s: float = 30.0
     max_batch: int = 16
     max_wait_ms: float = 5.0
+    decode_threads: int = 2
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "max_pixels", "max_k", "max_batch"):
+        for name in ("max_upload_bytes", "max_pixels", "max_k", "max_batch", "decode_threads"):
             if getattr(self, name) < 1:
                 raise BadParameter(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.timeout_s <= 0 or self.max_wait_ms < 0:
