@@ -19,6 +19,7 @@ backbone, a category classifier, a colour weight) answers through ``Recommender.
 """
 
 import asyncio
+import contextlib
 import hmac
 import io
 import logging
@@ -111,7 +112,19 @@ def create_app(index: ServedIndex, limits: ServiceLimits | None = None, token: s
     hidden = sorted({str(path) for folder in (index.outdir, index.media_dir)
                      for path in (folder, folder.resolve())}, key=len, reverse=True)
 
-    app = FastAPI(title="fashionrec", version=index.current.info.get("format", ""),
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if watch_interval_s:
+            index.watch(watch_interval_s)
+        try:
+            yield
+        finally:
+            index.close()
+            close = getattr(embedder, "close", None)
+            if close is not None:
+                close()
+
+    app = FastAPI(lifespan=lifespan, title="fashionrec", version=index.current.info.get("format", ""),
                   summary="Catalog items most similar to a product photo",
                   description="Send a photo, get the most similar products of the catalog. Answers name the index "
                               "version that gave them; failures are one line of JSON: {\"error\": \"...\"}.")
@@ -270,18 +283,6 @@ def create_app(index: ServedIndex, limits: ServiceLimits | None = None, token: s
     async def reload():
         swapped = await run_in_threadpool(index.reload)
         return {"reloaded": swapped, "index_version": index.current.version}
-
-    @app.on_event("startup")
-    async def start_watching():
-        if watch_interval_s:
-            index.watch(watch_interval_s)
-
-    @app.on_event("shutdown")
-    async def stop():
-        index.close()
-        close = getattr(embedder, "close", None)
-        if close is not None:
-            close()
 
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
