@@ -109,8 +109,8 @@ def create_app(index: ServedIndex, limits: ServiceLimits | None = None, token: s
     embedder = embedder or LocalEmbedder(limits, metrics)
     index.on_swap = lambda served: metrics.serving(served.version, len(served))
     metrics.serving(index.current.version, len(index.current))
-    hidden = sorted({str(path) for folder in (index.outdir, index.media_dir)
-                     for path in (folder, folder.resolve())}, key=len, reverse=True)
+    hidden = sorted({(str(path), name) for folder, name in ((index.outdir, "the index"), (index.media_dir, "<media>"))
+                     for path in (folder, folder.resolve())}, key=lambda pair: len(pair[0]), reverse=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -132,8 +132,8 @@ def create_app(index: ServedIndex, limits: ServiceLimits | None = None, token: s
 
     def public(message: str) -> str:
         """A message without the server's paths (the index folder is "the index", any other path "<path>")."""
-        for path in hidden:
-            message = message.replace(path, "the index" if path.startswith(str(index.outdir)) else "<media>")
+        for path, name in hidden:
+            message = message.replace(path, name)
         return _ABSOLUTE_PATH.sub("<path>", message)
 
     def failure(status: int, message: str, headers: dict | None = None) -> JSONResponse:
