@@ -10,7 +10,7 @@ INDEX ?=
 PORT ?= 8501
 SETUP_STAMP := $(VENV)/.setup-complete
 
-.PHONY: help setup data pipeline app test test-unit test-notebooks notebooks docs lab clean clean-cache
+.PHONY: help setup data pipeline app serve test test-unit test-notebooks notebooks docs lab clean clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ pipeline: $(SETUP_STAMP) ## run the numbered notebooks with papermill (fetches t
 
 app: $(SETUP_STAMP) ## the recommendation app in the browser: make app [INDEX=OUTDIR] [PORT=8501] (no INDEX: a default index, built once)
 	$(PY) -m fashionrec app $(if $(INDEX),--index-dir "$(INDEX)") --port $(PORT)
+
+serve: $(SETUP_STAMP) ## recommendations over HTTP: make serve INDEX=OUTDIR [PORT=8000] (write routes: FASHIONREC_API_TOKEN)
+	@test -n "$(INDEX)" || { echo "make serve needs INDEX=OUTDIR (python -m fashionrec index ... --out OUTDIR)"; exit 2; }
+	$(PY) -m fashionrec serve --index-dir "$(INDEX)" --port $(if $(filter file,$(origin PORT)),8000,$(PORT))
 
 test: $(SETUP_STAMP) ## import layers, unit, integration and notebook (nbval) tests
 	$(VENV)/bin/lint-imports

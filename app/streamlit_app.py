@@ -236,6 +236,11 @@ def main() -> None:
         st.error(f"The index cannot be loaded: {error}", icon=":material/folder_off:")
         st.code(BUILD_COMMANDS, language="bash")
         st.stop()
+    try:   # a version saved meanwhile (`index --update`, another app) answers from this query on
+        recommender.refresh()
+    except FashionRecError as error:
+        st.warning(f"A newer index version cannot be loaded ({error}); answering from {recommender.version}.",
+                   icon=":material/warning:")
     k, category, colour_weight, filters = sidebar(recommender)
     left, right = st.columns([1, 3], gap="large")
     with left:
@@ -251,7 +256,7 @@ def main() -> None:
                     st.warning(warning, icon=":material/warning:")
                 if answer.predicted_category is not None:
                     st.success(f"Looks like **{answer.predicted_category}** ({answer.category_probability:.0%})")
-                st.caption(timing_line(answer.timing_ms))
+                st.caption(timing_line(answer.timing_ms) + f" · index version {answer.index_version}")
     with right:
         if answer is not None:
             st.subheader(f"{len(answer.results)} most similar" + (f" in {category}" if category else "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,3 +183,21 @@ def test_the_app_in_headless_chromium_shows_the_result_grid(app_index):
     assert any(caption.strip() == f"Query: {Path(photo).name}" for caption in captions)
     pixels = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000, "a blank or flat page"
+
+
+@pytest.mark.integration
+def test_a_version_saved_meanwhile_answers_the_next_query_and_is_named(app_index, monkeypatch, tmp_path):
+    index_dir, photo, _ = app_index
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    at = _app(monkeypatch, copy).run()
+    at.file_uploader(key="upload").upload(Path(photo).name, Path(photo).read_bytes(), "image/jpeg").run()
+    assert any(caption.value.endswith("index version v000001") for caption in at.caption)
+    first = next(b for b in at.button if (b.key or "").startswith("more-1-")).key.split("-", 2)[2]
+    with Recommender.load(copy, InferenceSettings(workers=0, progress=False)) as writer:
+        writer.remove([first])
+        writer.save()
+    at.run()
+    assert not at.exception and not at.error
+    assert any(caption.value.endswith("index version v000002") for caption in at.caption)
+    assert not any((b.key or "").endswith(f"-{first}") for b in at.button if (b.key or "").startswith("more-"))

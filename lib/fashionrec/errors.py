@@ -1,4 +1,16 @@
-"""Exceptions the workbench raises on purpose, each carrying a message a user can act on."""
+"""Exceptions the workbench raises on purpose, each carrying a message a user can act on.
+
+A query answers with one of five kinds of failure, which the HTTP service
+(:mod:`fashionrec.service.app`) maps to status codes in one table:
+
+    FashionRecError
+      ImageError          the photo is not a usable image (also a decompression bomb)   422
+      UnknownItem         no live catalog item has this id                              404
+      BadParameter        k, a colour weight, an exclusion... out of range or malformed 400
+        UnknownCategory   the index has no item of this category                        400
+      IndexUnavailable    no loadable index version (missing, broken, being replaced)   503
+        IndexFolderError  an index folder is missing, incomplete or inconsistent
+"""
 from __future__ import annotations
 
 import difflib
@@ -42,5 +54,21 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean {' or '.join(repr(choice) for choice in close)}?)" if close else ""
 
 
-class IndexFolderError(FashionRecError):
+class BadParameter(FashionRecError, ValueError):
+    """A parameter of a query or an update is malformed or out of range; the message names it."""
+
+
+class UnknownCategory(BadParameter):
+    """A category the index holds no item of; the message lists those it has."""
+
+
+class UnknownItem(FashionRecError, LookupError):
+    """An id that names no live item of the index."""
+
+
+class IndexUnavailable(FashionRecError):
+    """No index version can answer now (missing, unreadable, or written by an incompatible version)."""
+
+
+class IndexFolderError(IndexUnavailable):
     """An index folder is missing, incomplete or inconsistent; the message says how to (re)build it."""

@@ -7,6 +7,7 @@ SUMMARIES = {
     "recommend": "catalog items most similar to a photo or to a catalog item",
     "duplicates": "exact and near-duplicate items of an index folder, grouped",
     "app": "the recommendation app in the browser (Streamlit)",
+    "serve": "the recommendations over HTTP, for a shop's website (FastAPI)",
     "backbones": "list the backbones (built-in, and those your modules register)",
     "data": "find or fetch the named datasets (each independently)",
     "pipeline": "run the numbered notebooks with papermill",

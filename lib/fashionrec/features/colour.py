@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import FashionRecError
+from ..errors import BadParameter, FashionRecError
 from ..models.registry import get_backbone
 from ..settings import InferenceSettings
 from .embed import Embeddings, embed_catalog
@@ -24,13 +24,13 @@ COLOUR_BACKBONE = "product_colour"
 
 
 def check_colour_weight(weight: float, name: str = "--colour-weight") -> float:
-    """``weight`` as a float in [0, 1]; FashionRecError otherwise."""
+    """``weight`` as a float in [0, 1]; BadParameter otherwise."""
     try:
         value = float(weight)
     except (TypeError, ValueError):
-        raise FashionRecError(f"{name} must be a number between 0 and 1, got {weight!r}") from None
+        raise BadParameter(f"{name} must be a number between 0 and 1, got {weight!r}") from None
     if not 0.0 <= value <= 1.0:
-        raise FashionRecError(f"{name} must be between 0 (network only) and 1 (colour only), got {weight!r}")
+        raise BadParameter(f"{name} must be between 0 (network only) and 1 (colour only), got {weight!r}")
     return value
 
 

@@ -38,7 +38,7 @@ import torch
 from ..data.attributes import attribute_kinds, filter_mask, json_value
 from ..data.checks import check_files
 from ..data.ledger import skipped_entry
-from ..errors import FashionRecError, IndexFolderError
+from ..errors import BadParameter, FashionRecError, IndexFolderError, UnknownCategory, UnknownItem
 from ..features.colour import COLOUR_BACKBONE, aligned_colour, check_colour_weight, colour_descriptors
 from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
@@ -88,10 +88,13 @@ class Recommendation:
     predicted_category: str | None = None
     category_probability: float | None = None
     warnings: list[str] = field(default_factory=list)
+    index_version: str | None = None       # the folder version that answered, e.g. "v000003"
 
     def to_dict(self) -> dict:
         record = {"results": [asdict(result) for result in self.results],
                   "timing_ms": {stage: round(ms, 3) for stage, ms in self.timing_ms.items()}}
+        if self.index_version is not None:
+            record["index_version"] = self.index_version
         if self.predicted_category is not None:
             record["predicted_category"] = self.predicted_category
             record["category_probability"] = round(self.category_probability, 4)
@@ -139,6 +142,7 @@ class Recommender:
         # The category bonus of the folder's model (build.json ``ranking``), on the catalog's own labels.
         self._bonus_setting = (manifest.category_boost, "known")
         self._predicted_by_id: dict[str, str] = {}
+        self._store_settings: StoreSettings | None = None
         self._reindex()
 
     # --- opening and building ------------------------------------------------------------------
@@ -169,7 +173,8 @@ class Recommender:
             colour16 = np.load(version / COLOUR_FILE, mmap_mode="r") if manifest.colour else None
         except (OSError, ValueError) as error:
             raise IndexFolderError(f"{version}: cannot be read ({error}); rebuild the index") from None
-        store = _open_store(version, manifest.index, store)
+        store_settings = store
+        store = _open_store(version, manifest.index, store_settings)
         if not len(items) == len(vectors16) == store.ntotal:
             raise IndexFolderError(f"{version}: {len(items)} ids, {len(vectors16)} embeddings and {store.ntotal} "
                                    "indexed vectors do not match; rebuild the index")
@@ -178,6 +183,7 @@ class Recommender:
                                    "rebuild the index")
         recommender = cls(outdir, version.name, manifest, items, vectors16, store, None, None, settings, spinning,
                           colour16)
+        recommender._store_settings = store_settings
         recommender._encoder = open_encoder(version, manifest.query_model, recommender._runtime_backbone,
                                             settings.threads, spinning)
         recommender._predictor = open_predictor(version, manifest.classifier, recommender._base_backbone,
@@ -234,6 +240,11 @@ class Recommender:
         return self._predictor is not None
 
     @property
+    def query_encoder(self):
+        """This version's encoder of query photos (:mod:`fashionrec.serving.encoder`), for callers that batch."""
+        return self._encoder
+
+    @property
     def catalog(self) -> pd.DataFrame:
         """The live items (id, path, label and the attribute columns), in row order."""
         with self._lock:
@@ -287,6 +298,35 @@ class Recommender:
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
                 "colour": self.has_colour, "attributes": attribute_kinds(self._items, self.attribute_columns)}
 
+    def refresh(self) -> bool:
+        """Swaps to the version CURRENT names, when another process (or another Recommender) saved a newer one.
+
+        The new version is loaded beside this one and swapped in under the lock: every answer
+        comes wholly from one version, and says which (``Recommendation.index_version``). A
+        query model or classifier the two versions share (an update keeps them) stays open.
+        Returns whether it swapped; changes not yet saved here are dropped with the old state.
+        Raises IndexFolderError when CURRENT names no loadable version (this one keeps serving).
+        """
+        if current_version(self.outdir).name == self.version:
+            return False
+        fresh = Recommender.load(self.outdir, self.settings, self.spinning, self._store_settings)
+        with self._lock:
+            if fresh.info["query_model"] == self.info["query_model"]:
+                fresh._encoder = self._encoder
+            if fresh.info.get("classifier") == self.info.get("classifier"):
+                fresh._predictor = self._predictor
+            if fresh.info["backbone"] == self.info["backbone"] and fresh.info["runtime"] == self.info["runtime"]:
+                fresh._batch_backbone = self._batch_backbone
+            bonus_setting, predicted_by_id = self._bonus_setting, self._predicted_by_id
+            state = dict(vars(fresh))
+            del state["_lock"]
+            vars(self).update(state)
+            self._store.fallback_vectors = self._embedding_rows
+            # A bonus the caller set (set_category_bonus) holds for the new version too.
+            self._bonus_setting, self._predicted_by_id = bonus_setting, predicted_by_id
+            self._bonus = self._category_bonus()
+        return True
+
     # --- queries ------------------------------------------------------------------------------------
 
     @property
@@ -335,26 +375,36 @@ class Recommender:
                 decoded[draft_size] = crop_box(decode_query(image, draft_size, as_array=True), box)
             return decoded[draft_size]
 
-        warnings = tiny_image_warnings(image_for(self._encoder.draft_size), box)
-        decode_done = time.perf_counter()
-        vector, timing = encode_source(self._encoder, image_for)
-        timing = {"decode": (decode_done - started) * 1000.0, **timing}
-        predicted = probability = None
-        if self._predictor is not None:
-            predicted, probability, timing["classify"] = self._predictor.predict(image_for, vector)
-        colour = None
-        if colour_weight > 0:
-            colour_started = time.perf_counter()
-            colour = (self._query_colour(image_for(None)), colour_weight)
-            timing["colour"] = (time.perf_counter() - colour_started) * 1000.0
+        while True:   # once, unless refresh() swapped in another query model during the embedding
+            encoder, predictor = self._encoder, self._predictor
+            warnings = tiny_image_warnings(image_for(encoder.draft_size), box)
+            decode_done = time.perf_counter()
+            vector, timing = encode_source(encoder, image_for)
+            timing = {"decode": (decode_done - started) * 1000.0, **timing}
+            predicted = probability = None
+            if predictor is not None:
+                predicted, probability, timing["classify"] = predictor.predict(image_for, vector)
+            colour = None
+            if colour_weight > 0:
+                colour_started = time.perf_counter()
+                colour = (self._query_colour(image_for(None)), colour_weight)
+                timing["colour"] = (time.perf_counter() - colour_started) * 1000.0
+            self._lock.acquire()
+            if encoder is self._encoder and predictor is self._predictor:
+                break
+            self._lock.release()
         search_started = time.perf_counter()
-        with self._lock:
+        try:
+            self._check_query(k, category, exclude_ids)
+            version = self.version
             excluded = [self._row(item_id) for item_id in exclude_ids]
             results = self._ranked(vector, k, category, excluded, colour, predicted, restrict)
+        finally:
+            self._lock.release()
         done = time.perf_counter()
         timing["search"] = (done - search_started) * 1000.0
         timing["total"] = (done - started) * 1000.0
-        return Recommendation(results, timing, predicted, probability, warnings)
+        return Recommendation(results, timing, predicted, probability, warnings, version)
 
     def similar_to(self, item_id: str, k: int = 10, category: str | None = None, exclude_ids=(),
                    colour_weight: float = 0.0, filters=None) -> Recommendation:
@@ -369,6 +419,8 @@ class Recommender:
         restrict = self.attribute_mask(filters)
         started = time.perf_counter()
         with self._lock:
+            self._check_query(k, category, exclude_ids)
+            version = self.version
             row = self._row(item_id)
             query = self._store.stored_vectors([row])
             colour = (np.asarray(self._colour16[row], dtype=np.float32), colour_weight) if colour_weight > 0 else None
@@ -384,7 +436,7 @@ class Recommender:
         done = time.perf_counter()
         timing = {"decode": 0.0, "preprocess": 0.0, "embed": 0.0, "search": (done - started) * 1000.0,
                   "total": (done - started) * 1000.0}
-        return Recommendation(results, timing)
+        return Recommendation(results, timing, index_version=version)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, category: str | None = None, exclude_ids=(),
                       predicted_category: str | None = None, colour: np.ndarray | None = None,
@@ -400,9 +452,9 @@ class Recommender:
         restrict = self.attribute_mask(filters)
         vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
         if vector.shape != (1, self._store.dim):
-            raise FashionRecError(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
+            raise BadParameter(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
         if colour_weight > 0 and colour is None:
-            raise FashionRecError("a colour weight needs the query's colour descriptor (colour=...)")
+            raise BadParameter("a colour weight needs the query's colour descriptor (colour=...)")
         fusion = (np.asarray(colour, dtype=np.float32).ravel(), colour_weight) if colour_weight > 0 else None
         with self._lock:
             return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids], fusion,
@@ -412,11 +464,11 @@ class Recommender:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
         weight = check_colour_weight(colour_weight, "colour_weight")
         if weight > 0 and self._colour16 is None:
-            raise FashionRecError(f"{self.outdir} was built without product-colour descriptors (an index folder "
+            raise BadParameter(f"{self.outdir} was built without product-colour descriptors (an index folder "
                                   "from before colour-aware ranking); rebuild it with `python -m fashionrec index "
                                   "... --out` to use a colour weight, or use colour weight 0")
         if weight > 0 and self._store.metric != "cosine":
-            raise FashionRecError(f"a colour weight adds cosine similarities; this index ranks by "
+            raise BadParameter(f"a colour weight adds cosine similarities; this index ranks by "
                                   f"{self._store.metric}: rebuild it with --metric cosine or use colour weight 0")
         return weight
 
@@ -433,18 +485,18 @@ class Recommender:
 
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise FashionRecError(f"k must be a positive integer, got {k!r}")
+            raise BadParameter(f"k must be a positive integer, got {k!r}")
         if category is not None and category not in self._category_rows:
-            raise FashionRecError(f"unknown category {category!r}; this index has: {', '.join(self.categories)}")
+            raise UnknownCategory(f"unknown category {category!r}; this index has: {', '.join(self.categories)}")
         unknown = [item_id for item_id in exclude_ids if item_id not in self._row_of]
         if unknown:
-            raise FashionRecError(f"unknown id(s) to exclude: {', '.join(map(str, unknown[:5]))}")
+            raise UnknownItem(f"unknown id(s) to exclude: {', '.join(map(str, unknown[:5]))}")
 
     def _row(self, item_id: str) -> int:
         try:
             return self._row_of[str(item_id)]
         except KeyError:
-            raise FashionRecError(f"unknown id {item_id!r}: not in the index {self.outdir}") from None
+            raise UnknownItem(f"unknown id {item_id!r}: not in the index {self.outdir}") from None
 
     def _self_score(self, stored: np.ndarray) -> float:
         if self._store.metric == "l2":
@@ -646,7 +698,7 @@ class Recommender:
         with self._lock:
             unknown = [item_id for item_id in ids if item_id not in self._row_of]
             if unknown:
-                raise FashionRecError(f"unknown id(s), nothing removed: {', '.join(unknown[:5])}"
+                raise UnknownItem(f"unknown id(s), nothing removed: {', '.join(unknown[:5])}"
                                       + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
             rows = np.array(sorted({self._row_of[item_id] for item_id in ids}), dtype=np.int64)
             if self._store.remove(rows):
