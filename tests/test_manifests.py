@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fashionrec.data.catalog import load_folder
-from fashionrec.errors import IndexFolderError, WeightsUnavailable
-from fashionrec.evaluation.protocol import RECORD_SCHEMA_VERSION, evaluate_embeddings
+from fashionrec.errors import FashionRecError, IndexFolderError, WeightsUnavailable
+from fashionrec.evaluation.protocol import RECORD_SCHEMA_VERSION, EvaluationRecord, evaluate_embeddings
 from fashionrec.models.finetuned import FORMAT as MODEL_FORMAT, MODEL_SCHEMA_VERSION, ModelFile, load_model, save_model
 from fashionrec.serving.folder import current_version
 from fashionrec.serving.manifest import BUILD_INFO, BUILD_SCHEMA_VERSION, BuildManifest
@@ -105,9 +105,29 @@ def test_model_files_carry_their_schema_version_and_refuse_a_newer_one(tmp_path)
     assert f"up to {MODEL_SCHEMA_VERSION}" in str(refused.value)
 
 
-def test_an_evaluation_record_says_its_schema_version():
+def test_an_evaluation_record_round_trips_through_its_dataclass_and_refuses_a_newer_one(tmp_path):
     rng = np.random.default_rng(0)
     metadata = pd.DataFrame({"id": [f"i{n}" for n in range(12)], "label": list("ab") * 6,
                              "split": ["gallery"] * 8 + ["query"] * 4})
-    record = evaluate_embeddings(rng.normal(size=(12, 4)).astype(np.float32), metadata, k=3).to_record()
+    evaluation = evaluate_embeddings(rng.normal(size=(12, 4)).astype(np.float32), metadata, k=3)
+    record = evaluation.to_record()
     assert record["schema_version"] == RECORD_SCHEMA_VERSION
+    assert {"precision_at_k", "precision_at_k_ci", "map_at_k", "per_category", "bootstrap", "k"} <= set(record)
+    skipped = [{"path": "x.jpg", "stage": "decode", "reason": "not an image"}]
+    full = evaluation.record(measured={"backbone": "b", "k": 99}, skipped=skipped, versions={"numpy": "1"}).to_dict()
+    assert full["k"] == 3 and full["backbone"] == "b"   # the protocol's own values win
+    assert (full["n_skipped"], full["n_skipped_by_stage"], full["skipped"]) == (1, {"decode": 1}, skipped)
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(full))
+    read = EvaluationRecord.read(path)
+    assert read.to_dict() == full and read.means["precision_at_k"] == record["precision_at_k"]
+    assert read.measured["backbone"] == "b" and read.intervals["map_at_k"] == record["map_at_k_ci"]
+    unversioned = dict(record)
+    del unversioned["schema_version"]
+    assert EvaluationRecord.from_dict(unversioned, "old").schema_version == 1
+    path.write_text(json.dumps({**full, "schema_version": RECORD_SCHEMA_VERSION + 1}))
+    with pytest.raises(FashionRecError) as refused:
+        EvaluationRecord.read(path)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message
+    assert f"schema version {RECORD_SCHEMA_VERSION + 1}" in message and f"up to {RECORD_SCHEMA_VERSION}" in message
