@@ -77,7 +77,7 @@ def test_model_files_carry_their_schema_version_and_refuse_a_newer_one(tmp_path)
     save_model(model, tmp_path / "head.pt")
     written = torch.load(tmp_path / "head.pt", weights_only=True)
     assert written["schema_version"] == MODEL_SCHEMA_VERSION and written["format"] == MODEL_FORMAT
-    assert "ranking" not in written and written["classifier"] is None   # unset optional keys stay out, as before
+    assert written["ranking"] is None and written["classifier"] is None   # every key, set or not
     loaded = load_model(tmp_path / "head.pt")
     assert (loaded.backbone, loaded.in_dim, loaded.metrics, loaded.level) == ("efficientnet_lite0", 2, {"p": 0.5}, 1)
     assert torch.equal(loaded.state_dict["w"], torch.ones(2))

@@ -66,7 +66,7 @@ class ModelFile:
     ``schema_version`` says which fields a file has; version 1 is a file written before the
     field existed (it reads as it is). Keys an older file holds that no field names stay in
     ``extra`` and are written back. Reading as a mapping (``model["loss"]``, ``model.get(...)``)
-    gives the same values as the attributes, the file's keys as they are on disk.
+    gives the same values as the attributes and the ``extra`` keys, for code that reads a file by its keys.
     """
 
     backbone: str
@@ -100,10 +100,9 @@ class ModelFile:
     schema_version: int = MODEL_SCHEMA_VERSION
 
     def to_payload(self) -> dict:
-        """The file's contents: plain values and tensors, unset optional keys left out, ``extra`` flattened."""
+        """The file's contents: every field (None included) and the ``extra`` keys, as plain values and tensors."""
         record = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "extra"}
-        return _loadable({**self.extra, **{key: value for key, value in record.items()
-                                           if value is not None or key in _ALWAYS_WRITTEN}})
+        return _loadable({**self.extra, **record})
 
     @classmethod
     def from_payload(cls, payload: dict, where: str) -> "ModelFile":
@@ -134,10 +133,6 @@ class ModelFile:
         except KeyError:
             return default
         return default if value is None else value
-
-
-# Keys a model file always has, even when None (readers index them directly).
-_ALWAYS_WRITTEN = frozenset({"state_dict", "trunk_state_dict", "tune_config", "classifier"})
 
 
 def save_model(model: ModelFile, path) -> Path:
