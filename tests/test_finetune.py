@@ -2,6 +2,8 @@
 and a catalog of many tiny categories is reported rather than crashed on."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -187,10 +189,10 @@ def test_model_file_round_trip_and_head_backbone_name(tmp_path, color_folder, mo
     save_model(payload, config.RESULTS_DIR / "my-run" / "head.pt")
     assert get_backbone("colorhist+head:my-run").dim == 8
     # Other parameters -> another cache key; metadata alone (metrics) leaves it unchanged.
-    save_model(dict(payload, metrics={"precision_at_k": 0.5}), path)
+    save_model(dataclasses.replace(payload, metrics={"precision_at_k": 0.5}), path)
     assert get_backbone(f"colorhist+head:{path}").cache_key == headed.cache_key
     changed = {k: v + 1 if k.endswith("bias") else v for k, v in payload["state_dict"].items()}
-    save_model(dict(payload, state_dict=changed), path)
+    save_model(dataclasses.replace(payload, state_dict=changed), path)
     assert get_backbone(f"colorhist+head:{path}").cache_key != headed.cache_key
 
     with pytest.raises(WeightsUnavailable, match="not found"):

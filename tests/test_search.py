@@ -189,7 +189,7 @@ def test_the_searched_model_serves_by_name_with_its_classifier_and_its_ranking(t
     result = search_finetuned(prepared, "ensemble:colorhist,test_bright_half", SMALL, k=3, settings=EAGER,
                               reference=False, model_path=tmp_path / "best.pt")
     payload = load_model(tmp_path / "best.pt")
-    payload["ranking"] = {"boost": "inf", "categories": "predicted"}     # rank within the predicted category
+    payload.ranking = {"boost": "inf", "categories": "predicted"}     # rank within the predicted category
     save_model(payload, tmp_path / "best.pt")
     catalog = prepared.catalog
     gallery = catalog[catalog["split"] == "gallery"][["id", "path", "label"]]

@@ -1,4 +1,4 @@
-"""Vector stores: FAISS and Milvus Lite held to the same promises, against numpy and each other.
+"""The ranking core's row stores: FAISS and Milvus Lite held to the same promises, against numpy and each other.
 
 Milvus runs for real: Milvus Lite 3.2.2 through pymilvus 3.0.2, from a file under tmp_path;
 every store is closed by the test that opened it (context managers), which stops the Lite
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from fashionrec.errors import FashionRecError
-from fashionrec.indexing.backends import open_store
 from fashionrec.indexing.measure import compare_rankings, recall_vs_exact
-from fashionrec.indexing.milvus_store import MilvusIndex, MilvusStore, milvus_index
-from fashionrec.indexing.stores import DuplicateIdError, FaissStore, UnknownIdError, VectorStore
+from fashionrec.indexing.milvus_store import DuplicateIdError, MilvusIndex, MilvusStore, UnknownIdError, milvus_index
+from fashionrec.ranking.rank import gallery_store
+from fashionrec.ranking.store import FaissRowStore
 from fashionrec.settings import StoreSettings
 
 from conftest import REPO
 from test_index import brute_force
 
-# Labels a filter expression must quote correctly; ids far from 0..n and negative ones.
+# Labels a Milvus collection must keep exactly.
 TRICKY_LABELS = ['T-Shirt', 'say "hi"', "it's", "back\\slash", "ünïcödé 帽子", "two\nlines"]
 
 
@@ -31,9 +31,7 @@ def catalog(n: int = 600, d: int = 32, seed: int = 0):
     centres = rng.normal(0, 2, (len(TRICKY_LABELS), d))
     which = rng.integers(0, len(TRICKY_LABELS), n)
     vectors = (centres[which] + rng.normal(0, 1, (n, d))).astype(np.float32)
-    ids = rng.choice(np.arange(-2**40, 2**62, 2**40 + 7), size=n, replace=False).astype(np.int64)
-    ids = ids[ids != -1]
-    return ids[:n], vectors, [TRICKY_LABELS[i] for i in which]
+    return vectors, [TRICKY_LABELS[i] for i in which]
 
 
 @pytest.fixture
@@ -46,93 +44,102 @@ def store_kind(request):
     return request.param
 
 
-def make_store(kind, uri, metric="cosine", index="Flat", search_params=""):
+def make_store(kind, uri, vectors, labels, metric="cosine", index="Flat", search_params=""):
     settings = StoreSettings("milvus", uri) if kind == "milvus" else StoreSettings()
-    return open_store(settings, metric, index, search_params, collection="items" if kind == "milvus" else None)
+    return gallery_store(settings, vectors, labels, index, metric, search_params)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
 def test_exact_search_returns_the_true_neighbours_with_their_scores(store_kind, lite_uri, metric):
-    ids, vectors, labels = catalog()
+    vectors, labels = catalog()
     queries = np.random.default_rng(1).normal(0, 2, (40, vectors.shape[1])).astype(np.float32)
     expected_scores, expected_rows = brute_force(vectors, queries, metric, 10)
-    with make_store(store_kind, lite_uri, metric) as store:
-        assert isinstance(store, VectorStore)
-        store.add(ids, vectors, labels)
+    with make_store(store_kind, lite_uri, vectors, labels, metric) as store:
+        assert (store.kind, store.metric, store.ntotal, store.dim, store.exhaustive) == (
+            store_kind, metric, len(vectors), vectors.shape[1], True)
         scores, found = store.search(queries, 10)
     assert found.shape == (40, 10) and found.dtype == np.int64
-    agreement = compare_rankings(found, scores, ids[expected_rows], expected_scores, atol=1e-4)
+    agreement = compare_rankings(found, scores, expected_rows, expected_scores, atol=1e-4)
     assert agreement["other_rows"] == 0, agreement
     assert agreement["max_score_difference"] < 1e-4 * max(1.0, float(np.abs(expected_scores).max()))
 
 
-def test_ids_and_labels_round_trip_exactly_and_the_category_filter_keeps_to_its_category(store_kind, lite_uri):
-    ids, vectors, labels = catalog()
-    by_id = dict(zip(ids.tolist(), labels))
+def test_rows_round_trip_exactly_and_a_filtered_search_keeps_to_the_allowed_rows(store_kind, lite_uri):
+    vectors, labels = catalog()
     queries = vectors[:25] + 0.01
-    with make_store(store_kind, lite_uri) as store:
-        store.add(ids, vectors, labels)
+    with make_store(store_kind, lite_uri, vectors, labels) as store:
         _, found = store.search(queries, 5)
-        assert set(found.ravel().tolist()) <= set(by_id)
-        assert store.labels_of(found.ravel()) == [by_id[i] for i in found.ravel().tolist()]
-        assert found[:, 0].tolist() == ids[:25].tolist()  # each query's own (nudged) vector comes first
+        assert found[:, 0].tolist() == list(range(25))  # each query's own (nudged) vector comes first
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.testing.assert_allclose(store.stored_vectors(found.ravel()), unit[found.ravel()], atol=1e-6)
         for category in TRICKY_LABELS:
-            in_category = np.array([label == category for label in labels])
-            expected_scores, expected_rows = brute_force(vectors[in_category], queries, "cosine", 5)
-            scores, found = store.search(queries, 5, category=category)
-            assert set(store.labels_of(found.ravel())) == {category}
-            assert compare_rankings(found, scores, ids[in_category][expected_rows], expected_scores)["other_rows"] == 0
-            assert store.count(category) == int(in_category.sum())
-        assert store.count() == len(ids)
-        _, none = store.search(queries, 5, category="no such category")
-        assert none.shape == (25, 0)
-        with pytest.raises(UnknownIdError):
-            store.labels_of([int(ids[0]), 12345])
+            allowed = np.array([label == category for label in labels])
+            expected_scores, expected_rows = brute_force(vectors[allowed], queries, "cosine", 5)
+            scores, found = store.search(queries, 5, allowed)
+            assert allowed[found.ravel()].all()
+            assert compare_rankings(found, scores, np.flatnonzero(allowed)[expected_rows],
+                                    expected_scores)["other_rows"] == 0
+        nothing = store.search(queries, 5, np.zeros(len(vectors), bool))[1]
+        assert nothing.shape[0] == 25 and not (nothing >= 0).any()
+        assert store.search(vectors[:2], 5000)[1].shape == (2, len(vectors))  # k beyond the catalog: every row
 
 
-def test_adding_and_removing_ends_where_a_fresh_build_of_the_final_catalog_is(lite_uri):
-    """Milvus after adds and removes ranks exactly as FAISS built once on the rows that remain."""
-    ids, vectors, labels = catalog(800)
-    queries = np.random.default_rng(2).normal(0, 2, (30, vectors.shape[1])).astype(np.float32)
-    gone = ids[100:350]
-    keep = ~np.isin(ids, gone)
-    with make_store("milvus", lite_uri) as milvus, FaissStore() as faiss_store:
-        for store in (milvus, faiss_store):
-            store.add(ids[:400], vectors[:400], labels[:400])
-            store.search(queries, 10)  # a search between writes: the store must not keep stale state
-            assert store.remove(gone) == len(gone)
-            assert store.remove(gone) == 0
-            store.add(ids[400:], vectors[400:], labels[400:])
-            with pytest.raises(DuplicateIdError):
-                store.add(ids[500:502], vectors[500:502], labels[500:502])
-        fresh = FaissStore()
-        fresh.add(ids[keep], vectors[keep], [label for label, kept in zip(labels, keep) if kept])
-        expected_scores, expected = fresh.search(queries, 10)
-        for store in (milvus, faiss_store):
-            assert store.count() == int(keep.sum())
-            scores, found = store.search(queries, 10)
-            assert compare_rankings(found, scores, expected, expected_scores)["other_rows"] == 0
-            assert not np.isin(found, gone).any()
-            scores, found = store.search(queries, 10, category="it's")
-            category_scores, in_category = fresh.search(queries, 10, category="it's")
-            assert compare_rankings(found, scores, in_category, category_scores)["other_rows"] == 0
-
-
-def test_bad_input_is_refused_with_a_reason(store_kind, lite_uri):
-    ids, vectors, labels = catalog(50)
-    with make_store(store_kind, lite_uri) as store:
+def test_milvus_keeps_every_row_with_its_label_and_refuses_an_id_it_holds(lite_uri):
+    vectors, labels = catalog(300)
+    with make_store("milvus", lite_uri, vectors, labels) as store:
+        collection = store.store
+        stored, stored_labels = collection.fetch(np.arange(len(vectors))[::-1])
+        assert stored_labels == labels[::-1]
+        np.testing.assert_array_equal(stored, vectors[::-1])
+        with pytest.raises(DuplicateIdError, match="already in the store"):
+            collection.add([5], vectors[:1], labels[:1])
         with pytest.raises(DuplicateIdError, match="repeat"):
-            store.add([1, 1], vectors[:2], labels[:2])
+            collection.add([900, 900], vectors[:2], labels[:2])
         with pytest.raises(ValueError, match="reserved"):
-            store.add([-1], vectors[:1], labels[:1])
-        store.add(ids, vectors, labels)
+            collection.add([-1], vectors[:1], labels[:1])
         with pytest.raises(ValueError, match="dimension"):
-            store.add([7], vectors[:1, :5], labels[:1])
+            collection.add([901], vectors[:1, :5], labels[:1])
+        with pytest.raises(UnknownIdError):
+            collection.fetch([0, 12345])
+        assert store.ntotal == len(vectors)
+
+
+def test_removing_and_adding_ends_where_a_fresh_build_of_the_final_catalog_is(store_kind, lite_uri):
+    """Each store after removals (in place, or tombstones compacted) and adds ranks as FAISS built once on what remains."""
+    vectors, labels = catalog(800)
+    queries = np.random.default_rng(2).normal(0, 2, (30, vectors.shape[1])).astype(np.float32)
+    gone = np.arange(100, 350)
+    keep = np.setdiff1d(np.arange(400), gone)
+    with make_store(store_kind, lite_uri, vectors[:400], labels[:400]) as store:
+        store.search(queries, 10)  # a search between writes: the store must not keep stale state
+        if store.remove(gone):
+            assert store_kind == "faiss" and store.ntotal == 400 - len(gone)   # later rows moved up
+        else:
+            assert store_kind == "milvus" and store.ntotal == 400
+            store.compact(keep)
+            assert store.ntotal == len(keep)
+        store.add(vectors[400:], labels[400:])
+        assert store.ntotal == len(keep) + 400
+        final = np.concatenate([vectors[keep], vectors[400:]])
+        fresh = FaissRowStore.build(final, "Flat")
+        expected_scores, expected = fresh.search(queries, 10)
+        scores, found = store.search(queries, 10)
+        assert compare_rankings(found, scores, expected, expected_scores)["other_rows"] == 0
+        allowed = np.array([label == "it's" for label in [labels[i] for i in keep] + labels[400:]])
+        scores, found = store.search(queries, 10, allowed)
+        expected_scores, expected = fresh.search(queries, 10, allowed)
+        assert compare_rankings(found, scores, expected, expected_scores)["other_rows"] == 0
+
+
+def test_bad_queries_are_refused_with_a_reason(store_kind, lite_uri):
+    vectors, labels = catalog(50)
+    with make_store(store_kind, lite_uri, vectors, labels) as store:
         with pytest.raises(ValueError, match="NaN"):
             store.search(np.full((1, vectors.shape[1]), np.nan), 3)
+        with pytest.raises(ValueError, match="dimension"):
+            store.search(vectors[:1, :5], 3)
         with pytest.raises(ValueError, match="k must be"):
             store.search(vectors[:1], 0)
-        assert store.search(vectors[:2], 500)[1].shape == (2, 50)  # k beyond the catalog: every row, no padding
 
 
 def test_milvus_index_names_translate_with_the_faiss_stores_parameters():
@@ -160,11 +167,10 @@ def test_milvus_lite_builds_the_index_asked_for_with_its_parameters(lite_uri):
     (Milvus Lite 3.2.2 would silently drop nlist and scan unindexed segments exhaustively;
     see fashionrec.indexing.milvus_store.)
     """
-    ids, vectors, labels = catalog(2000, d=32, seed=3)
+    vectors, labels = catalog(2000, d=32, seed=3)
+    ids = np.arange(len(vectors))
     queries = np.random.default_rng(4).normal(0, 2, (50, 32)).astype(np.float32)
-    exact = FaissStore()
-    exact.add(ids, vectors, labels)
-    _, exact_ids = exact.search(queries, 10)
+    _, exact_ids = FaissRowStore.build(vectors, "Flat").search(queries, 10)
     recalls = {}
     for nprobe in (1, 32):
         with MilvusStore(lite_uri, f"ivf_{nprobe}", "cosine", "IVF32,Flat", f"nprobe={nprobe}") as store:
@@ -178,7 +184,8 @@ def test_milvus_lite_builds_the_index_asked_for_with_its_parameters(lite_uri):
 
 
 def test_a_milvus_collection_persists_and_reopens_with_its_metric_index_and_rows(lite_uri):
-    ids, vectors, labels = catalog(300)
+    vectors, labels = catalog(300)
+    ids = np.arange(len(vectors))
     with MilvusStore(lite_uri, "kept", "l2", "HNSW16") as store:
         store.add(ids, vectors, labels)
         before = store.search(vectors[:5], 4)

@@ -19,8 +19,8 @@ layer imports only from the ones below it (``make test`` checks both with import
     evaluation               the protocol of record, metrics, comparisons
     serving                  the servable index folder and the Recommender (photo in, similar products out)
     ranking                  one store interface (FAISS, Milvus) and the ranking policies both towers run
-    features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the id-keyed
-                             stores and their measurement
+    features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the Milvus
+                             client and their measurement
     models                   backbones, runtimes, the fine-tuned model file
     data                     image decoding, catalog loaders, the split, the prepared catalog
     settings | console | config | errors | provenance
@@ -39,7 +39,7 @@ _PUBLIC = {
     "BuiltBackbone": "models.backbone", "InferenceSettings": "settings",
     "embed_catalog": "features.embed", "build_index": "indexing.faiss_index", "search": "indexing.faiss_index",
     "evaluate_embeddings": "evaluation.protocol", "Recommender": "serving.recommender",
-    "open_store": "indexing.backends", "StoreSettings": "settings",
+    "gallery_store": "ranking.rank", "StoreSettings": "settings",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -57,7 +57,7 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Where the vectors of a search live (see fashionrec.indexing.backends).
+    """Where the vectors of a search live (see fashionrec.ranking.rank.gallery_store).
 
     ``store``: ``"faiss"`` (in this process, the default) or ``"milvus"``; ``milvus_uri``: a
     Milvus Lite file (a path ending in ``.db``; None: ``results/milvus.db``) or a server's

@@ -10,7 +10,7 @@ from .. import config
 from ..data.catalog import parse_columns
 from ..data.ledger import describe_counts
 from ..errors import FashionRecError
-from ..indexing.backends import check_store
+from ..ranking.milvus import check_store
 from ..models.registry import check_backbone_name, load_backbone_modules
 from ..settings import DEFAULT_RUNTIME, RUNTIMES, STORES, InferenceSettings, StoreSettings
 

@@ -11,12 +11,16 @@ fingerprint, split seed, k, backbone and its weights checksum, index and its par
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import metrics
+from ..data.ledger import count_by_stage
+from ..errors import FashionRecError
 from ..ranking.policies import CategoryBonus, ColourFusion
 from ..ranking.rank import Ranking, gallery_store, rank
 from ..settings import StoreSettings
@@ -46,27 +50,110 @@ class Evaluation:
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(len(self.queries), size=min(n, len(self.queries)), replace=False))
 
-    def to_record(self, bootstrap_seed: int = 0, n_boot: int = N_BOOTSTRAP) -> dict:
-        """One flat, JSON-ready row: protocol, means, 95% intervals, per-category table."""
+    def record(self, bootstrap_seed: int = 0, n_boot: int = N_BOOTSTRAP, measured: dict | None = None,
+               skipped: list | None = None, versions: dict | None = None) -> "EvaluationRecord":
+        """The record of this evaluation: ``measured`` says what was measured (dataset, backbone, index,
+        folder...) beside the protocol; ``skipped`` lists the files left out; ``versions`` the software."""
         intervals = metrics.bootstrap_cis(self.per_query, n_boot=n_boot, seed=bootstrap_seed)
-        record = {"schema_version": RECORD_SCHEMA_VERSION, **self.protocol, **_rounded(self.summary)}
-        for name, (low, high) in intervals.items():
-            record[f"{name}_ci"] = [round(float(low), 6), round(float(high), 6)]
-        record["relevance"] = list(self.relevance)
-        if self.relevance_missing is not None:
-            record["relevance_missing"] = self.relevance_missing
+        category_precision = category_precision_ci = None
         if self.category_precision is not None:
             # Same seed, so the same resampled queries as the intervals above.
             low, high = metrics.bootstrap_ci(self.category_precision, n_boot=n_boot, seed=bootstrap_seed)
-            record["category_precision_at_k"] = round(float(np.mean(self.category_precision)), 6)
-            record["category_precision_at_k_ci"] = [round(float(low), 6), round(float(high), 6)]
-        record["bootstrap"] = {"n_boot": n_boot, "seed": bootstrap_seed, "level": 0.95, "resampled": "queries"}
+            category_precision = round(float(np.mean(self.category_precision)), 6)
+            category_precision_ci = [round(float(low), 6), round(float(high), 6)]
         table = metrics.per_category(self.per_query, self.queries["label"].to_numpy())
-        record["per_category"] = {
-            category: {**_rounded(row.drop("support").to_dict()), "support": int(row["support"])}
-            for category, row in table.iterrows()
-        }
+        return EvaluationRecord(
+            measured={**(measured or {}), **self.protocol}, means=_rounded(self.summary),
+            intervals={name: [round(float(low), 6), round(float(high), 6)] for name, (low, high) in intervals.items()},
+            relevance=list(self.relevance), relevance_missing=self.relevance_missing,
+            category_precision_at_k=category_precision, category_precision_at_k_ci=category_precision_ci,
+            bootstrap={"n_boot": n_boot, "seed": bootstrap_seed, "level": 0.95, "resampled": "queries"},
+            per_category={category: {**_rounded(row.drop("support").to_dict()), "support": int(row["support"])}
+                          for category, row in table.iterrows()},
+            skipped=skipped, versions=versions)
+
+    def to_record(self, bootstrap_seed: int = 0, n_boot: int = N_BOOTSTRAP) -> dict:
+        """One flat, JSON-ready row: protocol, means, 95% intervals, per-category table."""
+        return self.record(bootstrap_seed, n_boot).to_dict()
+
+
+@dataclass
+class EvaluationRecord:
+    """What ``evaluate --json`` prints and metrics files keep, written (:meth:`to_dict`) and read
+    (:meth:`from_dict`, :meth:`read`) here only.
+
+    The JSON is flat: ``schema_version``, what was measured, each mean (``precision_at_k``...),
+    its 95% interval (``<mean>_ci``), ``relevance``, the category precision where relevance
+    names more than the category, ``bootstrap``, ``per_category``, and, where the files left
+    out are known, ``n_skipped``, ``n_skipped_by_stage``, ``skipped``, then ``versions``. A record
+    of a newer version than this code reads is refused with one line naming both.
+    """
+
+    measured: dict                  # dataset, split seed, k, backbone, index, store, policy, ... (keys as they are)
+    means: dict                     # metric name -> mean over the queries
+    intervals: dict                 # metric name -> [low, high], the bootstrap 95% interval
+    relevance: list
+    bootstrap: dict
+    per_category: dict = field(default_factory=dict)
+    relevance_missing: dict | None = None
+    category_precision_at_k: float | None = None
+    category_precision_at_k_ci: list | None = None
+    skipped: list | None = None     # files left out (None: not part of this record)
+    versions: dict | None = None
+    schema_version: int = RECORD_SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        record = {"schema_version": RECORD_SCHEMA_VERSION, **self.measured, **self.means}
+        record.update({f"{name}_ci": list(interval) for name, interval in self.intervals.items()})
+        record["relevance"] = list(self.relevance)
+        if self.relevance_missing is not None:
+            record["relevance_missing"] = self.relevance_missing
+        if self.category_precision_at_k is not None:
+            record["category_precision_at_k"] = self.category_precision_at_k
+            record["category_precision_at_k_ci"] = self.category_precision_at_k_ci
+        record["bootstrap"] = self.bootstrap
+        record["per_category"] = self.per_category
+        if self.skipped is not None:
+            record.update(n_skipped=len(self.skipped), n_skipped_by_stage=count_by_stage(self.skipped),
+                          skipped=self.skipped)
+        if self.versions is not None:
+            record["versions"] = self.versions
         return record
+
+    @classmethod
+    def from_dict(cls, record: dict, where: str) -> "EvaluationRecord":
+        """A record from its JSON; FashionRecError naming ``where`` for a newer version or a record without means."""
+        version = int(record.get("schema_version", 1))
+        if version > RECORD_SCHEMA_VERSION:
+            raise FashionRecError(f"{where}: evaluation record schema version {version}; this fashionrec reads "
+                                  f"versions up to {RECORD_SCHEMA_VERSION}: upgrade fashionrec or evaluate again")
+        if "bootstrap" not in record or "relevance" not in record:
+            raise FashionRecError(f"{where}: not an evaluation record (no bootstrap or relevance)")
+        names = [key[:-len("_ci")] for key in record if key.endswith("_ci") and key[:-len("_ci")] in record
+                 and key != "category_precision_at_k_ci"]
+        own = {"schema_version", "relevance", "relevance_missing", "category_precision_at_k",
+               "category_precision_at_k_ci", "bootstrap", "per_category", "n_skipped", "n_skipped_by_stage",
+               "skipped", "versions", *names, *(f"{name}_ci" for name in names)}
+        return cls(measured={key: value for key, value in record.items() if key not in own},
+                   means={name: record[name] for name in names},
+                   intervals={name: list(record[f"{name}_ci"]) for name in names},
+                   relevance=list(record["relevance"]), bootstrap=record["bootstrap"],
+                   per_category=record.get("per_category", {}), relevance_missing=record.get("relevance_missing"),
+                   category_precision_at_k=record.get("category_precision_at_k"),
+                   category_precision_at_k_ci=record.get("category_precision_at_k_ci"),
+                   skipped=record.get("skipped"), versions=record.get("versions"), schema_version=version)
+
+    @classmethod
+    def read(cls, path) -> "EvaluationRecord":
+        """A record saved from ``evaluate --json`` (or one entry of a metrics file, as a JSON object)."""
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise FashionRecError(f"{path}: unreadable ({error})") from None
+        if not isinstance(record, dict):
+            raise FashionRecError(f"{path}: not an evaluation record (a JSON object)")
+        return cls.from_dict(record, str(path))
 
 
 def _rounded(values: dict) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..data.ledger import count_by_stage
 from ..data.prepared import PreparedData
 from ..data.split import SPLITS
 from ..evaluation.duplicates import leakage
@@ -83,7 +82,7 @@ def evaluate_backbone(prepared: PreparedData, backbone: str, index: str = "Flat"
 def evaluation_record(prepared: PreparedData, backbone: str, runtime: str, embeddings: Embeddings,
                       evaluated_metadata: pd.DataFrame, evaluation) -> dict:
     """Protocol, provenance and metrics of one evaluation, as the CLI prints them."""
-    return {
+    measured = {
         **prepared.describe(),
         "backbone": backbone,
         "runtime": runtime,
@@ -91,13 +90,12 @@ def evaluation_record(prepared: PreparedData, backbone: str, runtime: str, embed
         "backbone_cache_key": embeddings.cache_key,
         "preprocessing": embeddings.preprocessing,
         "dataset_fingerprint": dataset_fingerprint(evaluated_metadata),
-        **evaluation.to_record(bootstrap_seed=prepared.split_seed),
-        "n_skipped": len(prepared.skipped) + len(embeddings.skipped),
-        "n_skipped_by_stage": count_by_stage(prepared.skipped + embeddings.skipped),
-        "skipped": prepared.skipped + embeddings.skipped,
-        "versions": software_versions(),
-        **explained(prepared, embeddings, evaluation),
     }
+    # What the headline means (relevance rule, share of the catalog, the leakage check) travels with
+    # what was measured, so a record read back keeps it.
+    measured.update(explained(prepared, embeddings, evaluation))
+    return evaluation.record(prepared.split_seed, measured=measured, skipped=prepared.skipped + embeddings.skipped,
+                             versions=software_versions()).to_dict()
 
 
 def explained(prepared: PreparedData, embeddings: Embeddings, evaluation) -> dict:

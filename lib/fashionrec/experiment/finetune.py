@@ -19,7 +19,7 @@ from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import Embeddings
 from ..models.backbone import Backbone
-from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, head_from_payload, load_model,
+from ..models.finetuned import (HEAD_SEPARATOR, ModelFile, classifier_from_payload, head_from_payload, load_model,
                                 plain_values, save_model)
 from ..models.projection import project
 from ..models.registry import get_backbone
@@ -44,7 +44,7 @@ class FinetunedEvaluation:
 
     record: dict
     model_path: Path
-    payload: dict                      # the model file's content
+    payload: ModelFile                 # the model file's content
     evaluation: Evaluation             # fine-tuned, query -> gallery
     baseline: Evaluation               # frozen backbone, same queries and gallery
     vectors: np.ndarray                # fine-tuned embeddings of ``metadata`` rows
@@ -113,7 +113,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
         trained = train_model(base, metadata[train].reset_index(drop=True), frozen[train], cfg, train_fingerprint,
                               None if multi_view is None else multi_view[train], settings.workers, settings.progress)
         payload = trained.payload
-        payload["embeddings_cache_key"] = embeddings.cache_key   # the runtime that computed the frozen inputs
+        payload.embeddings_cache_key = embeddings.cache_key   # the runtime that computed the frozen inputs
         save_model(payload, cached)   # metrics are added below, once measured
 
     vectors = _finetuned_vectors(prepared, backbone, payload, cached, metadata, frozen, trained, settings)
@@ -147,7 +147,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
     if trained is not None and not of_record:
         measured = {**measured, "relevance": list(relevance), "colour_weight": colour_weight}
     if trained is not None or (of_record and payload.get("metrics") != measured):
-        payload["metrics"] = measured
+        payload.metrics = measured
         save_model(payload, cached)
     if model_path is not None and Path(model_path).resolve() != cached.resolve():
         save_model(payload, model_path)
@@ -195,7 +195,7 @@ def view_embeddings(prepared, view: Backbone, metadata: pd.DataFrame, settings: 
     return embedded.vectors[[position[image_id] for image_id in metadata["id"]]]
 
 
-def _finetuned_vectors(prepared, backbone: str, payload: dict, cached: Path, metadata: pd.DataFrame,
+def _finetuned_vectors(prepared, backbone: str, payload: ModelFile, cached: Path, metadata: pd.DataFrame,
                        frozen: np.ndarray, trained: TrainedModel | None, settings: InferenceSettings) -> np.ndarray:
     """Fine-tuned embeddings of every row: the head on the frozen ones (level 1), or the saved model (level 2)."""
     if payload["level"] == 1:

@@ -34,8 +34,8 @@ from ..features.embed import Embeddings
 from ..models.backbone import Backbone
 from ..models.ensemble import (ENSEMBLE_PREFIX, CombinedBackbone, MemberSpec, combined_backbone, ensemble_name,
                                is_combined_name, parse_combined_name, preprocessing)
-from ..models.finetuned import (FORMAT, HEAD_SEPARATOR, classifier_from_payload, head_from_payload, load_model,
-                                plain_values, save_model, split_backbone_name)
+from ..models.finetuned import (FORMAT, HEAD_SEPARATOR, ModelFile, classifier_from_payload, head_from_payload,
+                                load_model, plain_values, save_model, split_backbone_name)
 from ..models.projection import project
 from ..models.registry import get_backbone
 from ..models.views import RETRIEVAL_VIEW, view_backbone
@@ -215,34 +215,33 @@ def _search_key(name: str, leaves: LeafEmbeddings, train_fingerprint: str, cfg: 
 
 def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classifier_set: CombinedBackbone,
              cfg: SearchConfig, train_fingerprint: str, n_train: int, categories: list[str], searched: str,
-             feature_sets: FeatureSets, chosen_preprocessing: list[dict]) -> dict:
+             feature_sets: FeatureSets, chosen_preprocessing: list[dict]) -> ModelFile:
     chosen = plain_values(outcome.chosen)
     head = final.head
-    return {
-        "format": FORMAT,
-        "backbone": chosen_set.name,
-        "backbone_cache_key": chosen_set.cache_key,
-        "base_weights_sha256": chosen_set.weights_sha256,
-        "level": 1 if head is not None else 0,
-        "loss": chosen["loss"],
-        "head_config": plain_values(asdict(final.head_config)) if head is not None else {"hidden_dim": None},
-        "tune_config": None,
-        "in_dim": int(chosen_set.dim),
-        "out_dim": int(head.out_dim) if head is not None else int(chosen_set.dim),
-        "state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None,
-        "trunk_state_dict": None,
-        "trainable_blocks": 0,
-        "categories": categories,
-        "classifier": final.classifier.to_payload(),
-        "classifier_backbone": classifier_set.name,
-        "ranking": {"boost": "inf" if math.isinf(chosen["boost"]) else chosen["boost"], "categories": "predicted"},
-        "preprocessing": chosen_preprocessing,
-        "train_fingerprint": train_fingerprint,
-        "n_train": int(n_train),
-        "epochs": int(chosen["epochs"]),
-        "metrics": {},
-        "train_seconds": float(outcome.seconds + final.seconds),
-        "selection": plain_values({
+    return ModelFile(
+        backbone=chosen_set.name,
+        backbone_cache_key=chosen_set.cache_key,
+        base_weights_sha256=chosen_set.weights_sha256,
+        level=1 if head is not None else 0,
+        loss=chosen["loss"],
+        head_config=plain_values(asdict(final.head_config)) if head is not None else {"hidden_dim": None},
+        tune_config=None,
+        in_dim=int(chosen_set.dim),
+        out_dim=int(head.out_dim) if head is not None else int(chosen_set.dim),
+        state_dict={k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None,
+        trunk_state_dict=None,
+        trainable_blocks=0,
+        categories=categories,
+        classifier=final.classifier.to_payload(),
+        classifier_backbone=classifier_set.name,
+        ranking={"boost": "inf" if math.isinf(chosen["boost"]) else chosen["boost"], "categories": "predicted"},
+        preprocessing=chosen_preprocessing,
+        train_fingerprint=train_fingerprint,
+        n_train=int(n_train),
+        epochs=int(chosen["epochs"]),
+        metrics={},
+        train_seconds=float(outcome.seconds + final.seconds),
+        selection=plain_values({
             "searched": searched,
             "chosen": chosen,
             "classifier": outcome.classifier,
@@ -256,7 +255,7 @@ def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classi
             "search_seconds": outcome.seconds,
             "refit_seconds": final.seconds,
         }),
-    }
+    )
 
 
 def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | None = None, index: str = "Flat",
@@ -338,7 +337,7 @@ def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | 
     measured = measured_on_queries(evaluation, baseline, classification, k, index, metric, prepared.split_seed,
                                    metadata)
     if payload.get("metrics") != measured:
-        payload["metrics"] = measured
+        payload.metrics = measured
         save_model(payload, cached)
     if model_path is not None and Path(model_path).resolve() != cached.resolve():
         save_model(payload, model_path)

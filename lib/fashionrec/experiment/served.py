@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..data.catalog import load_catalog_csv, load_folder
 from ..data.images import file_digest
-from ..data.ledger import count_by_stage, skipped_entry
+from ..data.ledger import skipped_entry
 from ..data.prepared import prepare
 from ..errors import FashionRecError, ImageError
 from ..evaluation import metrics
@@ -111,18 +111,15 @@ def evaluate_index_folder(index_dir, queries, k: int = 10, relevance=("label",),
         raise FashionRecError(f"no query photo could be used ({len(skipped)} skipped); see the skipped files")
     queried = pd.DataFrame(answered)
     evaluation = _scored(queried, gallery, positions, scores, own_copies, k, relevance)
-    record = {
+    measured = {
         "index_dir": str(Path(index_dir).resolve()), "version": described["version"],
         "backbone": described["backbone"], "runtime": described["runtime"], "store": described["store"],
         "index": described["index"], "search_params": described["search_params"], "metric": described["metric"],
         "built_from": built_from, **photos.source, "policy": policy,
         "n_own_copies_excluded": int(sum(1 for copies in own_copies if copies)),
         "dataset_fingerprint": dataset_fingerprint(queried.assign(split="query")),
-        **evaluation.to_record(bootstrap_seed=seed),
-        "n_skipped": len(skipped), "n_skipped_by_stage": count_by_stage(skipped), "skipped": skipped,
-        "versions": software_versions(),
     }
-    return record
+    return evaluation.record(seed, measured=measured, skipped=skipped, versions=software_versions()).to_dict()
 
 
 def _checked_relevance(relevance, queries: pd.DataFrame, gallery: pd.DataFrame) -> tuple[str, ...]:

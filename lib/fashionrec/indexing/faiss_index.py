@@ -147,7 +147,7 @@ def build_index(
     Raises IndexBuildError when the data cannot train the factory: 8-bit PQ needs at least
     256 vectors, IVF at least nlist, OPQ at least as many vectors as dimensions.
     """
-    _check_metric(metric)
+    check_metric(metric)
     vectors = as_matrix(vectors, "vectors")
     n, d = vectors.shape
     if n == 0:
@@ -187,7 +187,7 @@ def check_factory(factory: str, d: int, n: int = 100_000, metric: str = "cosine"
     """The concrete spec ``factory`` gives for ``n`` vectors of dimension ``d``, or IndexBuildError
     (ValueError for a bad template) saying why it cannot be built: checks a user's spec, including
     ``PCAU<dim>,`` and ``,RDisk``, before any expensive work."""
-    _check_metric(metric)
+    check_metric(metric)
     concrete = resolve_factory(factory, n, d)
     _empty_index(concrete, d, metric)
     return concrete
@@ -274,7 +274,7 @@ def train_coarse_centroids(
     max_train: int = MAX_TRAIN_VECTORS,
 ) -> np.ndarray:
     """The IVF centroids (nlist, d) that :func:`build_index` would train for ``vectors``."""
-    _check_metric(metric)
+    check_metric(metric)
     vectors = as_matrix(vectors, "vectors")
     index = faiss.index_factory(vectors.shape[1], f"IVF{nlist},Flat", _FAISS_METRIC[metric])
     with _omp_threads(threads):
@@ -335,7 +335,7 @@ def search(
     a small nprobe); those slots hold id -1. ``params`` (e.g. ``"nprobe=16,efSearch=64"``)
     are set on the index with faiss.ParameterSpace and stay set for later searches.
     """
-    _check_metric(metric)
+    check_metric(metric)
     if _FAISS_METRIC[metric] != index.metric_type:
         raise ValueError(f"metric {metric!r} does not match the index's faiss metric {index.metric_type}")
     if k < 1:
@@ -388,7 +388,7 @@ def save_index(index: faiss.Index, path, build_info: dict) -> Path:
     missing = {"factory", "metric"} - set(build_info)
     if missing:
         raise ValueError(f"build_info lacks {sorted(missing)}")
-    _check_metric(build_info["metric"])
+    check_metric(build_info["metric"])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {**build_info, "n": int(index.ntotal), "d": int(index.d), "faiss_version": faiss.__version__}
@@ -448,7 +448,7 @@ def _info_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
@@ -458,6 +458,16 @@ def as_matrix(values, what: str) -> np.ndarray:
     if matrix.ndim != 2:
         raise ValueError(f"{what} must be a 2-D array (n, d), got shape {matrix.shape}")
     return matrix
+
+
+def checked_queries(queries, dim: int | None) -> np.ndarray:
+    """Query vectors as float32 (n, d), or a ValueError saying what is wrong (``dim``: the store's, None if empty)."""
+    queries = as_matrix(queries, "queries")
+    if dim is not None and queries.shape[1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the store holds dimension {dim}")
+    if not np.isfinite(queries).all():
+        raise ValueError("queries contain NaN or infinite values")
+    return queries
 
 
 def _prepared(rows: np.ndarray, metric: str) -> np.ndarray:

@@ -60,7 +60,7 @@ def compare_rankings(ids_a, scores_a, ids_b, scores_b, atol: float = 1e-5) -> di
 
 
 def measure_store(store, queries, k: int, exact_ids, single_queries: int = 100, min_seconds: float = 0.2) -> dict:
-    """Recall against exact search and speed of one vector store (any :class:`~fashionrec.indexing.stores.VectorStore`).
+    """Recall against exact search and speed of one vector store (anything with ``search(queries, k)``: a row store).
 
     ``queries`` are searched as one batch (first searched once untimed: that is when a store
     builds or loads its index) and the batch is repeated until ``min_seconds`` have passed

@@ -1,4 +1,5 @@
-"""Milvus as a vector store: Milvus Lite from a local file, or a Milvus server or cluster by URI.
+"""The Milvus client behind :class:`fashionrec.ranking.milvus.MilvusRowStore`: one collection, Milvus Lite
+from a local file, or a Milvus server or cluster by URI.
 
 ``uri`` decides where the rows live; nothing else in the code changes:
 
@@ -9,8 +10,8 @@
 * ``http://host:19530`` (or https, with ``token``): a Milvus server, or a cluster's proxy.
 
 A collection has three fields: ``id`` (INT64 primary key, chosen by the caller), ``vector``
-(FLOAT_VECTOR) and ``label`` (VARCHAR, the category a search may be limited to, with a
-``label == "..."`` filter expression). It is created with Strong consistency, so a search
+(FLOAT_VECTOR) and ``label`` (VARCHAR, the item's category, copied along when a collection is
+compacted). Adding an id the collection holds is refused, never a silent overwrite. It is created with Strong consistency, so a search
 sees every write made before it, on a server as on Lite.
 
 Index types: ``"Flat"``, ``"HNSW<M>"``, ``"HNSW<M>_SQ8"``, ``"IVF<nlist>,Flat"``, ``"IVF<nlist>,SQ8"``
@@ -22,7 +23,7 @@ a server offers more (IVF_PQ, DISKANN, SCANN...), which are passed through to it
 
 Verified together with pymilvus 3.0.2 and milvus-lite 3.2.2 (tests/test_stores.py): insert,
 search with COSINE, L2 and IP (scores equal faiss's: cosine similarity, squared L2 distance,
-inner product), the label filter, delete by id, count, and exact round trips of ids and labels.
+inner product), filtered search by id, count, and exact round trips of ids, vectors and labels.
 Three things Milvus Lite 3.2.2 does differently from a server are handled here, each tested:
 
 * pymilvus 3.0.2 sends each index build parameter as its own key; Milvus Lite 3.2.2 reads
@@ -42,7 +43,6 @@ Three things Milvus Lite 3.2.2 does differently from a server are handled here, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -58,9 +58,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from ..errors import FashionRecError
-from .faiss_index import DEFAULT_EF_SEARCH, default_nprobe, resolve_factory
-from .stores import (PAD_ID, DuplicateIdError, UnknownIdError, check_metric, checked_ids, checked_queries,
-                     checked_rows, empty_results)
+from .faiss_index import DEFAULT_EF_SEARCH, check_metric, checked_queries, default_nprobe, resolve_factory
 
 MILVUS_METRIC = {"cosine": "COSINE", "l2": "L2", "ip": "IP"}
 LITE_INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
@@ -91,7 +89,57 @@ LITE_LOAD_RETRY_S = 30.0
 _WORST_SCORE = {"cosine": -np.finfo(np.float32).max, "ip": -np.finfo(np.float32).max,
                 "l2": np.finfo(np.float32).max}
 
+PAD_ID = -1
 _LITE_USERS: dict[str, int] = {}
+
+
+class DuplicateIdError(FashionRecError, ValueError):
+    """An id given to ``add`` is already in the collection (or twice in one call)."""
+
+
+class UnknownIdError(FashionRecError, KeyError):
+    """``fetch`` was asked about an id the collection does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def checked_rows(ids, vectors, labels, dim: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``add``'s arguments as (int64 ids, float32 (n, d) vectors, str labels), or a ValueError saying what is wrong.
+
+    ``dim`` is the collection's dimension (None while it is empty: the vectors decide it).
+    """
+    ids = checked_ids(ids)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DuplicateIdError(f"ids repeat within one add: {unique[counts > 1][:10].tolist()}")
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"vectors must be ({len(ids)}, d) for {len(ids)} ids, got shape {vectors.shape}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"vectors have dimension {vectors.shape[1]}, the store holds dimension {dim}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    labels = list(labels)
+    if len(labels) != len(ids):
+        raise ValueError(f"{len(labels)} labels for {len(ids)} ids")
+    for label in labels:
+        if not isinstance(label, str):
+            raise ValueError(f"labels must be strings, got {type(label).__name__} {label!r}")
+    return ids, vectors, labels
+
+
+def checked_ids(ids) -> np.ndarray:
+    """Ids as a 1-D int64 array; -1 is reserved for "no result"."""
+    array = np.asarray(ids)
+    if array.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {array.shape}")
+    if len(array) and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if (array == PAD_ID).any():
+        raise ValueError(f"id {PAD_ID} is reserved for empty result slots")
+    return array
 
 
 @dataclass(frozen=True)
@@ -182,7 +230,7 @@ def _check_names(index_type: str, params: dict, known: dict, what: str) -> dict:
 
 
 class MilvusStore:
-    """A :class:`~fashionrec.indexing.stores.VectorStore` over one Milvus collection.
+    """One Milvus collection of (id, vector, label) rows; ids are chosen by the caller (row numbers).
 
     ``MilvusStore(uri, collection, metric, index, search_params)`` starts a new collection
     (created at the first ``add``, when the dimension and row count that templates such as
@@ -208,9 +256,8 @@ class MilvusStore:
         self._spec: MilvusIndex | None = None
         self._dim: int | None = None
         self._unsearched_writes = False
-        # Row counts per category (None: all), kept until this store writes: it assumes it is the
-        # collection's only writer, as the faiss store is.
-        self._counts: dict[str | None, int] = {}
+        # The row count, kept until this client writes: it assumes it is the collection's only writer.
+        self._count: int | None = None
         self._client = _connect(self.uri, token)
         try:
             exists = self._call("has_collection", collection)
@@ -262,25 +309,14 @@ class MilvusStore:
                 {ID_FIELD: int(i), VECTOR_FIELD: vector, LABEL_FIELD: label}
                 for i, vector, label in zip(ids[start:stop], vectors[start:stop], labels[start:stop])])
         self._unsearched_writes = True
-        self._counts.clear()
+        self._count = None
 
-    def remove(self, ids) -> int:
-        ids = checked_ids(ids)
-        if self._spec is None or len(ids) == 0:
-            return 0
-        present = sorted(self._present(ids))
-        for start in range(0, len(present), IDS_PER_QUERY):
-            self._call("delete", self.collection, ids=present[start:start + IDS_PER_QUERY])
-        if present:
-            self._unsearched_writes = True
-            self._counts.clear()
-        return len(present)
-
-    def search(self, queries, k: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` over every row (k clamped to the rows held)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = checked_queries(queries, self._dim)
-        return self.search_where(queries, min(k, self.count(category)), _label_filter(category))
+        return self.search_where(queries, min(k, self.count()))
 
     def search_where(self, queries, k: int, expression: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` among the rows a Milvus filter ``expression`` admits (e.g. ``id in [3, 5]``).
@@ -290,7 +326,7 @@ class MilvusStore:
         """
         queries = checked_queries(queries, self._dim)
         if k == 0 or self._spec is None:
-            return empty_results(len(queries))
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         self._make_searchable()
         params = dict(self._spec.search_params)
         if "ef" in params:
@@ -308,9 +344,6 @@ class MilvusStore:
                     ids[row, column] = hit["id"]
                     scores[row, column] = hit["distance"]
         return scores, ids
-
-    def labels_of(self, ids) -> list[str]:
-        return [label for (label,) in self._fetch(ids, [LABEL_FIELD])]
 
     def fetch(self, ids) -> tuple[np.ndarray, list[str]]:
         """The stored vectors (float32, as added) and the labels of ``ids``, in that order."""
@@ -331,13 +364,12 @@ class MilvusStore:
             raise UnknownIdError(f"ids not in the store: {missing[:10]}")
         return [found[int(i)] for i in ids]
 
-    def count(self, category: str | None = None) -> int:
+    def count(self) -> int:
         if self._spec is None:
             return 0
-        if category not in self._counts:
-            rows = self._call("query", self.collection, filter=_label_filter(category), output_fields=["count(*)"])
-            self._counts[category] = int(rows[0]["count(*)"])
-        return self._counts[category]
+        if self._count is None:
+            self._count = int(self._call("query", self.collection, output_fields=["count(*)"])[0]["count(*)"])
+        return self._count
 
     def describe(self) -> dict:
         described = {"store": "milvus", "engine": "milvus-lite" if self.lite else "milvus-server",
@@ -473,11 +505,6 @@ def _index_description(described: dict) -> dict:
     """describe_index's answer with build parameters at the top level (Milvus Lite nests them in ``params``)."""
     nested = described.get("params")
     return {**described, **nested} if isinstance(nested, dict) else described
-
-
-def _label_filter(category: str | None) -> str:
-    # A JSON string literal is a valid Milvus string literal (\" \\ \n escapes, UTF-8 as is).
-    return "" if category is None else f"{LABEL_FIELD} == {json.dumps(category, ensure_ascii=False)}"
 
 
 def _check_collection_name(name: str) -> None:

@@ -3,7 +3,7 @@
 A trained model is one file (``torch.save`` of plain tensors and values, loadable with
 ``weights_only=True``): parameters, hyper-parameters, the fingerprint of its training rows,
 its base backbone and weights checksum, its category classifier, its metrics and its
-training time. The backbone name ``<base>+head:<file>`` (for example
+training time, typed as :class:`ModelFile`. The backbone name ``<base>+head:<file>`` (for example
 ``efficientnet_lite0+head:results/clothing/head.pt``) loads it through
 :func:`fashionrec.models.registry.get_backbone`, so every stage accepts it. Nothing here
 imports the training code.
@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +59,97 @@ def _loadable(value):
     raise TypeError(f"cannot store a {type(value).__name__} in a model file")
 
 
-def save_model(payload: dict, path) -> Path:
-    """Writes a model file atomically (plain values and tensors only, at this code's schema version); returns its path.
+@dataclass(eq=False)   # tensors inside: compare files by their contents, not with ==
+class ModelFile:
+    """What a model file holds, written and read here only (:func:`save_model`, :func:`load_model`).
+
+    ``schema_version`` says which fields a file has; version 1 is a file written before the
+    field existed (it reads as it is). Keys an older file holds that no field names stay in
+    ``extra`` and are written back. Reading as a mapping (``model["loss"]``, ``model.get(...)``)
+    gives the same values as the attributes and the ``extra`` keys, for code that reads a file by its keys.
+    """
+
+    backbone: str
+    format: str = FORMAT
+    backbone_cache_key: str | None = None
+    base_weights_sha256: str | None = None
+    level: int = 1
+    loss: str | None = None
+    head_config: dict = field(default_factory=dict)
+    tune_config: dict | None = None
+    in_dim: int | None = None
+    out_dim: int | None = None
+    state_dict: dict | None = None          # the projection head (None: a searched model that kept frozen features)
+    trunk_state_dict: dict | None = None    # fine-tuned backbone blocks (level 2)
+    trainable_blocks: int = 0
+    categories: list = field(default_factory=list)
+    classifier: dict | None = None
+    classifier_backbone: str | None = None
+    ranking: dict | None = None             # {"boost", "categories"} of a searched model
+    preprocessing: list | None = None
+    train_fingerprint: str | None = None
+    embeddings_cache_key: str | None = None
+    n_train: int | None = None
+    epochs: int | None = None
+    metrics: dict = field(default_factory=dict)
+    train_seconds: float | None = None
+    selection: dict | None = None
+    created: str | None = None
+    torch: str | None = None
+    extra: dict = field(default_factory=dict)
+    schema_version: int = MODEL_SCHEMA_VERSION
+
+    def to_payload(self) -> dict:
+        """The file's contents: every field (None included) and the ``extra`` keys, as plain values and tensors."""
+        record = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "extra"}
+        return _loadable({**self.extra, **record})
+
+    @classmethod
+    def from_payload(cls, payload: dict, where: str) -> "ModelFile":
+        """A model file's contents; WeightsUnavailable naming ``where`` for another format, version or no backbone."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise WeightsUnavailable(f"{where}: not a fashionrec head file (format {FORMAT})")
+        version = int(payload.get("schema_version", 1))
+        if version > MODEL_SCHEMA_VERSION:
+            raise WeightsUnavailable(f"{where}: model file schema version {version}; this fashionrec reads versions "
+                                     f"up to {MODEL_SCHEMA_VERSION}: upgrade fashionrec or train the model again")
+        if "backbone" not in payload:
+            raise WeightsUnavailable(f"{where}: model file lacks backbone; train the model again")
+        known = {item.name for item in fields(cls)} - {"extra", "schema_version"}
+        return cls(**{key: value for key, value in payload.items() if key in known},
+                   extra={key: value for key, value in payload.items() if key not in known | {"schema_version"}},
+                   schema_version=version)
+
+    def __getitem__(self, key: str):
+        if key in self.extra:
+            return self.extra[key]
+        if key == "extra" or key not in {item.name for item in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+
+def save_model(model: ModelFile, path) -> Path:
+    """Writes a model file atomically, at this code's schema version; returns its path.
 
     The one writer of model files: fine-tuning and the model search both save through it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model.schema_version = MODEL_SCHEMA_VERSION
     temporary = path.with_name(f".{path.name}.partial")
-    torch.save({**_loadable(payload), "schema_version": MODEL_SCHEMA_VERSION}, temporary)
+    torch.save(model.to_payload(), temporary)
     os.replace(temporary, path)
     return path
 
 
-def load_model(path) -> dict:
+def load_model(path) -> ModelFile:
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailable(f"head file {path} does not exist")
@@ -80,26 +158,20 @@ def load_model(path) -> dict:
     except Exception as error:
         raise WeightsUnavailable(f"{path}: cannot be read as a fashionrec head file ({type(error).__name__}: {error})") \
             from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise WeightsUnavailable(f"{path}: not a fashionrec head file (format {FORMAT})")
-    version = int(payload.get("schema_version", 1))
-    if version > MODEL_SCHEMA_VERSION:
-        raise WeightsUnavailable(f"{path}: model file schema version {version}; this fashionrec reads versions up to "
-                                 f"{MODEL_SCHEMA_VERSION}: upgrade fashionrec or train the model again")
-    return {**payload, "schema_version": version}
+    return ModelFile.from_payload(payload, str(path))
 
 
-def head_from_payload(payload: dict) -> ProjectionHead:
+def head_from_payload(model: ModelFile) -> ProjectionHead:
     """The projection head a model file holds (a searched model that chose frozen features has none: no state_dict)."""
-    config = payload["head_config"]
-    head = ProjectionHead(payload["in_dim"], config["hidden_dim"], payload["out_dim"], config["input_dropout"],
+    config = model.head_config
+    head = ProjectionHead(model.in_dim, config["hidden_dim"], model.out_dim, config["input_dropout"],
                           config["dropout"])
-    head.load_state_dict(payload["state_dict"], strict=True)
+    head.load_state_dict(model.state_dict, strict=True)
     return head.eval()
 
 
-def classifier_from_payload(payload: dict) -> CategoryClassifier | None:
-    return CategoryClassifier.from_payload(payload["classifier"]) if payload.get("classifier") else None
+def classifier_from_payload(model: ModelFile) -> CategoryClassifier | None:
+    return CategoryClassifier.from_payload(model.classifier) if model.classifier else None
 
 
 def resolve_head_path(reference: str) -> Path:
@@ -130,19 +202,18 @@ def split_backbone_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def parameters_sha256(payload: dict) -> str:
+def parameters_sha256(model: ModelFile) -> str:
     """Digest of what determines a fine-tuned model's output: base weights, architecture, every tensor.
 
     Metrics, timings and other metadata in the file are left out, so writing measured
     metrics into a model file does not invalidate the embeddings cached for it.
     """
     digest = hashlib.sha256()
-    head_cfg = payload["head_config"]
-    architecture = {"backbone": payload["backbone"], "base": payload.get("base_weights_sha256"),
-                    "in_dim": payload["in_dim"], "out_dim": payload["out_dim"], "hidden_dim": head_cfg["hidden_dim"]}
+    architecture = {"backbone": model.backbone, "base": model.base_weights_sha256, "in_dim": model.in_dim,
+                    "out_dim": model.out_dim, "hidden_dim": model.head_config["hidden_dim"]}
     digest.update(json.dumps(architecture, sort_keys=True).encode())
     for part in ("state_dict", "trunk_state_dict"):
-        for key, tensor in sorted((payload.get(part) or {}).items()):
+        for key, tensor in sorted((getattr(model, part) or {}).items()):
             digest.update(f"{part}/{key}".encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -159,28 +230,28 @@ def headed_backbone(name: str, base: Backbone | CombinedBackbone) -> Backbone | 
     if not reference:
         raise ValueError(f"{name!r}: expected <backbone>{HEAD_SEPARATOR}<head file>")
     path = resolve_head_path(reference)
-    payload = load_model(path)
-    if payload["backbone"] != base_name:
-        raise WeightsUnavailable(f"{path}: a head for {payload['backbone']!r}, not for {base_name!r}")
-    if payload.get("base_weights_sha256") != base.weights_sha256:
+    model_file = load_model(path)
+    if model_file.backbone != base_name:
+        raise WeightsUnavailable(f"{path}: a head for {model_file.backbone!r}, not for {base_name!r}")
+    if model_file.base_weights_sha256 != base.weights_sha256:
         raise WeightsUnavailable(f"{path}: trained on {base_name} weights with sha256 "
-                                 f"{str(payload.get('base_weights_sha256'))[:16]}..., but the weights in use have "
+                                 f"{str(model_file.base_weights_sha256)[:16]}..., but the weights in use have "
                                  f"{str(base.weights_sha256)[:16]}...")
-    level = payload.get("level", 1)
-    head = head_from_payload(payload) if payload.get("state_dict") is not None else None
-    description = (f"{base_name} + level-{level} fine-tuned head ({payload['loss']}, {payload['out_dim']}-d, "
+    level = model_file.level
+    head = head_from_payload(model_file) if model_file.state_dict is not None else None
+    description = (f"{base_name} + level-{level} fine-tuned head ({model_file.loss}, {model_file.out_dim}-d, "
                    f"unit norm) from {path}") if head is not None else \
         f"{base_name} with the category classifier and ranking of {path} (no head: frozen features)"
     if isinstance(base, CombinedBackbone):
-        if payload.get("trunk_state_dict"):
+        if model_file.trunk_state_dict:
             raise WeightsUnavailable(f"{path}: holds fine-tuned backbone blocks, which a combination cannot take")
-        return base.with_head(name, head, parameters_sha256(payload), description)
+        return base.with_head(name, head, parameters_sha256(model_file), description)
     if head is None:
-        return dataclasses.replace(base, name=name, weights_sha256=parameters_sha256(payload), description=description)
+        return dataclasses.replace(base, name=name, weights_sha256=parameters_sha256(model_file), description=description)
     model = base.model
-    if payload.get("trunk_state_dict"):
+    if model_file.trunk_state_dict:
         model = copy.deepcopy(model)
-        trunk_state = payload["trunk_state_dict"]
+        trunk_state = model_file.trunk_state_dict
         own = model.state_dict()
         unknown = sorted(set(trunk_state) - set(own))
         if unknown:
@@ -188,5 +259,5 @@ def headed_backbone(name: str, base: Backbone | CombinedBackbone) -> Backbone | 
         own.update(trunk_state)
         model.load_state_dict(own, strict=True)
     headed = HeadedModel(model, head).eval()
-    return Backbone(name=name, dim=int(payload["out_dim"]), transform=base.transform, model=headed, classifier=None,
-                    weights_sha256=parameters_sha256(payload), description=description)
+    return Backbone(name=name, dim=int(model_file.out_dim), transform=base.transform, model=headed, classifier=None,
+                    weights_sha256=parameters_sha256(model_file), description=description)

@@ -2,7 +2,8 @@
 
 The embeddings are the run's own (01-embed), of the first of its backbones that was available: the
 catalog is every image outside the query split (train + gallery), the queries are the query
-split. Both stores get the same float32 vectors with the same ids.
+split. Both stores (the ranking core's row stores, :func:`fashionrec.ranking.rank.gallery_store`)
+get the same float32 vectors as the same rows.
 
 * Exact search (FAISS ``Flat`` and Milvus ``FLAT``): the top-k lists are compared slot by slot
   (:func:`fashionrec.indexing.measure.compare_rankings`); where they differ, the scores say
@@ -15,6 +16,7 @@ slot with both scores) and ``store_ann.csv`` (measured on this machine, timings 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,9 @@ import pandas as pd
 
 from .. import config
 from ..errors import FashionRecError
-from ..indexing.backends import open_store
 from ..indexing.measure import compare_rankings, measure_store
 from ..indexing.milvus_store import STORE_FAISS_INDEXES, STORE_MILVUS_INDEXES, is_lite_uri
+from ..ranking.rank import gallery_store
 from ..settings import StoreSettings
 from .stages import MIN_GALLERY_FOR_INDEX_VARIANTS, available_backbones, load_prepared, load_run_embeddings, \
     run_dir, write_json
@@ -73,26 +75,22 @@ def stage_store_comparison(run_name: str, backbones: list[str], k: int = 10, met
     is_query = (metadata["split"] == "query").to_numpy()
     catalog_vectors, query_vectors = vectors[~is_query], vectors[is_query]
     milvus = StoreSettings("milvus", _milvus_uri(milvus_uri, out))
-    ids = np.arange(len(catalog_vectors), dtype=np.int64)
     labels = metadata.loc[~is_query, "label"].astype(str).tolist()
 
+    @contextlib.contextmanager
     def opened(settings: StoreSettings, index: str):
-        collection = "scale_out_" + "".join(c if c.isalnum() else "_" for c in index.lower())
-        store = open_store(settings, metric, index, seed=seed, collection=collection, replace=True)
         started = time.perf_counter()
-        store.add(ids, catalog_vectors, labels)
-        store.search(query_vectors[:1], k)  # where a store builds (faiss) or flushes and indexes (Milvus)
-        return store, time.perf_counter() - started
+        with gallery_store(settings, catalog_vectors, labels, index, metric, seed=seed) as store:
+            store.search(query_vectors[:1], k)  # where a store builds (faiss) or flushes and indexes (Milvus)
+            yield store, time.perf_counter() - started
 
     rows = []
-    faiss_flat, build_s = opened(StoreSettings(), "Flat")
-    with faiss_flat:
+    with opened(StoreSettings(), "Flat") as (faiss_flat, build_s):
         exact_scores, exact_ids = faiss_flat.search(query_vectors, k)
         rows.append(_measured(faiss_flat, "Flat", build_s, query_vectors, k, exact_ids, single_queries))
-        milvus_flat, build_s = opened(milvus, "Flat")
-        with milvus_flat:
-            milvus_scores, milvus_ids = milvus_flat.search(query_vectors, k)
-            rows.append(_measured(milvus_flat, "Flat", build_s, query_vectors, k, exact_ids, single_queries))
+    with opened(milvus, "Flat") as (milvus_flat, build_s):
+        milvus_scores, milvus_ids = milvus_flat.search(query_vectors, k)
+        rows.append(_measured(milvus_flat, "Flat", build_s, query_vectors, k, exact_ids, single_queries))
     exact = compare_rankings(exact_ids, exact_scores, milvus_ids, milvus_scores, atol=TIE_TOLERANCE)
     exact.update(backbone=backbone, k=k, metric=metric, n_catalog=len(catalog_vectors), n_queries=len(query_vectors),
                  dim=int(catalog_vectors.shape[1]), tie_tolerance=TIE_TOLERANCE)
@@ -100,8 +98,7 @@ def stage_store_comparison(run_name: str, backbones: list[str], k: int = 10, met
 
     for settings, indexes in ((StoreSettings(), faiss_indexes), (milvus, milvus_indexes)):
         for index in indexes:
-            store, build_s = opened(settings, index)
-            with store:
+            with opened(settings, index) as (store, build_s):
                 rows.append(_measured(store, index, build_s, query_vectors, k, exact_ids, single_queries))
     ann = pd.DataFrame(rows)
     write_json(out / "store_exact.json", exact)
@@ -112,11 +109,10 @@ def stage_store_comparison(run_name: str, backbones: list[str], k: int = 10, met
 
 def _measured(store, index: str, build_s: float, queries: np.ndarray, k: int, exact_ids, single_queries: int) -> dict:
     described = store.describe()
-    engine_index = described.get("factory") or described.get("index_type")
-    params = described.get("milvus_search_params") if described["store"] == "milvus" else described["search_params"]
+    engine_index = described["index_type"] if described["store"] == "milvus" else described["factory"]
     return {"store": described["store"], "index": index, "engine_index": engine_index,
-            "build_params": described.get("build_params", ""), "search_params": params or "",
-            "n": store.count(), "build_s": round(build_s, 3),
+            "build_params": described.get("build_params", ""), "search_params": described["search_params"],
+            "n": store.ntotal, "build_s": round(build_s, 3),
             **measure_store(store, queries, k, exact_ids, single_queries=single_queries)}
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..indexing.milvus_store import MilvusStore, is_lite_uri
+from .. import config
+from ..indexing.milvus_store import MilvusStore, is_lite_uri, temporary_collection_name
+from ..settings import StoreSettings
+from .store import checked_search
 
 # --index auto with Milvus: Milvus's own automatic choice (HNSW in Milvus Lite).
 AUTO_INDEX = "AUTOINDEX"
@@ -22,6 +25,26 @@ COPY_BATCH_ROWS = 2048
 def recorded_uri(uri: str) -> str:
     """The URI as build.json keeps it: a Lite file by absolute path, so it opens from any directory."""
     return str(Path(uri).expanduser().resolve()) if is_lite_uri(uri) else uri
+
+
+def milvus_uri(settings: StoreSettings) -> str:
+    """The Milvus URI of ``settings``: the one given, or Milvus Lite at ``results/milvus.db``."""
+    return settings.milvus_uri or str(config.RESULTS_DIR / "milvus.db")
+
+
+def check_store(settings: StoreSettings, metric: str = "cosine", index: str = "Flat", search_params: str = "") -> None:
+    """Fails now, with a message a user can act on, if a store of ``settings`` would fail later.
+
+    For Milvus: the index has a Milvus counterpart that this engine can build, and the URI
+    opens (a server answers, a Lite file is not held by another process; a Lite file's
+    directory is created). Creates no collection.
+    """
+    if settings.store == "faiss":
+        return
+    uri = milvus_uri(settings)
+    if is_lite_uri(uri):
+        Path(uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    MilvusStore(uri, temporary_collection_name(), metric, index, search_params, token=settings.milvus_token).close()
 
 
 def new_collection_name(prefix: str) -> str:
@@ -90,7 +113,7 @@ class MilvusRowStore:
         return int(self.store.dim)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        queries = checked_search(queries, k, self.dim)
         if allowed is None or np.all(allowed):
             return self.store.search(queries, k)
         allowed_rows = np.flatnonzero(allowed)

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..indexing.backends import milvus_uri
 from ..indexing.faiss_index import resolve_factory
 from ..indexing.milvus_store import temporary_collection_name
 from ..settings import StoreSettings
-from .milvus import MilvusRowStore
+from .milvus import MilvusRowStore, milvus_uri
 from .policies import CategoryBonus, ColourFusion, allowed_mask
 from .store import FaissRowStore
 

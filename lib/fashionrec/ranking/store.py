@@ -29,7 +29,8 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from ..indexing.faiss_index import build_index, default_search_params, load_index, save_index, search
+from ..indexing.faiss_index import (build_index, checked_queries, default_search_params, load_index, save_index,
+                                    search)
 
 INDEX_FILE = "index.faiss"
 # A small part of the index (at most this many rows, and under half of it) is searched exactly:
@@ -38,6 +39,13 @@ INDEX_FILE = "index.faiss"
 EXACT_SUBSET_MAX_ROWS = 4096
 # A selective filter widens the HNSW beam in proportion (k / share of allowed rows), up to this.
 MAX_FILTERED_EF_SEARCH = 2048
+
+
+def checked_search(queries, k: int, dim: int) -> np.ndarray:
+    """A search's queries as float32 (n, d), or a ValueError saying what is wrong with them or with ``k``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return checked_queries(np.atleast_2d(queries), dim)
 
 
 class RowStore(Protocol):
@@ -160,7 +168,7 @@ class FaissRowStore:
         return prepared
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        queries = checked_search(queries, k, self.dim)
         if allowed is None:
             return search(self.index, queries, k, metric=self.metric)
         allowed_rows = np.flatnonzero(allowed)

@@ -39,9 +39,8 @@ from ..models.ensemble import is_combined_name, parse_combined_name
 from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
 from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
-from ..indexing.backends import check_store, milvus_uri
 from ..provenance import dataset_fingerprint, software_versions
-from ..ranking.milvus import AUTO_INDEX, MilvusRowStore
+from ..ranking.milvus import AUTO_INDEX, MilvusRowStore, check_store, milvus_uri
 from ..ranking.store import FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, write_classifier, write_query_model

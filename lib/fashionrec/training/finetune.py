@@ -33,7 +33,7 @@ from .. import config
 from ..data.split import validation_split
 from ..models.backbone import Backbone
 from ..models.classifier import CategoryClassifier
-from ..models.finetuned import FORMAT, plain_values
+from ..models.finetuned import FORMAT, ModelFile, plain_values
 from ..models.projection import project
 from .classify import choose_category_boost, select_classifier
 from .heads import LOSSES, HeadConfig, HeadFit, fit_head, torch_threads, train_head
@@ -77,33 +77,32 @@ class TrainedModel:
 def head_payload(fit: HeadFit, backbone, head_cfg: HeadConfig, train_fingerprint: str, n_train: int,
                  classifier: CategoryClassifier | None = None, tuned: TunedBackbone | None = None,
                  tune_cfg: BackboneTuneConfig | None = None, metrics: dict | None = None,
-                 train_seconds: float | None = None) -> dict:
-    """Everything a model file holds, as plain values and tensors (``weights_only``-loadable)."""
+                 train_seconds: float | None = None) -> ModelFile:
+    """Everything a model file holds (:func:`fashionrec.models.finetuned.save_model` writes it)."""
     head = tuned.head if tuned is not None else fit.head
-    return {
-        "format": FORMAT,
-        "backbone": backbone.name,
-        "backbone_cache_key": backbone.cache_key,
-        "base_weights_sha256": backbone.weights_sha256,
-        "level": 2 if tuned is not None else 1,
-        "loss": fit.loss_name,
-        "head_config": plain_values(asdict(head_cfg)),
-        "tune_config": plain_values(asdict(tune_cfg)) if tune_cfg is not None else None,
-        "in_dim": int(head.in_dim),
-        "out_dim": int(head.out_dim),
-        "state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()},
-        "trunk_state_dict": dict(tuned.tail_state) if tuned is not None else None,
-        "trainable_blocks": int(tuned.trainable_blocks) if tuned is not None else 0,
-        "categories": [str(c) for c in fit.categories],
-        "classifier": classifier.to_payload() if classifier is not None else None,
-        "train_fingerprint": train_fingerprint,
-        "n_train": int(n_train),
-        "epochs": int(tuned.best_epoch if tuned is not None else fit.epochs),
-        "metrics": plain_values(metrics or {}),
-        "train_seconds": float(train_seconds if train_seconds is not None else fit.seconds),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch": torch.__version__,
-    }
+    return ModelFile(
+        backbone=backbone.name,
+        backbone_cache_key=backbone.cache_key,
+        base_weights_sha256=backbone.weights_sha256,
+        level=2 if tuned is not None else 1,
+        loss=fit.loss_name,
+        head_config=plain_values(asdict(head_cfg)),
+        tune_config=plain_values(asdict(tune_cfg)) if tune_cfg is not None else None,
+        in_dim=int(head.in_dim),
+        out_dim=int(head.out_dim),
+        state_dict={k: v.detach().clone() for k, v in head.state_dict().items()},
+        trunk_state_dict=dict(tuned.tail_state) if tuned is not None else None,
+        trainable_blocks=int(tuned.trainable_blocks) if tuned is not None else 0,
+        categories=[str(c) for c in fit.categories],
+        classifier=classifier.to_payload() if classifier is not None else None,
+        train_fingerprint=train_fingerprint,
+        n_train=int(n_train),
+        epochs=int(tuned.best_epoch if tuned is not None else fit.epochs),
+        metrics=plain_values(metrics or {}),
+        train_seconds=float(train_seconds if train_seconds is not None else fit.seconds),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        torch=torch.__version__,
+    )
 
 
 def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cfg: FinetuneConfig,
@@ -150,7 +149,7 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
     seconds = time.perf_counter() - started
     payload = head_payload(fit, base, head_cfg, train_fingerprint, len(train_rows), classifier, tuned,
                            tune_cfg if tuned is not None else None, train_seconds=seconds)
-    payload["selection"] = plain_values({
+    payload.selection = plain_values({
         "loss_comparison": fit.comparison.to_dict(orient="records"),
         "histories": {name: [{"epoch": h["epoch"], "loss": h["loss"], "val_precision": h.get("val_precision")}
                              for h in history] for name, history in fit.histories.items()},
