@@ -252,6 +252,7 @@ def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classi
                              "views_skipped": feature_sets.views_skipped},
             "config": asdict(cfg),
             "search_seconds": outcome.seconds,
+            "search_processes": outcome.processes,
             "refit_seconds": final.seconds,
         }),
     }
@@ -398,6 +399,8 @@ def _search_record(payload: dict, cached: Path, model_path, reused: bool, classi
             "n_train": payload["n_train"],
             "slices": selection["slices"],
             "candidates_compared": len(selection["candidates"]),
+            "search_seconds": round(selection["search_seconds"], 1),
+            "search_processes": selection.get("search_processes", 1),
             "classifier_selection": selection["classifier_selection"],
             "categories_without_validation": selection["not_validated"],
             "preprocessing": payload["preprocessing"],
