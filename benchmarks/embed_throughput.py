@@ -61,7 +61,7 @@ from fashionrec import config  # noqa: E402
 from fashionrec.data.catalog import load_dataset  # noqa: E402
 from fashionrec.data.split import split_catalog  # noqa: E402
 from fashionrec.evaluation.protocol import evaluate_embeddings  # noqa: E402
-from fashionrec.features.batches import collate, decode, embed_batch, exact_preprocessing  # noqa: E402
+from fashionrec.features.batches import decode, embed_batch, exact_preprocessing  # noqa: E402
 from fashionrec.features.embed import decoding_threads, embed_catalog  # noqa: E402
 from fashionrec.features.ray_engine import ray_session  # noqa: E402
 from fashionrec.models.registry import get_backbone  # noqa: E402

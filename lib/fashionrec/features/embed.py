@@ -123,7 +123,7 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone | CombinedBackbone,
     keep their order. A catalog from :func:`fashionrec.data.catalog.load_dataset` has had
     every image decoded already, so this happens only when a file changed since.
     ``n_reused + n_computed`` is the number of vectors returned. ``settings`` supplies batch
-    size, decoding workers, threads and progress (the backbone already runs on its runtime).
+    size, decoding threads, runtime threads and progress (the backbone already runs on its runtime).
     A combination is embedded part by part (see :func:`embed_combined`).
     """
     if isinstance(backbone, CombinedBackbone):
@@ -220,9 +220,9 @@ def _compute_missing(catalog, backbone: Backbone, cache: EmbeddingCache, digests
     """Embeds the pending images shard by shard: each batch decoded by every decoding thread, then run.
 
     Decoding and the network take turns, each on every core: on a small machine the two
-    overlapping only make the runtime's threads wait for cores that decoding holds, and
-    taking turns costs each image the sum of the two stages' times on all cores, the most
-    that the machine allows (benchmarks/embed_throughput.py measures how close it comes).
+    overlapping only make the runtime's threads wait for cores that decoding holds, while
+    taking turns costs each image the two stages' times on all cores, which is the limit
+    benchmarks/embed_throughput.py compares the pipeline with.
     """
     paths = catalog["path"].to_numpy()
     decoders = min(decoding_threads(settings), len(pending))

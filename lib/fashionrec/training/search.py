@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 
 from .. import config
-from ..console import progress_bar
 from ..data.split import validation_split
 from ..evaluation import metrics
 from ..indexing.category import HARD_BOOST
