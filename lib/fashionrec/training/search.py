@@ -167,13 +167,14 @@ def choose_classifier(features: dict[str, np.ndarray], labels, slices: Slices, c
 def _fit_classifier(vectors: np.ndarray, labels: np.ndarray, select: np.ndarray, name: str, c: float,
                     seed: int) -> tuple[dict, CategoryClassifier]:
     """One classifier candidate, trained off the select slice and scored on it."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     classifier = train_classifier(vectors[~select], labels[~select], name, c, seed)
     correct = classifier.predict(vectors[select]) == labels[select]
     accuracy = float(correct.mean()) if correct.size else float("nan")
     return {"features": name, "dim": int(vectors.shape[1]), "c": c, "select_accuracy": accuracy,
             "select_accuracy_ci": _interval(correct, seed),
-            "seconds": round(time.perf_counter() - started, 2)}, classifier
+            "seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu_started, 2)}, classifier
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,8 +202,12 @@ def _head_config(cfg: SearchConfig, hidden_dim: int) -> HeadConfig:
 
 def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categories: list[str], predicted: np.ndarray,
                      slices: Slices, loss: str, hidden: int, cfg: SearchConfig, stage: int) -> list[dict]:
-    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice (a row each)."""
-    started = time.perf_counter()
+    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice (a row each).
+
+    ``train_cpu_seconds``: CPU time of this process meanwhile, which, unlike the wall time, does not
+    grow when other processes share the cores.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
     trained = None
     if loss != NO_HEAD:
         with torch_threads(cfg.train_threads):
@@ -218,7 +223,8 @@ def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categor
                      "stop_precision_at_k": trained.best_val_precision if trained else None,
                      "select_precision_at_k": float(precision.mean()) if precision.size else float("nan"),
                      "select_precision_at_k_ci": _interval(precision, cfg.head.seed),
-                     "train_seconds": round(time.perf_counter() - started, 2)})
+                     "train_seconds": round(time.perf_counter() - started, 2),
+                     "train_cpu_seconds": round(time.process_time() - cpu_started, 2)})
     return rows
 
 
