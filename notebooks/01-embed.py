@@ -19,7 +19,7 @@ backbones = ["efficientnet_lite0", "colorhist"]
 weights_files = {}
 runtime = "onnx"
 batch_size = 32
-num_workers = 2
+num_workers = None
 threads = None
 
 # %%

@@ -18,19 +18,20 @@ ENGINES = ("local", "ray")
 class InferenceSettings:
     """Inference options shared by every stage that embeds images.
 
-    ``batch_size`` images per forward pass; ``workers`` decoding processes; ``threads``
-    intra-op threads of the runtime (None: every CPU this process may use);
+    ``batch_size`` images per forward pass; ``workers`` threads that decode each batch (None:
+    one per CPU this process may use; 0: the calling thread); ``threads`` intra-op threads of
+    the runtime (None: every CPU this process may use);
     ``runtime`` one of ``RUNTIMES`` (``onnx``: equal to eager within 1e-4, several times
     faster on a CPU; ``onnx-int8`` changes embeddings and is used only when asked for);
     ``progress`` shows progress bars (only ever on a terminal); ``weights_file`` replaces a
     backbone's published weights with a local state_dict file. ``engine`` says where images
-    are embedded: ``"local"`` (this process and its decoding workers) or ``"ray"`` (a Ray Data
+    are embedded: ``"local"`` (this process and its decoding threads) or ``"ray"`` (a Ray Data
     job on the cluster at ``ray_address``, or on a private local one when None); both write
     the same cache and give the same embeddings (within float noise).
     """
 
     batch_size: int = 32
-    workers: int = 2
+    workers: int | None = None
     threads: int | None = None
     runtime: str = DEFAULT_RUNTIME
     progress: bool = True
@@ -47,7 +48,7 @@ class InferenceSettings:
             raise ValueError("ray_address applies only to the ray engine")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
     def but(self, **changes) -> "InferenceSettings":

@@ -80,7 +80,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = Tru
     add_backbone_module_argument(parser)
     parser.add_argument("--weights-file", default=None, help="explicit local weights file for torchvision backbones")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads that decode each batch (default: one per CPU; 0: the main thread)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of the inference runtime (default: torch's choice / all CPUs for ONNX)")
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,

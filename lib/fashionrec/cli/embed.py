@@ -27,7 +27,7 @@ def add_parser(commands) -> None:
                         help="directory for <backbone>.npy/.parquet/.json (default: results/embeddings/<dataset>, "
                              "with the data directory's name for folder and catalog datasets)")
     parser.add_argument("--engine", default="local", choices=ENGINES,
-                        help="local: this process and its decoding workers (default); ray: a Ray Data job, one "
+                        help="local: this process and its decoding threads (default); ray: a Ray Data job, one "
                              "actor per --threads CPUs, writing the same cache")
     parser.add_argument("--ray-address", default=None,
                         help="with --engine ray: the cluster to run on ('auto' on a node of it, or host:6379 of "

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.prepared import PreparedData
-from ..features.embed import embed_catalog
+from ..features.embed import decoding_threads, embed_catalog
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone
 from ..models.runtime import calibration_sample, with_runtime
@@ -75,7 +75,8 @@ def measure_embedding_cost(prepared: PreparedData, backbones: dict[str, Backbone
                       "bytes_per_vector": dim * BYTES_PER_FLOAT32, "seconds_per_image": round(seconds, 5),
                       "images_per_second": round(1.0 / seconds, 2) if seconds > 0 else float("nan")})
     table = pd.DataFrame(table)
-    table.attrs.update(n_images=int(len(rows)), split=split, runtime=settings.runtime, workers=settings.workers,
+    table.attrs.update(n_images=int(len(rows)), split=split, runtime=settings.runtime,
+                       workers=decoding_threads(settings),
                        batch_size=settings.batch_size,
                        load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     return table

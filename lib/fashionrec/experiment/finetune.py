@@ -17,7 +17,7 @@ from ..data.prepared import PreparedData
 from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
-from ..features.embed import Embeddings
+from ..features.embed import Embeddings, decoding_threads
 from ..models.backbone import Backbone
 from ..models.finetuned import (HEAD_SEPARATOR, ModelFile, classifier_from_payload, head_from_payload, load_model,
                                 plain_values, save_model)
@@ -111,7 +111,8 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
             print(f"[finetune] reusing {cached} (same backbone, train rows and settings)", file=sys.stderr)
     else:
         trained = train_model(base, metadata[train].reset_index(drop=True), frozen[train], cfg, train_fingerprint,
-                              None if multi_view is None else multi_view[train], settings.workers, settings.progress)
+                              None if multi_view is None else multi_view[train], decoding_threads(settings),
+                              settings.progress)
         payload = trained.payload
         payload.embeddings_cache_key = embeddings.cache_key   # the runtime that computed the frozen inputs
         save_model(payload, cached)   # metrics are added below, once measured

@@ -253,6 +253,7 @@ def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classi
                              "views_skipped": feature_sets.views_skipped},
             "config": asdict(cfg),
             "search_seconds": outcome.seconds,
+            "search_processes": outcome.processes,
             "refit_seconds": final.seconds,
         }),
     )
@@ -261,13 +262,16 @@ def _payload(outcome: SearchOutcome, final, chosen_set: CombinedBackbone, classi
 def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | None = None, index: str = "Flat",
                      k: int = 10, metric: str = "cosine", search_params: str = "",
                      settings: InferenceSettings = InferenceSettings(), model_path=None, retrain: bool = False,
-                     reference: bool = True, store: StoreSettings = StoreSettings()) -> SearchedEvaluation:
+                     reference: bool = True, store: StoreSettings = StoreSettings(),
+                     processes: int | None = None) -> SearchedEvaluation:
     """Searches the combination ``backbone`` on the train split, refits the choice, scores it on query -> gallery.
 
     The model file (the chosen feature set's head, its classifier, its ranking and every
     candidate's validation numbers) is cached under ``data/processed/heads/search-<key>.pt``,
     the key covering the name, every leaf's cache key, the train rows and the settings;
     ``model_path`` gets a copy. Its backbone name is ``<chosen feature set>+head:<file>``.
+    ``processes``: candidates trained side by side (None: one process per CPU); the choice and
+    every number are the same for any count.
     """
     base_name, reference_file = split_backbone_name(backbone)
     if reference_file is not None or not is_combined_name(base_name):
@@ -299,7 +303,7 @@ def search_finetuned(prepared: PreparedData, backbone: str, cfg: SearchConfig | 
         features = {name: leaves.combine(combinations[name], train_rows) for name in feature_sets.retrieval}
         classifier_features = {name: leaves.combine(combinations[name], train_rows)
                                for name in feature_sets.classifier}
-        outcome = search_models(features, classifier_features, labels[train], cfg, settings.progress)
+        outcome = search_models(features, classifier_features, labels[train], cfg, settings.progress, processes)
         chosen_name, classifier_name = outcome.chosen["features"], outcome.classifier["features"]
         final = refit_chosen(features[chosen_name], classifier_features[classifier_name], labels[train], outcome, cfg,
                              settings.progress)
@@ -399,6 +403,8 @@ def _search_record(payload: dict, cached: Path, model_path, reused: bool, classi
             "n_train": payload["n_train"],
             "slices": selection["slices"],
             "candidates_compared": len(selection["candidates"]),
+            "search_seconds": round(selection["search_seconds"], 1),
+            "search_processes": selection.get("search_processes", 1),
             "classifier_selection": selection["classifier_selection"],
             "categories_without_validation": selection["not_validated"],
             "preprocessing": payload["preprocessing"],

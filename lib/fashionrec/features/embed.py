@@ -18,18 +18,19 @@ embedded and cached under its own key, and the combination is computed from them
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .. import config
 from ..console import progress_bar
@@ -38,8 +39,9 @@ from ..data.ledger import skipped_entry
 from ..errors import FashionRecError
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone, preprocessing
+from ..models.runtime import available_threads
 from ..settings import InferenceSettings
-from .batches import collate, decode, embed_batch
+from .batches import collate, decode, embed_batch, exact_preprocessing
 from .ray_engine import embed_on_ray
 
 # Images per cache shard: the most work a kill can lose. Overridable so tests can kill
@@ -68,18 +70,6 @@ class Embeddings:
     @property
     def images_per_second(self) -> float:
         return self.n_computed / self.seconds if self.seconds > 0 else float("nan")
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, paths: list[str], transform):
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, position):
-        return decode(self.paths[position], self.transform)
 
 
 class EmbeddingCache:
@@ -133,7 +123,7 @@ def embed_catalog(catalog: pd.DataFrame, backbone: Backbone | CombinedBackbone,
     keep their order. A catalog from :func:`fashionrec.data.catalog.load_dataset` has had
     every image decoded already, so this happens only when a file changed since.
     ``n_reused + n_computed`` is the number of vectors returned. ``settings`` supplies batch
-    size, decoding workers, threads and progress (the backbone already runs on its runtime).
+    size, decoding threads, runtime threads and progress (the backbone already runs on its runtime).
     A combination is embedded part by part (see :func:`embed_combined`).
     """
     if isinstance(backbone, CombinedBackbone):
@@ -227,31 +217,41 @@ def _shard_batches(n_pending: int, batch_size: int) -> list[list[int]]:
 
 
 def _compute_missing(catalog, backbone: Backbone, cache: EmbeddingCache, digests, pending, settings: InferenceSettings):
+    """Embeds the pending images shard by shard: each batch decoded by every decoding thread, then run.
+
+    Decoding and the network take turns, each on every core: on a small machine the two
+    overlapping only make the runtime's threads wait for cores that decoding holds, while
+    taking turns costs each image the two stages' times on all cores, which is the limit
+    benchmarks/embed_throughput.py compares the pipeline with.
+    """
     paths = catalog["path"].to_numpy()
-    batch_size, num_workers = settings.batch_size, settings.workers
+    decoders = min(decoding_threads(settings), len(pending))
+    spec = exact_preprocessing(backbone.transform)
     bar = progress_bar(total=len(pending), desc=f"embedding with {backbone.name}", unit="img",
                        progress=settings.progress)
-    # One loader for all shards: its worker processes start once and keep decoding the
-    # next shard's images while the current shard is written.
-    loader = DataLoader(
-        _ImageFiles([paths[p] for p in pending], backbone.transform),
-        batch_sampler=_shard_batches(len(pending), batch_size), num_workers=min(num_workers, len(pending)),
-        collate_fn=collate,
-    )
-    batches = iter(loader)
-    for start in range(0, len(pending), SHARD_SIZE):
-        shard_positions = pending[start:start + SHARD_SIZE]
-        vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
-        errors: list[str] = []
-        offset = 0
-        while offset < len(shard_positions):
-            batch, reasons = next(batches)
-            vectors[offset:offset + len(reasons)] = embed_batch(backbone, batch, reasons)
-            errors.extend(reasons)
-            offset += len(reasons)
-            bar.update(len(reasons))
-        cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
+    decode_one = functools.partial(decode, transform=backbone.transform, spec=spec)
+    with ThreadPoolExecutor(max(decoders, 1), thread_name_prefix="fashionrec-decode") as pool:
+        mapper = pool.map if decoders > 1 else map
+        batches = (collate(list(mapper(decode_one, [paths[pending[i]] for i in batch])))
+                   for batch in _shard_batches(len(pending), settings.batch_size))
+        for start in range(0, len(pending), SHARD_SIZE):
+            shard_positions = pending[start:start + SHARD_SIZE]
+            vectors = np.zeros((len(shard_positions), backbone.dim), dtype=np.float32)
+            errors: list[str] = []
+            offset = 0
+            while offset < len(shard_positions):
+                batch, reasons = next(batches)
+                vectors[offset:offset + len(reasons)] = embed_batch(backbone, batch, reasons)
+                errors.extend(reasons)
+                offset += len(reasons)
+                bar.update(len(reasons))
+            cache.write_shard([digests[p] for p in shard_positions], vectors, errors)
     bar.close()
+
+
+def decoding_threads(settings: InferenceSettings) -> int:
+    """Threads that decode each batch: ``settings.workers``, or one per CPU this process may use."""
+    return available_threads() if settings.workers is None else settings.workers
 
 
 def _compute_missing_on_ray(catalog, backbone: Backbone, cache: EmbeddingCache, digests, pending,

@@ -37,7 +37,7 @@ from ..models.backbone import Backbone
 from ..models.registry import get_backbone
 from ..models.runtime import DraftTransform, available_threads, runtime_of, with_runtime
 from ..settings import InferenceSettings
-from .batches import collate, decode, embed_batch
+from .batches import collate, decode, embed_batch, exact_preprocessing
 
 # Ray reads this once, at import: "0" makes it pick the loopback address for a local node
 # and bind every server there (the mode it uses on macOS and Windows).
@@ -84,9 +84,11 @@ class EmbedActor:
     def __init__(self, recipe: BackboneRecipe):
         torch.set_num_threads(recipe.threads)
         self.backbone = recipe.build()
+        self.spec = exact_preprocessing(self.backbone.transform)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch_tensor, reasons = collate([decode(str(path), self.backbone.transform) for path in batch["path"]])
+        batch_tensor, reasons = collate([decode(str(path), self.backbone.transform, self.spec)
+                                         for path in batch["path"]])
         return {"position": batch["position"], "vector": embed_batch(self.backbone, batch_tensor, reasons),
                 "error": np.array(reasons, dtype=object)}
 

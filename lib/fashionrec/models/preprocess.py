@@ -243,12 +243,14 @@ def _pixels(image: Image.Image | np.ndarray, box: tuple[int, int, int, int], cha
     return _transposed(rows, channels) if transpose else rows
 
 
-def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing) -> np.ndarray:
+def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing, split: bool = True) -> np.ndarray:
     """``spec.reference_geometry()(image)`` as uint8 (height, width[, 3]), computing only what the crop keeps.
 
     ``image``: a Pillow image, or its pixels as uint8 (height, width, 3) for RGB or (height, width)
     for L. Falls back to the reference steps where the shortcut does not apply (other filters,
-    no crop, a crop larger than the resized image, modes other than RGB/L).
+    no crop, a crop larger than the resized image, modes other than RGB/L). ``split=False`` keeps a
+    tall crop on the calling thread: a batch already keeps every core busy with other images, and
+    the hand-over to the helper thread would only cost.
     """
     if isinstance(image, np.ndarray):
         height, width = image.shape[:2]
@@ -274,7 +276,7 @@ def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing) -> np.
     vertical_first = shrink_height > 0 and shrink_height > shrink_width * 2   # Pillow 13's choice of pass order
     rows_of_crop = partial(_crop_rows, image, channels, (x_start, x_taps, x_weights) if resize_x else None,
                            (y_start, y_taps, y_weights) if resize_y else None, vertical_first, left, top, crop_width)
-    helper = _row_helper()
+    helper = _row_helper() if split else None
     if helper is None or crop_height < SPLIT_MIN_ROWS:
         out = rows_of_crop(0, crop_height)
     else:   # the upper half in the helper thread, the lower half here (the passes release the GIL)
@@ -369,15 +371,32 @@ def geometry_is_exact(spec: Preprocessing) -> bool:
         return _checked[spec]
 
 
-def crop_pixels(image: Image.Image | np.ndarray, spec: Preprocessing, exact_shortcut: bool = True) -> np.ndarray:
+def crop_pixels(image: Image.Image | np.ndarray, spec: Preprocessing, exact_shortcut: bool = True,
+                split: bool = True) -> np.ndarray:
     """The network's input as uint8 (height, width, 3): the geometry of ``spec``, no float step.
 
-    ``image``: a Pillow image or RGB pixels (height, width, 3) uint8.
+    ``image``: a Pillow image or RGB pixels (height, width, 3) uint8; ``split``: see :func:`resize_and_crop`.
     """
     if isinstance(image, np.ndarray):
         if exact_shortcut:
-            return resize_and_crop(image, spec)
+            return resize_and_crop(image, spec, split)
         image = Image.fromarray(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return resize_and_crop(image, spec) if exact_shortcut else np.asarray(spec.reference_geometry()(image))
+    return resize_and_crop(image, spec, split) if exact_shortcut else np.asarray(spec.reference_geometry()(image))
+
+
+def input_array(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """The float32 (3, height, width) a torchvision ``ToTensor`` (+ ``Normalize``) makes of crop ``pixels``.
+
+    The same float32 operations in the same order (divide by 255, subtract the mean, divide by
+    the std, each rounded to float32), so the same bits: the batch path feeds the network exactly
+    what the transform gave it, without a PIL image or a torch tensor in between.
+    """
+    values = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    if spec.scale:
+        np.divide(values, np.float32(255), out=values)
+    if spec.mean is not None:
+        np.subtract(values, np.asarray(spec.mean, np.float32)[:, None, None], out=values)
+        np.divide(values, np.asarray(spec.std, np.float32)[:, None, None], out=values)
+    return values

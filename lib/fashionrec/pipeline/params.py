@@ -109,8 +109,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "on a CPU), `eager` (reference PyTorch) or `onnx-int8` (quantised: changes embeddings).", ("01",),
               choices=RUNTIMES),
     Parameter("batch_size", "int", 32, "Images per forward pass when embedding.", ("01",), minimum=1),
-    Parameter("num_workers", "int", 2, "Image decoding worker processes when embedding (`--workers`).", ("01",),
-              minimum=0),
+    Parameter("num_workers", "int", None, "Image decoding threads when embedding (`--workers`). Null: one per "
+              "CPU this process may use.", ("01",), nullable=True, minimum=0),
     Parameter("threads", "int", None, "Threads of the inference runtime and of FAISS. Null: every CPU this "
               "process may use.", ("01", "02"), nullable=True, minimum=1),
     Parameter("indexes", "list[str]", list(SPINE_FACTORIES), "FAISS factory strings to build and evaluate; "

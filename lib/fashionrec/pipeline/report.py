@@ -220,7 +220,7 @@ def _timings_section(out: Path) -> list[str]:
         measured = json.loads(search_timing.read_text())["cost_measured_on"]
         lines += [f"Embedding cost of the model search's candidates, measured in one run on {measured['n_images']} "
                   f"{measured['split']} images (runtime {measured['runtime']}, batch {measured['batch_size']}, "
-                  f"{measured['workers']} decoding workers, caches bypassed; 1-minute load average "
+                  f"{measured['workers']} decoding threads, caches bypassed; 1-minute load average "
                   f"{measured['load_average_1min'][0]} before, {measured['load_average_1min'][1]} after): a "
                   "combination costs the sum of its networks; 'chosen (serving)' includes the classifier's "
                   "features when it ranks by predicted category.", "",

@@ -21,7 +21,9 @@ rows (:func:`refit_chosen`). The query split is never an input here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +32,6 @@ import pandas as pd
 import torch
 
 from .. import config
-from ..console import progress_bar
 from ..data.split import validation_split
 from ..evaluation import metrics
 from ..ranking.policies import HARD_BOOST
@@ -38,6 +39,7 @@ from ..models.classifier import CategoryClassifier
 from ..models.projection import ProjectionHead, l2_normalize, project
 from .classify import train_classifier
 from .heads import LOSSES, HeadConfig, torch_threads, train_head, validation_uses_fit_rows
+from .parallel import run_jobs, worker_processes
 
 NO_HEAD = "none"
 DEFAULT_BOOSTS = (0.0, 0.1, 0.2, math.inf)
@@ -139,34 +141,40 @@ def _interval(values: np.ndarray, seed: int) -> list[float]:
 
 
 def choose_classifier(features: dict[str, np.ndarray], labels, slices: Slices, cs=(1.0, 10.0, 100.0),
-                      seed: int = config.DEFAULT_SEED, progress: bool = True) -> tuple[dict, pd.DataFrame, np.ndarray]:
+                      seed: int = config.DEFAULT_SEED, progress: bool = True,
+                      processes: int | None = 1) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """Features and C of the category classifier, by accuracy on the select slice.
 
     Each candidate trains on the fit and stop rows (``features``: name -> train-row features,
     listed cheapest first; ties keep the first). Returns the choice, the table of every
     candidate (select accuracy with its 95% bootstrap interval) and the chosen classifier's
     predictions for every train row (what the candidates' rankings are scored with).
+    ``processes``: candidates trained side by side (:func:`~fashionrec.training.parallel.run_jobs`;
+    None: one per CPU), with the same results.
     """
     labels = np.asarray(labels).astype(str)
-    trained_on = ~slices.select
+    jobs = [functools.partial(_fit_classifier, vectors, labels, slices.select, name, c, seed)
+            for name, vectors in features.items() for c in cs]
     rows, best = [], None
-    bar = progress_bar(total=len(features) * len(cs), desc="search: category classifier", unit="fit",
-                       progress=progress)
-    for name, vectors in features.items():
-        for c in cs:
-            started = time.perf_counter()
-            classifier = train_classifier(vectors[trained_on], labels[trained_on], name, c, seed)
-            correct = classifier.predict(vectors[slices.select]) == labels[slices.select]
-            accuracy = float(correct.mean()) if correct.size else float("nan")
-            rows.append({"features": name, "dim": int(vectors.shape[1]), "c": c, "select_accuracy": accuracy,
-                         "select_accuracy_ci": _interval(correct, seed),
-                         "seconds": round(time.perf_counter() - started, 2)})
-            if best is None or accuracy > best[0]:
-                best = (accuracy, name, c, classifier)
-            bar.update(1)
-    bar.close()
+    for row, classifier in run_jobs(jobs, processes, progress, desc="search: category classifier"):
+        rows.append(row)
+        if best is None or row["select_accuracy"] > best[0]:
+            best = (row["select_accuracy"], row["features"], row["c"], classifier)
     _, name, c, classifier = best
     return {"features": name, "c": c}, pd.DataFrame(rows), classifier.predict(features[name])
+
+
+def _fit_classifier(vectors: np.ndarray, labels: np.ndarray, select: np.ndarray, name: str, c: float,
+                    seed: int) -> tuple[dict, CategoryClassifier]:
+    """One classifier candidate, trained off the select slice and scored on it."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    classifier = train_classifier(vectors[~select], labels[~select], name, c, seed)
+    correct = classifier.predict(vectors[select]) == labels[select]
+    accuracy = float(correct.mean()) if correct.size else float("nan")
+    return {"features": name, "dim": int(vectors.shape[1]), "c": c, "select_accuracy": accuracy,
+            "select_accuracy_ci": _interval(correct, seed),
+            "seconds": round(time.perf_counter() - started, 2),
+            "cpu_seconds": round(time.process_time() - cpu_started, 2)}, classifier
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +193,7 @@ class SearchOutcome:
     chosen: dict                       # the best row: features, loss, hidden_dim, boost, epochs, ...
     predicted: np.ndarray              # the chosen classifier's categories of the train rows (trained off select)
     seconds: float
+    processes: int = 1                 # worker processes that trained the candidates side by side
 
 
 def _head_config(cfg: SearchConfig, hidden_dim: int) -> HeadConfig:
@@ -193,8 +202,12 @@ def _head_config(cfg: SearchConfig, hidden_dim: int) -> HeadConfig:
 
 def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categories: list[str], predicted: np.ndarray,
                      slices: Slices, loss: str, hidden: int, cfg: SearchConfig, stage: int) -> list[dict]:
-    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice (a row each)."""
-    started = time.perf_counter()
+    """Trains one head (on fit, stopped on stop) and scores it with every boost on the select slice (a row each).
+
+    ``train_cpu_seconds``: CPU time of this process meanwhile, which, unlike the wall time, does not
+    grow when other processes share the cores.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
     trained = None
     if loss != NO_HEAD:
         with torch_threads(cfg.train_threads):
@@ -210,17 +223,21 @@ def _score_candidate(name: str, vectors: np.ndarray, labels: np.ndarray, categor
                      "stop_precision_at_k": trained.best_val_precision if trained else None,
                      "select_precision_at_k": float(precision.mean()) if precision.size else float("nan"),
                      "select_precision_at_k_ci": _interval(precision, cfg.head.seed),
-                     "train_seconds": round(time.perf_counter() - started, 2)})
+                     "train_seconds": round(time.perf_counter() - started, 2),
+                     "train_cpu_seconds": round(time.process_time() - cpu_started, 2)})
     return rows
 
 
 def search_models(features: dict[str, np.ndarray], classifier_features: dict[str, np.ndarray], labels,
-                  cfg: SearchConfig = SearchConfig(), progress: bool = True) -> SearchOutcome:
+                  cfg: SearchConfig = SearchConfig(), progress: bool = True,
+                  processes: int | None = None) -> SearchOutcome:
     """Compares every candidate on the select slice and returns the best (see the module docstring).
 
     ``features``: name -> train-row features of each retrieval feature set (cheapest first);
     ``classifier_features``: the same for the classifier's candidates. Seeded throughout
-    (``cfg.head.seed``): the same inputs give the same choice.
+    (``cfg.head.seed``): the same inputs give the same choice. ``processes``: candidates
+    trained side by side, each on ``cfg.train_threads`` threads (None: one process per CPU;
+    :mod:`fashionrec.training.parallel`); the choice and every number are the same for any count.
     """
     started = time.perf_counter()
     labels = np.asarray(labels).astype(str)
@@ -229,30 +246,37 @@ def search_models(features: dict[str, np.ndarray], classifier_features: dict[str
     if not slices.select.any():
         raise ValueError("no category has enough train images for a selection slice (3 or more per category)")
     classifier, classifier_table, predicted = choose_classifier(classifier_features, labels, slices,
-                                                                cfg.classifier_c, seed, progress)
+                                                                cfg.classifier_c, seed, progress, processes)
     categories = sorted(set(labels))
     first_stage = [(NO_HEAD, 0)] if cfg.frozen_candidates else []
     first_stage += [(loss, cfg.hidden_dims[0]) for loss in cfg.losses]
-    rows: list[dict] = []
-    bar = progress_bar(total=len(features) * len(first_stage) + len(cfg.hidden_dims) - 1,
-                       desc="search: feature sets x heads", unit="head", progress=progress)
-    for name, vectors in features.items():
-        for loss, hidden in first_stage:
-            rows += _score_candidate(name, vectors, labels, categories, predicted, slices, loss, hidden, cfg, 1)
-            bar.update(1)
+    candidate = functools.partial(_score_candidate, labels=labels, categories=categories, predicted=predicted,
+                                  slices=slices, cfg=cfg)
+    jobs = [functools.partial(candidate, name, vectors, loss=loss, hidden=hidden, stage=1)
+            for name, vectors in features.items() for loss, hidden in first_stage]
+    # The widest heads start first: a long job started last would leave the other cores idle.
+    costs = [vectors.shape[1] * (loss != NO_HEAD) for vectors in features.values() for loss, _ in first_stage]
+    rows: list[dict] = [row for rows_of_one in run_jobs(jobs, processes, progress, "search: feature sets x heads",
+                                                        costs)
+                        for row in rows_of_one]
     best = max(rows, key=lambda row: -math.inf if math.isnan(row["select_precision_at_k"]) else
                row["select_precision_at_k"])
+    widths = []
     if best["loss"] != NO_HEAD:
-        for hidden in cfg.hidden_dims[1:]:
-            rows += _score_candidate(best["features"], features[best["features"]], labels, categories, predicted,
-                                     slices, best["loss"], hidden, cfg, 2)
-            bar.update(1)
-    bar.close()
+        widths = [functools.partial(candidate, best["features"], features[best["features"]], loss=best["loss"],
+                                    hidden=hidden, stage=2) for hidden in cfg.hidden_dims[1:]]
+        rows += [row for rows_of_one in run_jobs(widths, processes, progress, "search: widths of the best head")
+                 for row in rows_of_one]
     candidates = pd.DataFrame(rows)
     best = candidates["select_precision_at_k"].to_numpy()
     chosen = candidates.iloc[int(np.nanargmax(best))].to_dict()
-    return SearchOutcome(slices, classifier, classifier_table, candidates, chosen, predicted,
-                         time.perf_counter() - started)
+    workers = worker_processes(len(jobs), processes)
+    seconds = time.perf_counter() - started
+    if progress:
+        print(f"[search] {len(classifier_table)} classifiers and {len(jobs) + len(widths)} heads compared in "
+              f"{seconds:.1f} s on "
+              f"{workers} worker process(es) of {cfg.train_threads or 'all'} thread(s) each", file=sys.stderr)
+    return SearchOutcome(slices, classifier, classifier_table, candidates, chosen, predicted, seconds, workers)
 
 
 # --------------------------------------------------------------------------------------------
