@@ -8,6 +8,7 @@ SUMMARIES = {
     "app": "the recommendation app in the browser (Streamlit)",
     "backbones": "list the backbones (built-in, and those your modules register)",
     "data": "find or fetch the named datasets (each independently)",
+    "distil": "train one EfficientNet-Lite to reproduce a teacher model, on the train split",
     "pipeline": "run the numbered notebooks with papermill",
     "params": "list the keys of a parameter file, or check one",
 }
