@@ -24,8 +24,8 @@ from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, dataset_fingerprint, evaluate_embeddings
 from ..models.ensemble import is_combined_name
-from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, load_model, plain_values, save_model,
-                                split_backbone_name)
+from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, load_model, plain_values, resolve_head_path,
+                                save_model, split_backbone_name)
 from ..models.registry import get_backbone
 from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
 from ..settings import InferenceSettings, StoreSettings
@@ -191,8 +191,16 @@ def distil_student(prepared: PreparedData, teacher: str, student: str = "efficie
                                         search_params=search_params, settings=settings, store=store)
 
     measured = measured_on_queries(evaluation, frozen_evaluation, classification, k, index, metric, seed, metadata)
-    if payload.get("metrics") != measured:
+    student_queries = _aligned(evaluation, taught.evaluation, head_reference.evaluation)
+    on_queries = plain_values({
+        "k": k, "index": index, "metric": metric, "split_seed": seed,
+        "dataset_fingerprint": dataset_fingerprint(eval_meta), "query_ids": list(evaluation.queries["id"]),
+        "own_head": {"name": head_reference.record["finetune"]["finetuned_backbone"],
+                     "precision_at_k": student_queries[0][1].tolist()},
+        "teacher": {"name": taught.name, "precision_at_k": student_queries[1][1].tolist()}})
+    if payload.get("metrics") != measured or payload["distillation"].get("on_queries") != on_queries:
         payload["metrics"] = measured
+        payload["distillation"]["on_queries"] = on_queries
         save_model(payload, cached)
     model_path, backbone = cached, served
     if run is not None:
@@ -200,7 +208,6 @@ def distil_student(prepared: PreparedData, teacher: str, student: str = "efficie
         save_model(payload, model_path)
         backbone = f"{student}{HEAD_SEPARATOR}{run}"
 
-    student_queries = _aligned(evaluation, taught.evaluation, head_reference.evaluation)
     distillation = payload["distillation"]
     record = {
         **evaluation_record(prepared, backbone, settings.runtime, headed, eval_meta, evaluation),
@@ -250,6 +257,35 @@ def _aligned(student: Evaluation, teacher: Evaluation, head: Evaluation) -> list
         order = [position[image_id] for image_id in ids]
         pairs.append((student.per_query["precision_at_k"], other.per_query["precision_at_k"][order]))
     return pairs
+
+
+def distillation_gains(backbone: str, embeddings, k: int, index: str, metric: str, search_params: str, seed: int,
+                       store: StoreSettings = StoreSettings()) -> dict | None:
+    """A distilled student's paired P@k gains over its own network's head and to its teacher, or None.
+
+    ``embeddings`` are the student's gallery and query embeddings as ``evaluate`` computed
+    them. The references' per-query P@k were stored in the student's model file when it was
+    distilled; they pair only on the same queries, k, index and metric, otherwise None. The
+    student is ranked as ``evaluate`` ranks, by similarity alone.
+    """
+    reference = split_backbone_name(backbone)[1]
+    if reference is None:
+        return None
+    stored = (load_model(resolve_head_path(reference)).get("distillation") or {}).get("on_queries")
+    if not stored or (stored["k"], stored["index"], stored["metric"]) != (k, index, metric):
+        return None
+    evaluation = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=k, index=index, metric=metric,
+                                     search_params=search_params, seed=seed, store=store)
+    position = {image_id: i for i, image_id in enumerate(evaluation.queries["id"])}
+    if set(position) != set(stored["query_ids"]):
+        return None
+    mine = evaluation.per_query["precision_at_k"][[position[image_id] for image_id in stored["query_ids"]]]
+    gains = {}
+    for name, key in (("own_head", "over_own_head"), ("teacher", "to_teacher")):
+        other = np.asarray(stored[name]["precision_at_k"], dtype=float)
+        gains[key] = {"reference": stored[name]["name"], **metrics.paired_bootstrap(mine, other, seed=seed)}
+    return plain_values({"precision_at_k_gains": gains, "ranking": "by similarity alone, as evaluate ranks",
+                         "references_measured": "when the student was distilled, on these same queries"})
 
 
 def teacher_digest(vectors: np.ndarray) -> str:
