@@ -14,6 +14,7 @@ from fashionrec.cli import main
 from fashionrec.experiment.distil import distil_student
 from fashionrec.experiment.evaluate import prepare
 from fashionrec.models.finetuned import load_model, parameters_sha256
+from fashionrec.pipeline.stages import run_dir, stage_distil, stage_prepare
 from fashionrec.serving.build import build_index_folder
 from fashionrec.settings import InferenceSettings
 from fashionrec.training.distil import DistilConfig, RelationalLoss, pkt, rkd_angle, rkd_distance
@@ -158,3 +159,17 @@ def test_a_student_outside_the_lite_family_is_refused(shop, capsys):
               "--student", "resnet50", "--quiet"])
     assert refused.value.code == 2
     assert "efficientnet_lite0" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_pipeline_stage_writes_the_student_its_tables_and_the_quality_cost_columns(shop):
+    stage_prepare("distil-stage", "folder", shop, progress=False)
+    result, table = stage_distil("distil-stage", "efficientnet_lite1", k=3, relational_weights=[1.0], cost_images=4,
+                                 progress=False)
+    out = run_dir("distil-stage")
+    assert load_model(out / "student.pt")["distillation"]["teacher"]["name"] == "efficientnet_lite1"
+    assert list(table["model"]) == ["efficientnet_lite0 (frozen)", "efficientnet_lite0 + head (--finetune)",
+                                    "teacher: efficientnet_lite1", "student: efficientnet_lite0 distilled"]
+    assert (table["ms_per_image"] > 0).all() and (table["precision_at_k_low"] <= table["precision_at_k"]).all()
+    assert json.loads((out / "distil_metrics.json").read_text())["served_name"].endswith("student.pt")
+    assert len(json.loads((out / "distil_metrics.json").read_text())["choices"]["candidates"]) == 1
