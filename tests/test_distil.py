@@ -103,7 +103,8 @@ def test_a_student_is_reproducible_from_its_seed_and_serves_through_its_onnx_que
     assert record["backbone"] == "efficientnet_lite0+head:student" and record["student"] == "efficientnet_lite0"
     assert record["teacher"]["name"] == "efficientnet_lite1" and 0 <= record["teacher"]["precision_at_k"] <= 1
     assert record["losses"]["relational"]["kind"] == "rkd" and record["choices"]["candidates"][0]["chosen"]
-    assert set(record["precision_at_k_gains"]) == {"over_own_head", "to_teacher"}
+    assert set(record["precision_at_k_gains"]) == {"over_own_head", "over_own_head_by_similarity", "to_teacher"}
+    assert "precision_at_k" in record["references"]["head"]["with_its_category_boost"]
     assert json.loads((config.RESULTS_DIR / "student" / "distil.json").read_text())["backbone"] == record["backbone"]
     payload = load_model(record["model_file"])
     assert payload["level"] == 2 and payload["trunk_state_dict"] and payload["distillation"]["student"] == \

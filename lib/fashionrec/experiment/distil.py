@@ -230,13 +230,23 @@ def distil_student(prepared: PreparedData, teacher: str, student: str = "efficie
         "precision_at_k_plain": round(plain.summary["precision_at_k"], 6),
         "precision_at_k_gains": plain_values({
             "over_own_head": metrics.paired_bootstrap(*student_queries[0], seed=seed),
+            "over_own_head_by_similarity": metrics.paired_bootstrap(
+                _aligned(plain, taught.evaluation, head_reference.evaluation)[0][0], student_queries[0][1], seed=seed),
             "to_teacher": metrics.paired_bootstrap(*student_queries[1], seed=seed)}),
+        "gains_note": ("each model ranked as it is served: the student with the category ranking its select slice "
+                       "chose (category_boost), its network's own head and a given teacher by similarity alone; "
+                       "over_own_head_by_similarity ranks both by similarity alone"),
         "references": {
             "frozen": _short(frozen_evaluation, seed, backbone=student),
             "head": {**_short(head_reference.evaluation, seed,
                               backbone=head_reference.record["finetune"]["finetuned_backbone"]),
                      "category_accuracy": head_reference.record["category_accuracy"],
-                     "category_accuracy_ci": head_reference.record["category_accuracy_ci"]}},
+                     "category_accuracy_ci": head_reference.record["category_accuracy_ci"],
+                     "with_its_category_boost": {
+                         "boost": head_reference.record["category_aware"]["boost"],
+                         "precision_at_k": head_reference.record["category_aware"]["query"]["chosen"]["precision_at_k"],
+                         "precision_at_k_ci":
+                             head_reference.record["category_aware"]["query"]["chosen"]["precision_at_k_ci"]}}},
     }
     if run is not None:
         out = config.RESULTS_DIR / run / "distil.json"
