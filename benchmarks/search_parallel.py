@@ -19,16 +19,13 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from fashionrec.experiment.evaluate import prepare  # noqa: E402
-from fashionrec.experiment.search import search_finetuned  # noqa: E402
-from fashionrec.models.runtime import available_threads  # noqa: E402
-from fashionrec.settings import InferenceSettings  # noqa: E402
-from fashionrec.training.heads import HeadConfig  # noqa: E402
-from fashionrec.training.search import SearchConfig  # noqa: E402
+from fashionrec.data.prepared import prepare
+from fashionrec.experiment.search import search_finetuned
+from fashionrec.models.runtime import available_threads
+from fashionrec.settings import InferenceSettings
+from fashionrec.training.heads import HeadConfig
+from fashionrec.training.search import SearchConfig
 
 
 def main(argv=None) -> int:

@@ -31,21 +31,18 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS.parent / "lib"))
-sys.path.insert(0, str(BENCHMARKS))
+import httpx
+import numpy as np
+import pandas as pd
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+# Run as a script, this folder is first on sys.path: the sibling benchmarks import by name.
+from embed_throughput import pipeline_embed
+from query_latency import load_average, machine, query_photos, run_queries, summarise
 
-from embed_throughput import pipeline_embed  # noqa: E402
-from query_latency import load_average, machine, query_photos, run_queries, summarise  # noqa: E402
-
-from fashionrec.models.registry import get_backbone  # noqa: E402
-from fashionrec.models.runtime import available_threads, with_runtime  # noqa: E402
-from fashionrec.serving.recommender import Recommender  # noqa: E402
-from fashionrec.settings import InferenceSettings  # noqa: E402
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import available_threads, with_runtime
+from fashionrec.serving.recommender import Recommender
+from fashionrec.settings import InferenceSettings
 
 
 async def one_level(url: str, photos: list[str], concurrency: int, duration: float, k: int) -> dict:

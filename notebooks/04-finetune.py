@@ -44,6 +44,10 @@ finetune_n_views = 2
 n_grid_queries = 6
 search_backbone = None
 search_cost_images = 64
+distil_teacher = None
+distil_teacher_finetune = False
+distil_student = "efficientnet_lite0"
+distil_relational_weights = [1.0, 10.0]
 
 # %%
 import matplotlib.pyplot as plt
@@ -52,7 +56,7 @@ import pandas as pd
 
 from fashionrec.pipeline import plots
 from fashionrec.pipeline.report import condensed_candidates
-from fashionrec.pipeline.stages import load_prepared, run_dir, stage_finetune, stage_search
+from fashionrec.pipeline.stages import load_prepared, run_dir, stage_distil, stage_finetune, stage_search
 
 prepared = load_prepared(run_name)
 out = run_dir(run_name)
@@ -274,3 +278,27 @@ if search is not None and search.cost is not None:
     print(f"embedding cost, measured in one run on {search.cost.attrs['n_images']} query images "
           f"(load average {search.cost.attrs['load_average_1min']}):")
     display(search.cost)
+
+# %% [markdown]
+# ## The best model at the cost of one network: distillation
+# With `distil_teacher` set (any model: a backbone, a combination, a `+head:` file; with
+# `distil_teacher_finetune`, the model `--finetune` chooses for it, such as the search's choice
+# above), one EfficientNet-Lite (`distil_student`) learns to reproduce the teacher's
+# similarities: its last blocks and a head are trained on the train split with a relational
+# loss (RKD distance and angle) on the teacher's normalised embeddings, over augmented views
+# of each photo, together with the category loss. The relational weight, the blocks and the
+# epochs are chosen on slices of the train split. The plot puts P@k with its interval against
+# the milliseconds each model spends on one photo, measured for all four in one run.
+
+# %%
+distilled = None
+if distil_teacher:
+    distilled, distil_table = stage_distil(run_name, distil_teacher, distil_student, distil_teacher_finetune, k=k,
+                                           metric=metric, relational_weights=distil_relational_weights)
+    print("teacher:", distilled.record["teacher"]["name"])
+    print("student served as:", distilled.record["backbone"], "| chosen:", distilled.record["choices"]["chosen"])
+    display(distil_table.round(4))
+    plots.quality_cost(distil_table, k, path=out / "figures" / "quality_cost.png")
+else:
+    print("no distillation: set distil_teacher to a model (e.g. the search's choice) to distil it into one network")
+

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fashionrec {evaluate,embed,index,recommend,duplicates,app,serve,backbones,data,pipeline,params} ...``.
+"""Command line: ``python -m fashionrec {evaluate,embed,index,recommend,duplicates,app,serve,backbones,data,distil,pipeline,params} ...``.
 
 Machine-readable results go to stdout (``--json``: exactly one JSON object); progress
 and diagnostics go to stderr, so ``... --json | jq`` always works. A mistake a user can

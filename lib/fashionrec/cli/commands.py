@@ -10,6 +10,7 @@ SUMMARIES = {
     "serve": "the recommendations over HTTP, for a shop's website (FastAPI)",
     "backbones": "list the backbones (built-in, and those your modules register)",
     "data": "find or fetch the named datasets (each independently)",
+    "distil": "train one EfficientNet-Lite to reproduce a teacher model, on the train split",
     "pipeline": "run the numbered notebooks with papermill",
     "params": "list the keys of a parameter file, or check one",
 }

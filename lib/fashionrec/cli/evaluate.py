@@ -5,6 +5,7 @@ from ..data.prepared import prepare
 from ..errors import FashionRecError
 from ..experiment.colour import colour_sweep, parse_colour_weights
 from ..experiment.cost import measure_embedding_cost
+from ..experiment.distil import distillation_gains
 from ..experiment.evaluate import evaluate_backbone
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
@@ -143,6 +144,11 @@ def run(args) -> int:
                                            relevance=args.relevance_columns, colour_weight=args.colour_weight)
     record["timing"] = {"embedded": embeddings.n_computed, "reused_from_cache": embeddings.n_reused,
                         "embed_seconds": round(embeddings.seconds, 3)}
+    if args.relevance_columns == ("label",) and not args.colour_weight:
+        distilled = distillation_gains(args.backbone, embeddings, args.k, args.index, args.metric, args.search_params,
+                                       args.split_seed, store)
+        if distilled is not None:
+            record["distillation"] = distilled
     if args.json:
         print_json(record)
     else:
@@ -151,6 +157,9 @@ def run(args) -> int:
               f"k={record['k']} | split seed {record['split_seed']} | "
               f"{record['n_queries']} queries -> {record['n_gallery']} gallery")
         print_metrics(record)
+        for name, gain in record.get("distillation", {}).get("precision_at_k_gains", {}).items():
+            print(f"  {name.replace('_', ' ')} ({gain['reference']}): {gain['diff']:+.4f} "
+                  f"(95% CI {gain['low']:+.4f} to {gain['high']:+.4f})")
         print_skipped(record["skipped"])
     return 0
 

@@ -150,6 +150,18 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("search_cost_images", "int", 64, "Query images the model search embeds with every candidate's "
               "networks, in one run and caches bypassed, to state each one's seconds per image (0: not measured).",
               ("04",), minimum=0),
+    Parameter("distil_teacher", "str", None, "A model that 04-finetune distils into one EfficientNet-Lite "
+              "(`distil_student`): any backbone name, a combination, or a `+head:` model file. The student (its last "
+              "blocks and a head, trained on the train split to reproduce the teacher's similarities and the "
+              "categories, every choice on slices of the train split) is saved as `results/<run>/student.pt`. As "
+              "`python -m fashionrec distil`. Null: no distillation.", ("04",), nullable=True),
+    Parameter("distil_teacher_finetune", "bool", False, "The teacher is the model `evaluate --backbone "
+              "<distil_teacher> --finetune` chooses (reused from its cache when that has run on this catalog).",
+              ("04",)),
+    Parameter("distil_student", "str", "efficientnet_lite0", "The student network.", ("04",),
+              choices=("efficientnet_lite0", "efficientnet_lite1")),
+    Parameter("distil_relational_weights", "list[float]", [1.0, 10.0], "Weights of the relational term (RKD "
+              "distance and angle) compared on the select slice of the train split.", ("04",), minimum=0),
     Parameter("recommend_backbone", "str", "efficientnet_lite0", "Backbone of 06-recommend's index folder; a "
               "fine-tuned `<backbone>+head:<run or file>` model too, whose category classifier then predicts each "
               "query's category.", ("06",)),

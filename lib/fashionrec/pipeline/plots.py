@@ -258,3 +258,19 @@ def colour_tradeoff(rows: list[dict], relevance: list[str], k: int, suggested: f
     axis.set_title("colour weight: category vs look")
     axis.grid(alpha=0.3)
     return _save(figure, path)
+
+
+def quality_cost(table: pd.DataFrame, k: int = 10, path=None):
+    """P@k with its 95% interval against milliseconds per photo, one point per model (``distil.csv``'s columns)."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for _, row in table.iterrows():
+        errors = [[row["precision_at_k"] - row["precision_at_k_low"]], [row["precision_at_k_high"] - row["precision_at_k"]]]
+        axis.errorbar(row["ms_per_image"], row["precision_at_k"], yerr=errors, fmt="o", capsize=4)
+        axis.annotate(row["model"], (row["ms_per_image"], row["precision_at_k"]), textcoords="offset points",
+                      xytext=(6, -10), fontsize=7)
+    axis.set_xscale("log")
+    axis.set_xlabel("milliseconds per photo (decode + preprocess + networks; one process)")
+    axis.set_ylabel(f"P@{k} (95% interval)")
+    axis.set_title("quality against cost per photo")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)

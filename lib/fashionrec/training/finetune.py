@@ -107,12 +107,14 @@ def head_payload(fit: HeadFit, backbone, head_cfg: HeadConfig, train_fingerprint
 
 def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cfg: FinetuneConfig,
                 train_fingerprint: str, multi_view: np.ndarray | None = None, num_workers: int = 2,
-                progress: bool = True) -> TrainedModel:
+                progress: bool = True, extra_loss=None) -> TrainedModel:
     """Trains level 1 (and level 2 if asked) and the category classifier on the train rows.
 
     ``train_rows`` (id, path, label, digest, in ``frozen``'s row order) are the train split;
     ``frozen`` their embeddings by ``base``; ``multi_view`` their multi-view features, if any.
     Model selection uses parts of these rows only (see the module docstring).
+    ``extra_loss(embeddings, rows)`` (level 2) adds a term to each batch's loss, ``rows`` being
+    positions in ``train_rows`` (see :func:`~fashionrec.training.trunk.tune_backbone`).
     """
     labels = train_rows["label"].astype(str).to_numpy()
     head_cfg, tune_cfg = cfg.head, cfg.tune
@@ -132,7 +134,9 @@ def train_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, cf
     if cfg.level == 2:
         tuned = tune_backbone(base, train_rows.iloc[develop].reset_index(drop=True), labels[develop], fit, tune_cfg,
                               head_cfg, num_workers=num_workers, train_threads=cfg.train_threads, progress=progress,
-                              held_out_rows=train_rows[select].reset_index(drop=True))
+                              held_out_rows=train_rows[select].reset_index(drop=True),
+                              extra_loss=None if extra_loss is None else
+                              (lambda embedded, rows: extra_loss(embedded, develop[rows])))
         # Trained on the fit part only (no refit); the select rows went through it only after training.
         head_train = np.zeros((len(labels), tuned.head.out_dim), np.float32)
         head_train[develop], head_train[select] = tuned.train_vectors, tuned.held_out_vectors

@@ -245,8 +245,12 @@ class TunedBackbone:
 
 def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: HeadFit, cfg: BackboneTuneConfig,
                   head_cfg: HeadConfig, num_workers: int = 2, train_threads: int | None = 1,
-                  progress: bool = True, held_out_rows: pd.DataFrame | None = None) -> TunedBackbone:
+                  progress: bool = True, held_out_rows: pd.DataFrame | None = None,
+                  extra_loss=None) -> TunedBackbone:
     """Level 2: trains the last ``cfg.trainable_blocks`` blocks + the head, starting from the level-1 head.
+
+    ``extra_loss(embeddings, rows)``, when given, is added to the metric-learning loss of each
+    batch: ``rows`` are the batch's positions in ``train_rows`` (distillation's relational term).
 
     ``held_out_rows`` (same columns as ``train_rows``), e.g. the selection slice, are only
     embedded by the final model (``held_out_vectors``), for choices made after training.
@@ -336,7 +340,10 @@ def tune_backbone(backbone, train_rows: pd.DataFrame, train_labels, level1: Head
                     continue
                 maps = views[chosen_view[batch].numpy(), batch].astype(np.float32)
                 x = torch.from_numpy(maps).reshape(-1, *shape)
-                loss = loss_fn(head(tail(x)), y[batch])
+                embedded = head(tail(x))
+                loss = loss_fn(embedded, y[batch])
+                if extra_loss is not None:
+                    loss = loss + extra_loss(embedded, fit_rows[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
