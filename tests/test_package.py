@@ -78,10 +78,10 @@ def test_no_function_imports_from_the_package():
     assert not found
 
 
-def test_the_readme_layout_names_every_module():
-    """A newcomer finds every module of the package in the README's layout table, in its layer."""
-    readme = (PACKAGE_DIR.parents[1] / "README.md").read_text()
-    rows = {line.split("|")[1].strip(" `/"): line for line in readme.splitlines() if line.startswith("| ")}
+def test_the_reference_layout_names_every_module():
+    """A newcomer finds every module of the package in docs/reference.md's layout table, in its layer."""
+    reference = (PACKAGE_DIR.parents[1] / "docs" / "reference.md").read_text()
+    rows = {line.split("|")[1].strip(" `/"): line for line in reference.splitlines() if line.startswith("| ")}
     missing = []
     for name in SUBMODULES:
         parts = name.split(".")[1:]
@@ -90,7 +90,7 @@ def test_the_readme_layout_names_every_module():
         layer, module = parts if len(parts) == 2 else ("base", parts[0])
         if f"`{module}`" not in rows.get(layer, ""):
             missing.append(name)
-    assert not missing, f"README.md's layout table does not name: {missing}"
+    assert not missing, f"docs/reference.md's layout table does not name: {missing}"
 
 
 REPO = PACKAGE_DIR.parents[1]
@@ -116,9 +116,9 @@ def _docstring_layers() -> list[set[str]]:
     return layers
 
 
-def _readme_layers() -> list[set[str]]:
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| layer | modules |"):].split("\n\n")[0]
+def _table_layers(page: str, header: str) -> list[set[str]]:
+    text = (REPO / page).read_text()
+    table = text[text.index(header):].split("\n\n")[0]
     layers = []
     for line in table.splitlines()[2:]:
         first, modules = line.split("|")[1].strip(), line.split("|")[2]
@@ -134,11 +134,11 @@ def test_the_readme_the_docstring_and_the_contract_say_the_same_layers():
     contract = _contract_layers()
     assert _docstring_layers() == contract
     rank = {name: position for position, layer in enumerate(contract) for name in layer}
-    readme = _readme_layers()
-    flattened = [name for layer in readme for name in sorted(layer)]
-    assert sorted(flattened) == sorted(rank), "the README's table names other layers than the contract"
-    positions = [rank[name] for name in flattened]
-    assert positions == sorted(positions), f"the README's table orders the layers otherwise: {flattened}"
+    for page, header in (("README.md", "| layer | what it is |"), ("docs/reference.md", "| layer | modules |")):
+        flattened = [name for layer in _table_layers(page, header) for name in sorted(layer)]
+        assert sorted(flattened) == sorted(rank), f"{page}'s table names other layers than the contract"
+        positions = [rank[name] for name in flattened]
+        assert positions == sorted(positions), f"{page}'s table orders the layers otherwise: {flattened}"
 
 
 def test_the_base_layer_holds_every_top_level_module():

@@ -9,11 +9,11 @@ One plain function per stage, each callable from a notebook or the command line:
     recommender.recommend("photo.jpg", k=5).results
 
 The package is two towers on one base: the research side (experiment, training, evaluation,
-pipeline) may use the product (serving and the commands that serve), never the reverse; each
+pipeline) may use the product (serving, the HTTP service and the commands that serve), never the reverse; each
 layer imports only from the ones below it (``make test`` checks both with import-linter):
 
     cli                      the command line
-    pipeline                 the notebooks' stages, report and plots, the papermill runner
+    service | pipeline       the HTTP service | the notebooks' stages, report and plots, the papermill runner
     experiment               prepare -> embed -> evaluate, frozen, fine-tuned or an index folder as served
     training                 fine-tuning: heads, last blocks, category classifier
     evaluation               the protocol of record, metrics, comparisons
