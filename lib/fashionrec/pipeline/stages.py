@@ -486,7 +486,7 @@ def stage_search(run_name: str, backbone: str, k: int = 10, metric: str = "cosin
     selection = result.outcome
     candidates = pd.DataFrame(selection["candidates"])
     candidates.to_csv(out / "search_candidates.csv", index=False, float_format="%.6f")
-    pd.DataFrame(selection["classifier_selection"]).drop(columns=["seconds"]).to_csv(
+    pd.DataFrame(selection["classifier_selection"]).drop(columns=["seconds", "cpu_seconds"], errors="ignore").to_csv(
         out / "search_classifier.csv", index=False, float_format="%.6f")
     record = result.record
     rows = [_query_row(f"{result.baseline_backbone.name} (frozen)", result.baseline, seed)]
