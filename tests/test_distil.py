@@ -126,7 +126,7 @@ def test_a_student_is_reproducible_from_its_seed_and_serves_through_its_onnx_que
 
     catalog = prepared.catalog[prepared.catalog["split"] != "train"].reset_index(drop=True)
     built = build_index_folder(tmp_path / "index", catalog, record["backbone"], settings=QUIET)
-    check = built.info["query_model"]["check"]
+    check = built.manifest.query_model["check"]
     assert check["images"] > 0 and check["max_relative_difference"] <= 1e-4
 
 

@@ -23,6 +23,7 @@ from .. import config
 from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
+from ..features.embed import decoding_threads
 from ..models.ensemble import is_combined_name
 from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, load_model, plain_values, resolve_head_path,
                                 save_model, split_backbone_name)
@@ -166,10 +167,10 @@ def distil_student(prepared: PreparedData, teacher: str, student: str = "efficie
         distilled = distil_model(base, metadata[train].reset_index(drop=True), frozen[train], teacher_train, cfg,
                                  train_fingerprint, {"name": taught.name, "how": taught.how,
                                                      "dim": int(teacher_train.shape[1])},
-                                 None if multi_view is None else multi_view[train], settings.workers,
+                                 None if multi_view is None else multi_view[train], decoding_threads(settings),
                                  settings.progress)
         payload = distilled.payload
-        payload["embeddings_cache_key"] = embeddings.cache_key
+        payload.embeddings_cache_key = embeddings.cache_key
         save_model(payload, cached)
 
     served = f"{student}{HEAD_SEPARATOR}{cached.name}"
@@ -200,7 +201,7 @@ def distil_student(prepared: PreparedData, teacher: str, student: str = "efficie
                      "precision_at_k": student_queries[0][1].tolist()},
         "teacher": {"name": taught.name, "precision_at_k": student_queries[1][1].tolist()}})
     if payload.get("metrics") != measured or payload["distillation"].get("on_queries") != on_queries:
-        payload["metrics"] = measured
+        payload.metrics = measured
         payload["distillation"]["on_queries"] = on_queries
         save_model(payload, cached)
     model_path, backbone = cached, served

@@ -201,11 +201,11 @@ def distil_model(base: Backbone, train_rows: pd.DataFrame, frozen: np.ndarray, t
     chosen, trained = rows[best], runs[best]
     payload = trained.payload
     seconds = time.perf_counter() - started
-    payload["train_seconds"] = float(seconds)
+    payload.train_seconds = float(seconds)
     boost = payload["selection"]["category_boost"]["boost"]
     # The served ranking: the category boost chosen on the select slice (0: by similarity alone).
-    payload["ranking"] = {"boost": boost, "categories": "predicted" if float(boost) else None}
-    payload["distillation"] = plain_values({
+    payload.ranking = {"boost": boost, "categories": "predicted" if float(boost) else None}
+    payload.extra["distillation"] = plain_values({
         "teacher": teacher_description,
         "student": base.name,
         "losses": {"category": payload["loss"],
