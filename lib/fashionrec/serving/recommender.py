@@ -363,7 +363,7 @@ class Recommender:
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
-        restrict = self.attribute_mask(filters)
+        self.attribute_mask(filters)   # a bad filter is refused before the photo is decoded
         box = check_box(box)
         started = time.perf_counter()
         decoded = {}
@@ -398,6 +398,8 @@ class Recommender:
             self._check_query(k, category, exclude_ids)
             version = self.version
             excluded = [self._row(item_id) for item_id in exclude_ids]
+            # The mask of the version answering: refresh() may have swapped it since the check above.
+            restrict = self.attribute_mask(filters)
             results = self._ranked(vector, k, category, excluded, colour, predicted, restrict)
         finally:
             self._lock.release()
@@ -416,11 +418,11 @@ class Recommender:
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
-        restrict = self.attribute_mask(filters)
         started = time.perf_counter()
         with self._lock:
             self._check_query(k, category, exclude_ids)
             version = self.version
+            restrict = self.attribute_mask(filters)
             row = self._row(item_id)
             query = self._store.stored_vectors([row])
             colour = (np.asarray(self._colour16[row], dtype=np.float32), colour_weight) if colour_weight > 0 else None
@@ -449,7 +451,6 @@ class Recommender:
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
-        restrict = self.attribute_mask(filters)
         vector = np.atleast_2d(np.asarray(vector, dtype=np.float32))
         if vector.shape != (1, self._store.dim):
             raise BadParameter(f"expected one {self._store.dim}-d vector, got shape {vector.shape}")
@@ -458,18 +459,18 @@ class Recommender:
         fusion = (np.asarray(colour, dtype=np.float32).ravel(), colour_weight) if colour_weight > 0 else None
         with self._lock:
             return self._ranked(vector, k, category, [self._row(item_id) for item_id in exclude_ids], fusion,
-                                predicted_category, restrict)
+                                predicted_category, self.attribute_mask(filters))
 
     def check_colour_weight(self, colour_weight: float) -> float:
         """``colour_weight`` as a float in [0, 1] this folder can rank with; FashionRecError saying why not."""
         weight = check_colour_weight(colour_weight, "colour_weight")
         if weight > 0 and self._colour16 is None:
             raise BadParameter(f"{self.outdir} was built without product-colour descriptors (an index folder "
-                                  "from before colour-aware ranking); rebuild it with `python -m fashionrec index "
-                                  "... --out` to use a colour weight, or use colour weight 0")
+                               "from before colour-aware ranking); rebuild it with `python -m fashionrec index "
+                               "... --out` to use a colour weight, or use colour weight 0")
         if weight > 0 and self._store.metric != "cosine":
             raise BadParameter(f"a colour weight adds cosine similarities; this index ranks by "
-                                  f"{self._store.metric}: rebuild it with --metric cosine or use colour weight 0")
+                               f"{self._store.metric}: rebuild it with --metric cosine or use colour weight 0")
         return weight
 
     def _query_colour(self, image) -> np.ndarray:
