@@ -146,6 +146,17 @@ def generated_photos(tmp_path_factory):
     return pd.DataFrame(rows), outside, root / "catalog"
 
 
+def link_generated_catalog(generated_photos, folder: Path, n: int) -> Path:
+    """The first ``n`` generated photos as an ImageFolder tree in ``folder`` (links: the same bytes,
+    the same cached embeddings)."""
+    catalog, _, root = generated_photos
+    for path in catalog["path"].iloc[:n]:
+        link = folder / os.path.relpath(path, root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def clothing_photos():
     """A seeded sample of 400 clothing photos (catalog order), and 4 other photos outside it."""

@@ -11,7 +11,7 @@ import pytest
 
 from fashionrec.cli import main
 
-from conftest import REPO, data_dirs, session_data_root
+from conftest import REPO, data_dirs, link_generated_catalog, session_data_root
 
 TIMING_KEYS = {"decode", "preprocess", "embed", "search", "total"}
 RESULT_KEYS = {"id", "path", "label", "score", "attributes", "label_probability"}
@@ -26,14 +26,8 @@ def _run(capsys, *arguments) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def catalog_dir(generated_photos, tmp_path_factory):
-    """The first 160 generated photos as an ImageFolder tree (links: the same bytes, the same cached embeddings)."""
-    catalog, _, root = generated_photos
-    folder = tmp_path_factory.mktemp("cli-catalog")
-    for path in catalog["path"].iloc[:160]:
-        link = folder / os.path.relpath(path, root)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
-    return folder
+    """The first 160 generated photos as an ImageFolder tree."""
+    return link_generated_catalog(generated_photos, tmp_path_factory.mktemp("cli-catalog"), 160)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from fashionrec import Recommender
 from fashionrec.cli import main
 from fashionrec.settings import InferenceSettings
 
-from conftest import REPO, data_dirs, session_data_root
+from conftest import REPO, data_dirs, link_generated_catalog, session_data_root
 from test_images import BAD, png_claiming_size
 
 TOKEN = "test-token-7f3a"
@@ -83,12 +83,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(generated_photos, data_root, tmp_path_factory):
     """An HNSW32 Lite0 folder of 64 generated photos (ids: paths relative to the catalog folder)."""
-    catalog, _, root = generated_photos
-    folder = tmp_path_factory.mktemp("service-catalog")
-    for path in catalog["path"].iloc[:64]:
-        link = folder / os.path.relpath(path, root)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
+    folder = link_generated_catalog(generated_photos, tmp_path_factory.mktemp("service-catalog"), 64)
     outdir = tmp_path_factory.mktemp("service-index") / "index"
     with data_dirs(data_root):
         assert main(["index", "--dataset", "folder", "--data-dir", str(folder), "--backbone", "efficientnet_lite0",
@@ -106,6 +101,22 @@ def _recommend(client: httpx.Client, url: str, photo: Path | bytes, name="photo.
     data = photo.read_bytes() if isinstance(photo, Path) else photo
     return client.post(url + "/recommend", files={"image": (name, data, "image/jpeg")},
                        data={key: str(value) for key, value in fields.items()}, timeout=60)
+
+
+def _ask_at_once(url: str, photos: list, n: int) -> list[dict]:
+    """The answers to ``n`` recommend requests sent together from ``n`` threads (photo i: ``photos[i % len]``)."""
+    answers = [None] * n
+
+    def ask(i):
+        with httpx.Client() as own:
+            answers[i] = _recommend(own, url, Path(photos[i % len(photos)]), k=5).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
 
 
 def _no_server_path(text: str, *folders: Path) -> None:
@@ -160,17 +171,7 @@ def test_concurrent_queries_are_embedded_in_batches_with_the_same_answers(server
     with httpx.Client() as client:
         alone = [_recommend(client, server, Path(photo), k=5).json() for photo in outside]
         before = _batch_counts(client.get(server + "/metrics").text)
-        answers = [None] * 32
-
-        def ask(i):
-            with httpx.Client() as own:
-                answers[i] = _recommend(own, server, Path(outside[i % len(outside)]), k=5).json()
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(32)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = _ask_at_once(server, outside, 32)
         after = _batch_counts(client.get(server + "/metrics").text)
     for i, answer in enumerate(answers):
         expected = alone[i % len(outside)]
@@ -344,22 +345,12 @@ def test_ray_serve_gives_the_same_answers(server, built, generated_photos, data_
     _, outside, _ = generated_photos
     with running_server(built, data_root, TOKEN, "--engine", "ray", "--replicas", "1", start_timeout=300,
                         stop_timeout=120) as (url, _), httpx.Client() as client:
-        answers = {}
-
-        def ask(i):
-            with httpx.Client() as own:
-                answers[i] = _recommend(own, url, Path(outside[i % len(outside)]), k=5).json()
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = _ask_at_once(url, outside, 8)
         assert client.get(url + "/health").json() == {"status": "ok", "index_version": "v000001", "items": 64}
         assert _recommend(client, url, b"not an image", k=3).status_code == 422
         assert client.delete(f"{url}/items/x").status_code == 401
         metrics = client.get(url + "/metrics").text
-    for i, answer in answers.items():
+    for i, answer in enumerate(answers):
         expected = _recommend(httpx, server, Path(outside[i % len(outside)]), k=5).json()
         assert [item["id"] for item in answer["results"]] == [item["id"] for item in expected["results"]]
         np.testing.assert_allclose([item["score"] for item in answer["results"]],
