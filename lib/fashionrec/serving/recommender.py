@@ -363,7 +363,8 @@ class Recommender:
         """
         self._check_query(k, category, exclude_ids)
         colour_weight = self.check_colour_weight(colour_weight)
-        self.attribute_mask(filters)   # a bad filter is refused before the photo is decoded
+        with self._lock:   # a bad filter is refused before the photo is decoded
+            restrict, masked_version = self.attribute_mask(filters), self.version
         box = check_box(box)
         started = time.perf_counter()
         decoded = {}
@@ -398,8 +399,8 @@ class Recommender:
             self._check_query(k, category, exclude_ids)
             version = self.version
             excluded = [self._row(item_id) for item_id in exclude_ids]
-            # The mask of the version answering: refresh() may have swapped it since the check above.
-            restrict = self.attribute_mask(filters)
+            if self.version != masked_version:   # refresh() swapped versions during the embedding
+                restrict = self.attribute_mask(filters)
             results = self._ranked(vector, k, category, excluded, colour, predicted, restrict)
         finally:
             self._lock.release()
