@@ -16,13 +16,11 @@ import random
 import sys
 
 import streamlit as st
-from PIL import Image, ImageDraw, ImageOps
-
 from fashionrec import Recommender, StoreSettings
-from fashionrec.data.images import load_image
+from fashionrec.data.images import decode_query, load_image
 from fashionrec.errors import FashionRecError, ImageError
-from fashionrec.serving.encoder import decode_query
 from fashionrec.settings import STORES
+from PIL import Image, ImageDraw, ImageOps
 
 INDEX_ENV = "FASHIONREC_INDEX_DIR"
 GRID_COLUMNS = 4

@@ -53,8 +53,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from fashionrec import config
 from fashionrec.data.catalog import load_dataset
 from fashionrec.data.split import split_catalog
@@ -63,8 +61,9 @@ from fashionrec.features.batches import decode, embed_batch, exact_preprocessing
 from fashionrec.features.embed import decoding_threads, embed_catalog
 from fashionrec.features.ray_engine import ray_session
 from fashionrec.models.registry import get_backbone
-from fashionrec.models.runtime import available_threads, calibration_sample, with_runtime
-from fashionrec.settings import RUNTIMES, InferenceSettings
+from fashionrec.models.runtime import calibration_sample, with_runtime
+from fashionrec.settings import RUNTIMES, InferenceSettings, available_threads
+from PIL import Image
 
 
 def naive_embed(paths, backbone, batch_size: int = 32) -> np.ndarray:

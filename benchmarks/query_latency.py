@@ -33,15 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fashionrec import config
 from fashionrec.data.catalog import IMAGE_SUFFIXES
 from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError, ImageError
 from fashionrec.models.registry import get_backbone
-from fashionrec.models.runtime import available_threads, with_runtime
+from fashionrec.models.runtime import with_runtime
 from fashionrec.serving.recommender import Recommender
-from fashionrec.settings import InferenceSettings
+from fashionrec.settings import InferenceSettings, available_threads
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
 PERCENTILES = (50, 95, 99)

@@ -22,8 +22,7 @@ import time
 
 from fashionrec.data.prepared import prepare
 from fashionrec.experiment.search import search_finetuned
-from fashionrec.models.runtime import available_threads
-from fashionrec.settings import InferenceSettings
+from fashionrec.settings import InferenceSettings, available_threads
 from fashionrec.training.heads import HeadConfig
 from fashionrec.training.search import SearchConfig
 

@@ -2,14 +2,25 @@
 
     python -m fashionrec serve --index-dir OUTDIR &            # the service under test
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --index-dir OUTDIR [--images DIR] \\
-        [--concurrency 1,4,16,64] [--duration 30] [--k 10] [--reference-n 256] [--json]
+        [--concurrency 1,4,16,64] [--duration 30] [--k 10] [--reference-n 256] \\
+        [--writes 100 --write-level 16 --outside-update] [--json]
 
 At each concurrency level, that many clients (asyncio + httpx, one connection each) post
 ``POST /recommend`` for ``--duration`` seconds, each request a fresh multipart upload of a
 photo file read from disk (photos in a seeded order: every image under ``--images``, default
 the index's own catalog photos). Per level: requests, errors (any answer but 200, and
 failed connections), queries per second, p50/p95/p99 latency as the client saw it, and the
-mean batch the service embedded (from its ``/metrics``, before and after the level).
+mean batch the service embedded (from its ``/metrics``, before and after the level), and the
+server's resident memory after the level (``process_resident_memory_bytes``). An answer without
+``index_version`` counts as an error.
+
+``--writes N`` (token in ``$FASHIONREC_API_TOKEN``): during the level at ``--write-level``
+clients, a writer adds N photos (``POST /items``, ids ``load-add-<i>``) and removes N catalog
+items (``DELETE /items/{id}``), one at a time, alternating; with ``--outside-update``, half-way
+through, another process runs ``python -m fashionrec index --update OUTDIR --remove <id>``. After
+the level, the folder's live ids (loaded afresh) are compared with what a rebuild of the final
+catalog holds: the first ids in their order, less every removed one, then the added ones in the
+order they were added (``writes`` in the JSON: counts, errors, seconds, ``final_catalog_equals_rebuild``).
 
 ``reference_img_per_s`` is the in-process batch embedding throughput of the served model on
 the same photos, through ``embed_throughput.py``'s pipeline (``embed_catalog``: decoding
@@ -27,6 +38,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,12 +50,11 @@ import pandas as pd
 
 # Run as a script, this folder is first on sys.path: the sibling benchmarks import by name.
 from embed_throughput import pipeline_embed
-from query_latency import load_average, machine, query_photos, run_queries, summarise
-
 from fashionrec.models.registry import get_backbone
-from fashionrec.models.runtime import available_threads, with_runtime
+from fashionrec.models.runtime import with_runtime
 from fashionrec.serving.recommender import Recommender
-from fashionrec.settings import InferenceSettings
+from fashionrec.settings import InferenceSettings, available_threads
+from query_latency import load_average, machine, query_photos, run_queries, summarise
 
 
 async def one_level(url: str, photos: list[str], concurrency: int, duration: float, k: int) -> dict:
@@ -61,7 +73,7 @@ async def one_level(url: str, photos: list[str], concurrency: int, duration: flo
                 try:
                     answer = await session.post("/recommend", files={"image": (Path(path).name, data, "image/jpeg")},
                                                 data={"k": str(k)})
-                    if answer.status_code != 200:
+                    if answer.status_code != 200 or not answer.json().get("index_version"):
                         errors.append(f"{answer.status_code} {answer.text[:200]}")
                         continue
                 except httpx.HTTPError as error:
@@ -79,11 +91,56 @@ async def one_level(url: str, photos: list[str], concurrency: int, duration: flo
             "error_examples": errors[:3]}
 
 
+def server_metrics(url: str) -> dict[str, float]:
+    """The service's Prometheus samples without labels (name -> value)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                   if line and not line.startswith("#") and "{" not in line)}
+
+
 def batch_counts(url: str) -> tuple[float, float]:
     """(photos embedded, batches) so far, from the service's Prometheus metrics."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("fashionrec_batch_size_"))
-    return float(values.get("fashionrec_batch_size_sum", 0)), float(values.get("fashionrec_batch_size_count", 0))
+    values = server_metrics(url)
+    return values.get("fashionrec_batch_size_sum", 0.0), values.get("fashionrec_batch_size_count", 0.0)
+
+
+def server_rss_mb(url: str) -> float | None:
+    rss = server_metrics(url).get("process_resident_memory_bytes")
+    return None if rss is None else round(rss / 2**20, 1)
+
+
+async def catalog_writes(url: str, token: str, index_dir: str, additions: list[tuple[str, str]], removals: list[str],
+                         outside_removal: str | None) -> dict:
+    """Adds ``additions`` (photo, label) and removes ``removals`` one request at a time, alternating; half-way,
+    another process removes ``outside_removal`` with ``index --update``. Returns what happened."""
+    headers = {"Authorization": f"Bearer {token}"}
+    added, removed, errors = [], [], []
+    steps = [step for pair in itertools.zip_longest(
+        [("add", f"load-add-{i}", path, label) for i, (path, label) in enumerate(additions)],
+        [("remove", item_id, None, None) for item_id in removals]) for step in pair if step is not None]
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=300.0, headers=headers) as session:
+        for position, (kind, item_id, path, label) in enumerate(steps):
+            if outside_removal is not None and position == len(steps) // 2:
+                command = [sys.executable, "-m", "fashionrec", "index", "--update", index_dir, "--remove",
+                           outside_removal, "--quiet"]
+                finished = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+                if finished.returncode == 0:
+                    removed.append(outside_removal)
+                else:
+                    errors.append(f"index --update: {finished.stderr.strip()[-200:]}")
+            if kind == "add":
+                answer = await session.post("/items", files={"photos": (Path(path).name, Path(path).read_bytes(),
+                                                                         "image/jpeg")},
+                                            data={"labels": label, "ids": item_id})
+            else:
+                answer = await session.delete(f"/items/{item_id}")
+            if answer.status_code == 200:
+                (added if kind == "add" else removed).append(item_id)
+            else:
+                errors.append(f"{kind} {item_id}: {answer.status_code} {answer.text[:200]}")
+    return {"adds": len(added), "removes": len(removed), "errors": len(errors), "error_examples": errors[:3],
+            "seconds": round(time.perf_counter() - started, 1), "added": added, "removed": removed}
 
 
 def reference_throughput(recommender: Recommender, photos: list[str], batch_size: int, workers: int) -> float:
@@ -96,6 +153,13 @@ def reference_throughput(recommender: Recommender, photos: list[str], batch_size
     started = time.perf_counter()
     vectors = pipeline_embed(rows, backbone, batch_size, workers, available_threads())
     return len(vectors) / (time.perf_counter() - started)
+
+
+def final_catalog_matches(index_dir: str, initial_ids: list[str], writes: dict) -> bool:
+    """Whether the folder's live ids, in order, are a rebuild's: the initial ids less the removed, then the added."""
+    removed = set(writes["removed"])
+    expected = [item_id for item_id in initial_ids if item_id not in removed] + writes["added"]
+    return Recommender.load(index_dir, InferenceSettings(progress=False)).ids == expected
 
 
 def main(argv=None) -> int:
@@ -112,6 +176,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the reference pipeline")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers of the reference pipeline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writes", type=int, default=0,
+                        help="photos to add and items to remove through the API during one level (token: "
+                             "$FASHIONREC_API_TOKEN)")
+    parser.add_argument("--write-level", type=int, default=16, help="the concurrency level the writes run in")
+    parser.add_argument("--outside-update", action="store_true",
+                        help="with --writes: one `index --update --remove` from another process half-way through")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     levels = [int(value) for value in args.concurrency.split(",")]
@@ -127,13 +197,31 @@ def main(argv=None) -> int:
     in_process = summarise(timings[10:] or timings)["total"]
     loads["after_reference"] = load_average()
 
-    results = []
+    token = os.environ.get("FASHIONREC_API_TOKEN")
+    if args.writes and not token:
+        parser.error("--writes needs the service's token in $FASHIONREC_API_TOKEN")
+    initial_ids = Recommender.load(args.index_dir, InferenceSettings(progress=False)).ids if args.writes else []
+    labels = dict(zip(recommender.catalog["path"], recommender.catalog["label"]))
+    results, writes = [], None
     for concurrency in levels:
         before = batch_counts(url)
-        level = asyncio.run(one_level(url, photos, concurrency, args.duration, args.k))
+        if args.writes and concurrency == args.write_level:
+            additions = [(path, labels[path]) for path in photos[: args.writes]]
+            removals = initial_ids[-args.writes:]
+            outside = initial_ids[0] if args.outside_update else None
+
+            async def level_with_writes():
+                return await asyncio.gather(one_level(url, photos, concurrency, args.duration, args.k),
+                                            catalog_writes(url, token, args.index_dir, additions, removals, outside))
+
+            level, writes = asyncio.run(level_with_writes())
+            writes["final_catalog_equals_rebuild"] = final_catalog_matches(args.index_dir, initial_ids, writes)
+        else:
+            level = asyncio.run(one_level(url, photos, concurrency, args.duration, args.k))
         after = batch_counts(url)
         batches = after[1] - before[1]
         level["mean_batch"] = round((after[0] - before[0]) / batches, 2) if batches else None
+        level["server_rss_mb"] = server_rss_mb(url)
         level["load_average_after"] = load_average()
         results.append(level)
         print(f"concurrency {concurrency}: {level['requests']} requests, {level['errors']} errors, "
@@ -150,20 +238,25 @@ def main(argv=None) -> int:
               "levels": results, "reference_img_per_s": round(reference, 2),
               "reference_runs_img_per_s": [round(reference_before, 2), round(reference_after, 2)],
               "in_process_p50_ms": in_process["p50"], "in_process_p95_ms": in_process["p95"],
-              "machine": machine(), "load_average": loads}
+              "machine": machine(), "load_average": loads,
+              **({"writes": {key: value for key, value in writes.items() if key not in ("added", "removed")}}
+                 if writes else {})}
     if args.json:
         json.dump(record, sys.stdout)
         print()
     else:
         print(f"reference (in-process batch embedding): {reference:.1f} img/s (runs: {reference_before:.1f}, "
               f"{reference_after:.1f}); in-process single query p50 {in_process['p50']:.1f} ms")
-        print("| concurrency | requests | errors | q/s | x reference | p50 ms | p95 ms | p99 ms | mean batch |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| concurrency | requests | errors | q/s | x reference | p50 ms | p95 ms | p99 ms | mean batch | "
+              "server RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for level in results:
             print(f"| {level['concurrency']} | {level['requests']} | {level['errors']} | {level['qps']} | "
                   f"{level['x_reference']} | {level['p50_ms']} | {level['p95_ms']} | {level['p99_ms']} | "
-                  f"{level['mean_batch']} |")
+                  f"{level['mean_batch']} | {level['server_rss_mb']} |")
         print(f"machine: {record['machine']}; load average: {loads}")
+        if writes:
+            print(f"writes: {record['writes']}")
     return 0
 
 

@@ -20,10 +20,8 @@ from fashionrec.data.images import load_image
 from fashionrec.evaluation import metrics
 from fashionrec.evaluation.protocol import evaluate_embeddings
 from fashionrec.models.registry import get_backbone
-from fashionrec.ranking.policies import ColourFusion
-from fashionrec.ranking.rank import Ranking, gallery_store, rank
-from fashionrec.serving.build import COLOUR_FILE
-from fashionrec.serving.folder import current_version
+from fashionrec.ranking.rank import ColourFusion, Ranking, gallery_store, rank
+from fashionrec.serving.folder import COLOUR_FILE, current_version
 from fashionrec.settings import InferenceSettings, StoreSettings
 
 from colour_catalog import product_photo, write_colour_catalog

@@ -17,7 +17,8 @@ from fashionrec.experiment.evaluate import embed
 from fashionrec.features.embed import cache_dir_for, embed_catalog
 from fashionrec.models.ensemble import (CombinedBackbone, embed_images, parse_combined_name, preprocessing)
 from fashionrec.models.finetuned import save_model
-from fashionrec.models.projection import l2_normalize, project
+from fashionrec.models.classifier import l2_normalize
+from fashionrec.models.projection import project
 from fashionrec.models.registry import check_backbone_name, get_backbone
 from fashionrec.models.runtime import with_runtime
 from fashionrec.models.views import HorizontalFlip, view_backbone

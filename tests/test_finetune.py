@@ -17,7 +17,8 @@ from fashionrec.errors import FashionRecError
 from fashionrec.models.classifier import CategoryClassifier
 from fashionrec.models.finetuned import head_from_payload, load_model, save_model
 from fashionrec.models.projection import project
-from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone, view_transform
+from fashionrec.models.classifier import multi_view_features
+from fashionrec.models.views import MULTI_VIEW_FEATURES, view_backbone, view_transform
 from fashionrec.training.classify import (category_aware_on_queries, category_metrics, choose_category_boost,
                                          select_classifier, train_classifier)
 from fashionrec.training.finetune import head_payload

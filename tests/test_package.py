@@ -78,6 +78,27 @@ def test_no_function_imports_from_the_package():
     assert not found
 
 
+# The imports of the package's own modules that wait until a function runs, each for a stated reason.
+DEFERRED_IMPORTS = {
+    "__init__.py:__getattr__",            # the public names: `import fashionrec.config` stays free of torch
+    "models/__init__.py:__getattr__",     # the same for the models' public names
+    "cli/__init__.py:build_parser",       # only the command asked for (`--help` imports none)
+    "serving/recommender.py:_torch_side",  # building, adding items, eager models: PyTorch, only when needed
+}
+
+
+def test_the_package_defers_its_own_imports_only_where_it_says_why():
+    found = set()
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for function in (node for node in ast.walk(ast.parse(path.read_text()))
+                         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call) and "import_module" in ast.unparse(node.func) and (
+                        "__name__" in ast.unparse(node) or "__package__" in ast.unparse(node)):
+                    found.add(f"{path.relative_to(PACKAGE_DIR).as_posix()}:{function.name}")
+    assert found == set(DEFERRED_IMPORTS)
+
+
 def test_the_reference_layout_names_every_module():
     """A newcomer finds every module of the package in docs/reference.md's layout table, in its layer."""
     reference = (PACKAGE_DIR.parents[1] / "docs" / "reference.md").read_text()

@@ -22,7 +22,7 @@ from fashionrec.models.query_model import query_session, run_query_model, uint8_
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import onnx_backbone, with_runtime
 from fashionrec.models.views import view_transform
-from fashionrec.serving.assets import query_preprocessing
+from fashionrec.serving.networks import query_preprocessing
 
 from conftest import CLOTHING_DIR, fashion_mnist_available
 

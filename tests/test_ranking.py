@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from fashionrec.errors import FashionRecError
-from fashionrec.ranking.policies import (AllowedRows, CategoryBonus, CategoryFilter, ColourFusion, ExcludedRows,
-                                         LiveRows)
-from fashionrec.ranking.rank import Ranking, gallery_store, rank
+from fashionrec.ranking.rank import (AllowedRows, CategoryBonus, CategoryFilter, ColourFusion, ExcludedRows, LiveRows,
+                                     Ranking, gallery_store, rank)
 from fashionrec.settings import StoreSettings
 
 N_ROWS, DIM, K = 60, 16, 7

@@ -166,6 +166,40 @@ def test_routes_answer_from_one_named_version_without_server_paths(server, built
     assert "fashionrec_index_version 1.0" in metrics and "fashionrec_index_items 64.0" in metrics
 
 
+def test_an_onnx_folder_is_served_without_pytorch_until_an_item_is_added(built, generated_photos, data_root):
+    """Answering from an ONNX folder (the Recommender, ``recommend``, the HTTP app) imports neither torch nor
+    torchvision; adding an item embeds it by the batch path the folder was built with, which loads them then."""
+    _, outside, _ = generated_photos
+    script = f"""
+import contextlib, io, json, sys
+from fastapi.testclient import TestClient
+from fashionrec import Recommender
+from fashionrec.cli import main
+from fashionrec.service.app import create_app
+from fashionrec.service.catalog import ServedIndex
+
+def loaded():
+    return sorted({{name.split(".")[0] for name in sys.modules}} & {{"torch", "torchvision"}})
+
+recommender = Recommender.load({str(built)!r})
+answer = recommender.recommend({str(outside[0])!r}, k=3)
+with contextlib.redirect_stdout(io.StringIO()) as printed:
+    assert main(["recommend", "--index-dir", {str(built)!r}, "--image", {str(outside[0])!r}, "--k", "3", "--json"]) == 0
+assert [item["id"] for item in json.loads(printed.getvalue())["results"]] == [item.id for item in answer.results]
+with TestClient(create_app(ServedIndex({str(built)!r}), watch_interval_s=None)) as client, \\
+        open({str(outside[0])!r}, "rb") as photo:
+    response = client.post("/recommend", files={{"image": ("photo.jpg", photo, "image/jpeg")}}, data={{"k": "3"}})
+assert response.status_code == 200, response.text
+assert [item["id"] for item in response.json()["results"]] == [item.id for item in answer.results]
+assert loaded() == [], loaded()
+assert recommender.add([{str(outside[1])!r}], ["Shirt"]).added
+assert loaded() == ["torch", "torchvision"], loaded()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "FASHIONREC_DATA": str(data_root), "PYTHONPATH": str(REPO / "lib")})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_concurrent_queries_are_embedded_in_batches_with_the_same_answers(server, generated_photos):
     _, outside, _ = generated_photos
     with httpx.Client() as client:

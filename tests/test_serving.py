@@ -28,10 +28,10 @@ from fashionrec.models.finetuned import save_model
 from fashionrec.models.projection import project
 from fashionrec.models.registry import get_backbone
 from fashionrec.models.runtime import with_runtime
-from fashionrec.models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
-from fashionrec.serving.build import TOMBSTONE_REBUILD_FRACTION
+from fashionrec.models.classifier import multi_view_features
+from fashionrec.models.views import MULTI_VIEW_FEATURES, view_backbone
 from fashionrec.serving.folder import CURRENT, PARTIAL_PREFIX, current_version
-from fashionrec.ranking.store import EXACT_SUBSET_MAX_ROWS, FaissRowStore
+from fashionrec.ranking.store import EXACT_SUBSET_MAX_ROWS, TOMBSTONE_REBUILD_FRACTION, FaissRowStore
 from fashionrec.settings import InferenceSettings
 from fashionrec.training.classify import train_classifier
 from fashionrec.training.finetune import head_payload

@@ -29,6 +29,7 @@ from fashionrec import Recommender
 from fashionrec.cli import main
 from fashionrec.data.attributes import filter_mask, parse_filter
 from fashionrec.data.catalog import load_additions, load_dataset, parse_columns
+from fashionrec.data.images import TINY_IMAGE_SIDE, check_box, crop_box, tiny_image_warnings
 from fashionrec.errors import DatasetError, FashionRecError
 from fashionrec.evaluation.duplicates import find_duplicates, leakage, pair_scores
 from fashionrec.features.embed import embed_catalog
@@ -39,7 +40,6 @@ from fashionrec.models.runtime import with_runtime
 from fashionrec.pipeline.params import resolve_params
 from fashionrec.pipeline.plots import result_caption
 from fashionrec.pipeline.widgets import recommender_widget
-from fashionrec.serving.encoder import TINY_IMAGE_SIDE, check_box, crop_box, tiny_image_warnings
 from fashionrec.serving.folder import CURRENT, current_version, new_version
 from fashionrec.serving.recommender import Result
 from fashionrec.settings import InferenceSettings, StoreSettings

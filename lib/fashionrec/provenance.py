@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,20 +20,27 @@ def dataset_fingerprint(metadata: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def software_versions() -> dict:
-    import faiss
-    import PIL
-    import sklearn
-    import torch
-    import torchvision
+# What the numbers depend on, by distribution name (read from the installed metadata: importing torch
+# to learn its version would cost a serving process a gigabyte).
+_DISTRIBUTIONS = {"torch": "torch", "torchvision": "torchvision", "faiss": "faiss-cpu", "scikit-learn": "scikit-learn",
+                  "pillow": "pillow", "onnxruntime": "onnxruntime"}
 
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "faiss": faiss.__version__,
-        "scikit-learn": sklearn.__version__,
-        "pillow": PIL.__version__,
-    }
+
+def software_versions() -> dict:
+    return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
+            **{name: _installed_version(distribution) for name, distribution in _DISTRIBUTIONS.items()}}
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

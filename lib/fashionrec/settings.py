@@ -6,6 +6,7 @@ which names other weights), and both of those are part of the embedding cache ke
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 RUNTIMES = ("eager", "onnx", "onnx-int8")
@@ -27,7 +28,10 @@ class InferenceSettings:
     backbone's published weights with a local state_dict file. ``engine`` says where images
     are embedded: ``"local"`` (this process and its decoding threads) or ``"ray"`` (a Ray Data
     job on the cluster at ``ray_address``, or on a private local one when None); both write
-    the same cache and give the same embeddings (within float noise).
+    the same cache and give the same embeddings (within float noise). ``compiled_resize``: a
+    single query's resize and crop run in compiled kernels (0.4 ms a photo against Pillow's 4,
+    the same pixels), which take about 0.8 s to load once per process; False suits a process that
+    answers a few photos and exits.
     """
 
     batch_size: int = 32
@@ -38,6 +42,7 @@ class InferenceSettings:
     weights_file: str | None = None
     engine: str = "local"
     ray_address: str | None = None
+    compiled_resize: bool = True
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -74,3 +79,10 @@ class StoreSettings:
             raise ValueError(f"unknown store {self.store!r}; available: {', '.join(STORES)}")
         if self.milvus_uri is not None and self.store != "milvus":
             raise ValueError("milvus_uri applies only to the milvus store")
+
+def available_threads() -> int:
+    """CPUs this process may run on (respects taskset / cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -11,7 +11,6 @@ from ..data.catalog import parse_columns
 from ..data.ledger import describe_counts
 from ..errors import FashionRecError
 from ..ranking.milvus import check_store
-from ..models.registry import check_backbone_name, load_backbone_modules
 from ..settings import DEFAULT_RUNTIME, RUNTIMES, STORES, InferenceSettings, StoreSettings
 
 MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
@@ -63,16 +62,6 @@ def add_backbone_module_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-module", action="append", default=[], metavar="PATH_OR_MODULE",
                         help="a .py file or importable module that registers backbones with "
                              "@register_backbone (repeatable; see docs/custom-backbones.md)")
-
-
-def load_user_backbones(args) -> None:
-    """Imports the ``--backbone-module`` modules, then checks ``--backbone`` (if any) names a backbone.
-
-    Both happen before any data is read, so a typo costs nothing.
-    """
-    load_backbone_modules(args.backbone_module)
-    if getattr(args, "backbone", None):
-        check_backbone_name(args.backbone)
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..experiment.distil import STUDENTS, check_models, default_config, distil_student
 from ..data.prepared import prepare
+from ..experiment.distil import STUDENTS, check_models, default_config, distil_student
+from ..models.registry import load_user_backbones
 from ..settings import DEFAULT_RUNTIME, RUNTIMES
 from ..training.distil import RELATIONAL_LOSSES, DistilConfig
 from .commands import SUMMARIES
 from .common import (add_backbone_module_argument, add_data_arguments, add_store_arguments, inference_settings,
-                     load_user_backbones, print_json, print_skipped, store_settings)
+                     print_json, print_skipped, store_settings)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -66,7 +67,7 @@ def distil_config(args, seed: int) -> DistilConfig:
 
 
 def run(args) -> int:
-    load_user_backbones(args)
+    load_user_backbones(args.backbone_module, getattr(args, "backbone", None))
     check_models(args.teacher, args.student, args.teacher_finetune)
     cfg = distil_config(args, args.split_seed)
     store = store_settings(args, args.metric, args.index, args.search_params)

@@ -11,12 +11,11 @@ from ..data.ledger import count_by_stage, describe_counts
 from ..errors import FashionRecError
 from ..features.embed import embed_catalog
 from ..features.files import save_embeddings
-from ..models.registry import get_backbone
+from ..models.registry import get_backbone, load_user_backbones
 from ..models.runtime import calibration_sample, with_runtime
 from ..settings import ENGINES
 from .commands import SUMMARIES
-from .common import (add_backbone_arguments, add_data_arguments, data_source, inference_settings,
-                     load_user_backbones, print_json)
+from .common import add_backbone_arguments, add_data_arguments, data_source, inference_settings, print_json
 
 
 def add_parser(commands) -> None:
@@ -48,7 +47,7 @@ def run(args) -> int:
     if args.engine == "ray" and args.runtime == "onnx-int8":
         raise FashionRecError("--engine ray runs --runtime eager or onnx; onnx-int8 is calibrated on this machine's "
                               "images and not rebuilt on Ray workers yet (use --engine local)")
-    load_user_backbones(args)
+    load_user_backbones(args.backbone_module, getattr(args, "backbone", None))
     settings = inference_settings(args).but(engine=args.engine, ray_address=args.ray_address)
     # The whole catalog, unsplit: categories too small for the split are embedded too.
     loaded = load_dataset(args.dataset, args.data_dir, max_per_class=args.max_per_class, seed=args.split_seed,

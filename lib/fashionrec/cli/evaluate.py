@@ -10,20 +10,18 @@ from ..experiment.evaluate import evaluate_backbone
 from ..experiment.finetune import evaluate_finetuned
 from ..experiment.search import search_finetuned
 from ..experiment.served import evaluate_index_folder
-from ..features.colour import check_colour_weight
 from ..models.ensemble import is_combined_name
 from ..models.finetuned import split_backbone_name
-from ..models.registry import check_backbone_name
-from ..ranking.policies import GALLERY_CATEGORIES
+from ..models.registry import check_backbone_name, load_user_backbones
 from ..pipeline.report import colour_sweep_text, write_colour_sweep
+from ..ranking.rank import GALLERY_CATEGORIES, check_colour_weight
 from ..training.finetune import FinetuneConfig
 from ..training.heads import LOSSES, HeadConfig
 from ..training.search import SearchConfig
 from ..training.trunk import BackboneTuneConfig
 from .commands import SUMMARIES
-from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source,
-                     inference_settings, load_user_backbones, print_json, print_metrics, print_skipped,
-                     serving_store, store_settings)
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source, inference_settings,
+                     print_json, print_metrics, print_skipped, serving_store, store_settings)
 
 
 def add_parser(commands) -> None:
@@ -117,7 +115,7 @@ def run(args) -> int:
     if args.dataset is None or args.backbone is None:
         raise FashionRecError("evaluate needs --dataset (or --catalog) and --backbone (or --index-dir and --queries "
                               "for an index folder as served)")
-    load_user_backbones(args)
+    load_user_backbones(args.backbone_module, getattr(args, "backbone", None))
     check_backbone_name(args.backbone)
     searched = args.finetune and is_combined_name(split_backbone_name(args.backbone)[0])
     if searched and args.finetune_level != 1:

@@ -27,13 +27,14 @@ from ..data.catalog import load_additions, parse_columns
 from ..data.ledger import describe_counts
 from ..errors import FashionRecError
 from ..indexing.faiss_index import METRICS
-from ..serving.build import (DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset)
+from ..models.registry import load_user_backbones
+from ..serving.build import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset
 from ..serving.folder import current_version
 from ..serving.recommender import Recommender
 from ..settings import StoreSettings
 from .commands import SUMMARIES
-from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source,
-                     inference_settings, load_user_backbones, print_json, serving_store)
+from .common import (add_backbone_arguments, add_data_arguments, add_store_arguments, data_source, inference_settings,
+                     print_json, serving_store)
 
 UPDATE_FAILED = 1
 
@@ -82,7 +83,7 @@ def run(args) -> int:
                               "update one)")
     if args.add or args.remove:
         raise FashionRecError("index: --add and --remove go with --update OUTDIR")
-    load_user_backbones(args)
+    load_user_backbones(args.backbone_module, getattr(args, "backbone", None))
     settings = inference_settings(args)
     report = index_dataset(args.out, args.dataset, args.backbone, data_dir=args.data_dir, split=args.split,
                            **catalog_options,
@@ -120,7 +121,7 @@ def _update(args) -> int:
         raise FashionRecError(f"--max-skipped-fraction is a share between 0 and 1, got {args.max_skipped_fraction}")
     store = serving_store(args)
     current_version(args.update)   # a clear error for a missing or broken folder before anything else
-    load_user_backbones(args)
+    load_user_backbones(args.backbone_module, getattr(args, "backbone", None))
     to_add = load_additions(args.add, parse_columns(args.columns), args.image_root) if args.add else None
     with Recommender.load(args.update, inference_settings(args), store=store) as recommender:
         if to_add is not None:

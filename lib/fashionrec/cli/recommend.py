@@ -25,10 +25,9 @@ import argparse
 import sys
 
 from ..data.attributes import parse_filter
-from ..data.images import probe_image
+from ..data.images import check_box, probe_image
 from ..errors import FashionRecError, ImageError
-from ..features.colour import check_colour_weight
-from ..serving.encoder import check_box
+from ..ranking.rank import check_colour_weight
 from ..serving.folder import current_version
 from ..serving.recommender import Recommendation, Recommender
 from ..settings import InferenceSettings
@@ -77,8 +76,9 @@ def run(args) -> int:
             raise FashionRecError(f"--image {error.path}: {error.reason}") from None
     store = serving_store(args)
     current_version(args.index_dir)
-    with Recommender.load(args.index_dir, InferenceSettings(threads=args.threads, progress=False),
-                          store=store) as recommender:
+    # A command answers a few photos and exits: Pillow's resize beats loading the compiled one.
+    settings = InferenceSettings(threads=args.threads, progress=False, compiled_resize=False)
+    with Recommender.load(args.index_dir, settings, store=store) as recommender:
         recommender.check_colour_weight(args.colour_weight)   # an old folder: one line, before any query
         recommender.attribute_mask(args.filters)              # an unknown column or value: one line, before any query
         queries, failed = _answer(recommender, args)

@@ -17,13 +17,12 @@ import argparse
 
 from ..data.images import MAX_PIXELS
 from ..errors import BadParameter
-from ..models.runtime import available_threads
 from ..service.catalog import ServedIndex
 from ..service.limits import ServiceLimits
 from ..service.ray_engine import serve_on_ray
 from ..service.server import serve
 from ..serving.folder import current_version
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, available_threads
 from .commands import SUMMARIES
 
 ENGINES = ("uvicorn", "ray")

@@ -54,7 +54,7 @@ import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import FashionRecError, ImageError
 
 __all__ = [
     "MAX_PIXELS",
@@ -387,3 +387,89 @@ def _unidentified_reason(fp: BinaryIO, head: bytes) -> str:
     if not any(byte < 9 or 13 < byte < 32 for byte in head):
         return "not an image (looks like text)"
     return "not an image (unrecognised format)"
+
+
+# --- a query photo: any source, a box of it ---------------------------------------------------------
+
+
+def decode_query(image, draft_size: int | None = None, as_array: bool = False) -> Image.Image | np.ndarray:
+    """An upright RGB image from a path, bytes, a file-like object (an upload) or a PIL image.
+
+    ``as_array``: a file's pixels as (height, width, 3) uint8 instead of a PIL image, the same
+    pixels decoded faster (:func:`~fashionrec.data.images.decode_rgb_array`); every encoder here
+    takes either. A PIL image given stays one. Raises ImageError naming the file (or the
+    upload's name) and the reason.
+    """
+    if isinstance(image, Image.Image):
+        return ensure_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return decode_rgb_array(image, draft_size=draft_size) if as_array else load_image(image, draft_size=draft_size)
+    if hasattr(image, "read"):
+        name = str(getattr(image, "name", "<upload>"))
+        if hasattr(image, "seek"):
+            image.seek(0)
+        image = image.read()
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        name = "<bytes>"
+    else:
+        raise TypeError(f"expected an image path, bytes, a file object or a PIL image, got {type(image).__name__}")
+    data = bytes(image)
+    return (decode_rgb_array(data, name, draft_size=draft_size) if as_array
+            else open_image_bytes(data, name, draft_size=draft_size))
+
+
+# A photo (or a box of one) smaller than this on a side holds too little of a product to compare.
+TINY_IMAGE_SIDE = 32
+
+
+def check_box(box) -> tuple[int, int, int, int] | None:
+    """``(x, y, width, height)`` (or ``"x,y,w,h"``) as four whole pixel numbers; FashionRecError saying why not."""
+    if box is None:
+        return None
+    parts = box.split(",") if isinstance(box, str) else list(box)
+    try:
+        numbers = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 4 or not all(np.isfinite(numbers)) or any(n != int(n) for n in numbers):
+        raise FashionRecError(f"box {box!r}: give x,y,width,height as four whole pixel numbers, e.g. 40,60,200,300")
+    x, y, width, height = (int(n) for n in numbers)
+    if x < 0 or y < 0 or width < 1 or height < 1:
+        raise FashionRecError(f"box {box!r}: x and y start at 0 (the photo's top-left corner) and width and "
+                              "height are at least 1")
+    return x, y, width, height
+
+
+def crop_box(picture: Image.Image | np.ndarray, box: tuple[int, int, int, int] | None):
+    """The part of a decoded photo inside ``box`` (cut at the photo's edges); the photo when box is None."""
+    if box is None:
+        return picture
+    x, y, width, height = box
+    picture_width, picture_height = (picture.shape[1], picture.shape[0]) if isinstance(picture, np.ndarray) \
+        else picture.size
+    if x >= picture_width or y >= picture_height:
+        raise FashionRecError(f"box {x},{y},{width},{height} starts outside the {picture_width}x{picture_height} "
+                              "photo")
+    right, bottom = min(x + width, picture_width), min(y + height, picture_height)
+    if isinstance(picture, np.ndarray):
+        return np.ascontiguousarray(picture[y:bottom, x:right])
+    return picture.crop((x, y, right, bottom))
+
+
+def tiny_image_warnings(picture: Image.Image | np.ndarray, box=None) -> list[str]:
+    """A warning when the photo (or its box) is under TINY_IMAGE_SIDE pixels on a side; else none.
+
+    Called on the photo as decoded for the query model, which a JPEG draft may have shrunk; the
+    draft never shrinks below the model's input size, far above this limit.
+    """
+    width, height = (picture.shape[1], picture.shape[0]) if isinstance(picture, np.ndarray) else picture.size
+    if min(width, height) >= TINY_IMAGE_SIDE:
+        return []
+    what = "the box" if box is not None else "the photo"
+    return [f"{what} is {width}x{height} pixels, under {TINY_IMAGE_SIDE} on a side: too small to show a product's "
+            "detail, so these results say little"]
+
+
+def as_image(picture: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image of what :func:`decode_query` gave (the backbones' own transforms take PIL images)."""
+    return Image.fromarray(picture) if isinstance(picture, np.ndarray) else picture

@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
 from ..data.ledger import count_by_stage
 from ..errors import FashionRecError
-from ..ranking.policies import CategoryBonus, ColourFusion
-from ..ranking.rank import Ranking, gallery_store, rank
+from ..ranking.rank import CategoryBonus, ColourFusion, Ranking, gallery_store, rank
 from ..settings import StoreSettings
+from . import metrics
 
 N_BOOTSTRAP = 1000
 # The keys of an evaluation record (:meth:`Evaluation.to_record`); raised when a key changes meaning or goes.
@@ -178,7 +177,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
 
     With ``categories`` (one per ``metadata`` row, e.g. a classifier's predictions) and a
     non-zero ``boost``, gallery items of the query's category get that score bonus
-    (:class:`fashionrec.ranking.policies.CategoryBonus`, ``categories_source`` saying whether
+    (:class:`fashionrec.ranking.rank.CategoryBonus`, ``categories_source`` saying whether
     they are ``predicted`` or ``known``; ``inf``: that category first).
     Relevance is the true ``label`` by default; ``relevance`` names the metadata columns that must
     all equal the query's (a row missing any of them is never relevant, see
@@ -186,7 +185,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
 
     ``colour_weight`` w > 0 (needs ``colour_vectors``, one product-colour descriptor per
     ``metadata`` row, and the cosine metric) ranks by (1 - w) x network cosine + w x colour cosine
-    (:class:`fashionrec.ranking.policies.ColourFusion`): exactly for ``Flat``, and for an
+    (:class:`fashionrec.ranking.rank.ColourFusion`): exactly for ``Flat``, and for an
     approximate index by re-ranking its nearest candidates. w = 0 is the plain ranking.
     """
     split = metadata["split"].to_numpy()

@@ -19,7 +19,7 @@ from ..data.split import validation_split
 from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import evaluate_embeddings
-from ..features.colour import check_colour_weight
+from ..ranking.rank import check_colour_weight
 from ..settings import InferenceSettings, StoreSettings
 from .evaluate import embed, embed_colour
 

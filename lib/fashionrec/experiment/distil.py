@@ -24,11 +24,12 @@ from ..errors import FashionRecError
 from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import decoding_threads
+from ..models.classifier import multi_view_features
 from ..models.ensemble import is_combined_name
 from ..models.finetuned import (HEAD_SEPARATOR, classifier_from_payload, load_model, plain_values, resolve_head_path,
                                 save_model, split_backbone_name)
 from ..models.registry import get_backbone
-from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
+from ..models.views import MULTI_VIEW_FEATURES, view_backbone
 from ..provenance import dataset_fingerprint
 from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_metrics, train_classifier

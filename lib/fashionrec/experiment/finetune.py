@@ -19,11 +19,12 @@ from ..evaluation import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import Embeddings, decoding_threads
 from ..models.backbone import Backbone
+from ..models.classifier import multi_view_features
 from ..models.finetuned import (HEAD_SEPARATOR, ModelFile, classifier_from_payload, head_from_payload, load_model,
                                 plain_values, save_model)
 from ..models.projection import project
 from ..models.registry import get_backbone
-from ..models.views import MULTI_VIEW_FEATURES, multi_view_features, view_backbone
+from ..models.views import MULTI_VIEW_FEATURES, view_backbone
 from ..provenance import dataset_fingerprint
 from ..settings import InferenceSettings, StoreSettings
 from ..training.classify import category_aware_on_queries, category_metrics
@@ -75,7 +76,7 @@ def evaluate_finetuned(prepared: PreparedData, backbone: str, cfg: FinetuneConfi
     refused before anything is embedded or trained. ``relevance`` and ``colour_weight`` apply to the
     fine-tuned model and its frozen baseline alike (:func:`~fashionrec.experiment.evaluate.evaluate_backbone`);
     training never sees them. ``category_boost`` ranks the fine-tuned model with a bonus for the
-    query's predicted category (:class:`~fashionrec.ranking.policies.CategoryBonus`), on the
+    query's predicted category (:class:`~fashionrec.ranking.rank.CategoryBonus`), on the
     gallery's ``predicted`` categories (the classifier's, as the protocol hides the labels) or its
     ``known`` ones; the record's ``category_ranking`` says which.
     """

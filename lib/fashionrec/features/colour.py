@@ -6,7 +6,7 @@ any other backbone, from the same decoded files (a file that cannot be decoded i
 and listed, stage ``embed``).
 
 The fusion itself, ``(1 - w) x network cosine + w x colour cosine``, is one ranking policy,
-:class:`fashionrec.ranking.policies.ColourFusion`.
+:class:`fashionrec.ranking.rank.ColourFusion`.
 """
 from __future__ import annotations
 
@@ -15,23 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import BadParameter, FashionRecError
+from ..errors import FashionRecError
 from ..models.registry import get_backbone
 from ..settings import InferenceSettings
 from .embed import Embeddings, embed_catalog
 
 COLOUR_BACKBONE = "product_colour"
-
-
-def check_colour_weight(weight: float, name: str = "--colour-weight") -> float:
-    """``weight`` as a float in [0, 1]; BadParameter otherwise."""
-    try:
-        value = float(weight)
-    except (TypeError, ValueError):
-        raise BadParameter(f"{name} must be a number between 0 and 1, got {weight!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise BadParameter(f"{name} must be between 0 (network only) and 1 (colour only), got {weight!r}")
-    return value
 
 
 def colour_descriptors(catalog: pd.DataFrame, settings: InferenceSettings = InferenceSettings(),

@@ -39,8 +39,7 @@ from ..data.ledger import skipped_entry
 from ..errors import FashionRecError
 from ..models.backbone import Backbone
 from ..models.ensemble import CombinedBackbone, preprocessing
-from ..models.runtime import available_threads
-from ..settings import InferenceSettings
+from ..settings import InferenceSettings, available_threads
 from .batches import collate, decode, embed_batch, exact_preprocessing
 from .ray_engine import embed_on_ray
 

@@ -35,8 +35,8 @@ from ..console import warn_once
 from ..errors import FashionRecError
 from ..models.backbone import Backbone
 from ..models.registry import get_backbone
-from ..models.runtime import DraftTransform, available_threads, runtime_of, with_runtime
-from ..settings import InferenceSettings
+from ..models.runtime import DraftTransform, runtime_of, with_runtime
+from ..settings import InferenceSettings, available_threads
 from .batches import collate, decode, embed_batch, exact_preprocessing
 
 # Ray reads this once, at import: "0" makes it pick the loopback address for a local node

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsUnavailable
+from ..provenance import file_sha256
 
 # torch.hub's convention: the part after the last '-' of a weights file name is a prefix
 # of the file's sha256. At least 8 hex digits, so that ordinary names are not mistaken for one.
@@ -81,14 +82,6 @@ class BackboneSpec:
     description: str
     builder: Callable[[Path | None], BuiltBackbone]
 
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verified_sha256(path: Path) -> str:

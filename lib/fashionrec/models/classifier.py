@@ -1,12 +1,21 @@
-"""The category classifier stored in a fine-tuned model file: plain arrays, no pickle."""
+"""The category classifier stored in a fine-tuned model file: plain arrays, no pickle, no torch to apply it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .projection import l2_normalize
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def multi_view_features(frozen: np.ndarray, views: list[np.ndarray]) -> np.ndarray:
+    """Retrieval-view embeddings and the extra views' side by side, each L2-normalised."""
+    return np.hstack([l2_normalize(frozen), *(l2_normalize(v) for v in views)]).astype(np.float32)
+
 
 
 @dataclass
@@ -37,6 +46,8 @@ class CategoryClassifier:
         return np.asarray(self.categories, dtype=object)[self.decision(vectors).argmax(axis=1)]
 
     def to_payload(self) -> dict:
+        import torch  # the model file is a torch.save archive; applying the classifier needs no torch
+
         return {"categories": [str(c) for c in self.categories], "features": self.features, "c": float(self.c),
                 "input": "l2-normalised", **{name: torch.as_tensor(getattr(self, name)) for name in ("coef", "intercept")}}
 

@@ -36,7 +36,8 @@ from torch import nn
 from ..data.images import load_image
 from ..errors import UnknownBackbone
 from .backbone import Backbone
-from .projection import l2_normalize, project
+from .classifier import l2_normalize
+from .projection import project
 from .views import RETRIEVAL_VIEW, VIEWS, view_backbone
 
 ENSEMBLE_PREFIX = "ensemble:"

@@ -33,14 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 
-import numba
 import numpy as np
 from PIL import Image
-from torchvision import transforms
 
 from ..console import warn_once
 from ..errors import FashionRecError
-from .runtime import available_threads
+from ..settings import available_threads
 
 # Filters whose weights are plain arithmetic (no sin/cos, whose last bits differ between libms).
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "box": 0.5}
@@ -105,8 +103,12 @@ class Preprocessing:
             raise FashionRecError("a shorter-side resize without a crop has no fixed input size")
         return self.resize
 
-    def reference_geometry(self) -> transforms.Compose:
+    def reference_geometry(self):
         """The torchvision steps this geometry reproduces (what the batch path runs)."""
+        from torchvision import (
+            transforms,  # only where the fast geometry does not apply: queries stay torch-free
+        )
+
         steps = [transforms.Resize(self.resize if isinstance(self.resize, int) else list(self.resize),
                                    interpolation=transforms.InterpolationMode(self.interpolation))]
         if self.crop is not None:
@@ -184,7 +186,6 @@ def _pass_weights(in_size: int, out_size: int, name: str, first: int, last: int
     return start, taps, fixed.astype(np.int32)
 
 
-@numba.njit(nogil=True, cache=True)
 def _resample_rows(source, start, taps, weights, column_lo, column_hi):
     """One pass along axis 0 of ``source`` (rows x values), columns ``column_lo``..``column_hi - 1``.
 
@@ -209,7 +210,6 @@ def _resample_rows(source, start, taps, weights, column_lo, column_hi):
     return out
 
 
-@numba.njit(nogil=True, cache=True)
 def _transposed(source, channels):
     """(rows, columns * channels) -> (columns, rows * channels): pixels transposed, in cache-sized blocks."""
     n_rows = source.shape[0]
@@ -230,6 +230,27 @@ def _transposed(source, channels):
     return out
 
 
+_kernels: tuple | None = None
+_kernels_lock = threading.Lock()
+
+
+def _compiled_kernels() -> tuple:
+    """(:func:`_resample_rows`, :func:`_transposed`) compiled by numba, loaded on first use.
+
+    Importing numba and loading the kernels from its on-disk cache takes about 0.8 s once per
+    process: a process that answers one photo does better with Pillow's own resize
+    (:func:`crop_pixels` with ``exact_shortcut=False``, about 4 ms).
+    """
+    global _kernels
+    with _kernels_lock:
+        if _kernels is None:
+            import numba
+
+            compile_kernel = numba.njit(nogil=True, cache=True)
+            _kernels = compile_kernel(_resample_rows), compile_kernel(_transposed)
+        return _kernels
+
+
 def _pixels(image: Image.Image | np.ndarray, box: tuple[int, int, int, int], channels: int,
             transpose: bool) -> np.ndarray:
     """The pixels of ``box`` (left, top, right, bottom) as contiguous (rows, values), transposed if asked.
@@ -240,7 +261,7 @@ def _pixels(image: Image.Image | np.ndarray, box: tuple[int, int, int, int], cha
     array = (np.ascontiguousarray(image[top:bottom, left:right]) if isinstance(image, np.ndarray)
              else np.asarray(image.crop(box)))
     rows = array.reshape(bottom - top, -1)
-    return _transposed(rows, channels) if transpose else rows
+    return _compiled_kernels()[1](rows, channels) if transpose else rows
 
 
 def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing, split: bool = True) -> np.ndarray:
@@ -305,20 +326,21 @@ def _crop_rows(image, channels: int, x_pass, y_pass, vertical_first: bool, left:
     else:
         x_lo, x_hi = left, left + crop_width
     box = (x_lo, y_lo, x_hi, y_hi)
+    resample_rows, transposed = _compiled_kernels()
     if x_pass is None:
         rows = _pixels(image, box, channels, False)
-        return rows if y_pass is None else _resample_rows(rows, y_start - y_lo, y_taps, y_weights, 0,
+        return rows if y_pass is None else resample_rows(rows, y_start - y_lo, y_taps, y_weights, 0,
                                                           crop_width * channels)
     if vertical_first:   # only chosen when the height shrinks, so y_pass is set
-        middle = _resample_rows(_pixels(image, box, channels, False), y_start - y_lo, y_taps, y_weights,
+        middle = resample_rows(_pixels(image, box, channels, False), y_start - y_lo, y_taps, y_weights,
                                 0, (x_hi - x_lo) * channels)
-        columns = _resample_rows(_transposed(middle, channels), x_start - x_lo, x_taps, x_weights,
+        columns = resample_rows(transposed(middle, channels), x_start - x_lo, x_taps, x_weights,
                                  0, (last - first) * channels)
-        return _transposed(columns, channels)
-    columns = _resample_rows(_pixels(image, box, channels, True), x_start - x_lo, x_taps, x_weights,
+        return transposed(columns, channels)
+    columns = resample_rows(_pixels(image, box, channels, True), x_start - x_lo, x_taps, x_weights,
                              0, (y_hi - y_lo) * channels)
-    middle = _transposed(columns, channels)
-    return middle if y_pass is None else _resample_rows(middle, y_start - y_lo, y_taps, y_weights, 0,
+    middle = transposed(columns, channels)
+    return middle if y_pass is None else resample_rows(middle, y_start - y_lo, y_taps, y_weights, 0,
                                                         crop_width * channels)
 
 
@@ -349,20 +371,42 @@ _checked: dict[Preprocessing, bool] = {}
 _checked_lock = threading.Lock()
 
 
+# torchvision's InterpolationMode -> Pillow filter (its ``pil_modes_mapping``).
+_PILLOW_FILTERS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                   "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+                   "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+
+
+def pillow_geometry(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """``spec.reference_geometry()(image)`` as torchvision computes it for a Pillow image: one ``Image.resize``
+    to :func:`resized_size`, then the centre crop (a crop larger than the resized image, which torchvision
+    pads, goes to the reference itself)."""
+    new_width, new_height = resized_size(spec, *image.size)
+    crop_height, crop_width = spec.crop or (new_height, new_width)
+    if crop_height > new_height or crop_width > new_width:
+        return np.asarray(spec.reference_geometry()(image))
+    resized = image.resize((new_width, new_height), _PILLOW_FILTERS[spec.interpolation])
+    top, left = int(round((new_height - crop_height) / 2.0)), int(round((new_width - crop_width) / 2.0))
+    return np.asarray(resized.crop((left, top, left + crop_width, top + crop_height)))
+
+
 def geometry_is_exact(spec: Preprocessing) -> bool:
-    """Whether :func:`resize_and_crop` equals the reference on seeded images of ``_CHECK_SHAPES``.
+    """Whether :func:`resize_and_crop` equals Pillow's own resize and crop on seeded images of ``_CHECK_SHAPES``.
 
     Checked once per process and preprocessing; False (with a warning) means this Pillow
-    resamples differently from what the shortcut assumes, and callers use the reference.
+    resamples differently from what the shortcut assumes, and callers use the reference. The
+    check calls Pillow as torchvision calls it (:func:`pillow_geometry`), so that it needs no torch.
     """
     with _checked_lock:
         if spec not in _checked:
             rng = np.random.default_rng(0)
-            reference = spec.reference_geometry()
             exact = True
             for width, height in _CHECK_SHAPES:
                 image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-                if not np.array_equal(resize_and_crop(image, spec), np.asarray(reference(image))):
+                new_width, new_height = resized_size(spec, width, height)
+                if spec.crop is not None and (spec.crop[0] > new_height or spec.crop[1] > new_width):
+                    continue   # padded: resize_and_crop runs the reference itself
+                if not np.array_equal(resize_and_crop(image, spec), pillow_geometry(image, spec)):
                     exact = False
                     warn_once(f"the fast resize differs from torchvision's on {width}x{height} images with this "
                               f"Pillow; single queries use the reference resize ({spec.interpolation})")
@@ -383,7 +427,7 @@ def crop_pixels(image: Image.Image | np.ndarray, spec: Preprocessing, exact_shor
         image = Image.fromarray(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return resize_and_crop(image, spec, split) if exact_shortcut else np.asarray(spec.reference_geometry()(image))
+    return resize_and_crop(image, spec, split) if exact_shortcut else pillow_geometry(image, spec)
 
 
 def input_array(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:

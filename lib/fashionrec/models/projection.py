@@ -11,12 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as float32."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 class ProjectionHead(nn.Module):
     """Standardise -> [dropout -> Linear -> ReLU] -> dropout -> Linear -> L2-normalise."""
 

@@ -8,6 +8,8 @@ very order, that torchvision applies, so the network receives the same numbers. 
 nodes are untouched. A query then needs no torch at all: decode, :func:`crop_pixels` (exact
 Pillow geometry), one ``session.run``.
 
+:class:`OnnxEncoder` runs it on one photo, stage by stage (crop, network), timing each.
+
 Session settings for one image at a time (:func:`query_session`): every CPU as an intra-op
 thread, and spinning chosen for the machine (:func:`spinning_suits_this_machine`). Spinning
 threads wait for the next operator without sleeping, which saves a wake-up per operator on
@@ -19,14 +21,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import FashionRecError
-from .preprocess import Preprocessing
-from .runtime import INPUT_NAME, OUTPUT_NAME, available_threads
+from ..settings import available_threads
+from .preprocess import Preprocessing, crop_pixels, geometry_is_exact
 
+# The input and output names of every network the workbench exports to ONNX.
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
 PIXELS_INPUT = "pixels"
 
 
@@ -129,3 +136,49 @@ def run_query_model(session, pixels: np.ndarray) -> np.ndarray:
     """Embeddings (batch, dim) float32 for uint8 crops (batch, height, width, 3) or one crop (height, width, 3)."""
     batch = pixels[None] if pixels.ndim == 3 else pixels
     return session.run([OUTPUT_NAME], {PIXELS_INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+
+
+def _milliseconds(start: float, end: float) -> float:
+    return (end - start) * 1000.0
+
+
+class OnnxEncoder:
+    """One photo -> one vector: exact Pillow geometry, then the uint8 query model. ``session`` may be shared
+    with other views of the photo (:meth:`with_spec`). Safe to call from several threads at once.
+
+    ``compiled``: resize and crop in the compiled kernels (checked against Pillow once per process,
+    :func:`~fashionrec.models.preprocess.geometry_is_exact`), else with Pillow itself: the same pixels.
+    """
+
+    path = "onnx-uint8"
+
+    def __init__(self, spec: Preprocessing, session, compiled: bool = True):
+        self.spec = spec
+        self.session = session
+        self.exact_shortcut = compiled and geometry_is_exact(spec)
+
+    @classmethod
+    def from_file(cls, model_path: Path, spec: Preprocessing, threads: int | None = None,
+                  spinning: bool = False, compiled: bool = True) -> "OnnxEncoder":
+        return cls(spec, query_session(model_path, threads, spinning), compiled)
+
+    @property
+    def draft_size(self) -> int | None:
+        return self.spec.draft_size
+
+    def encode(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray, dict]:
+        """(vector (1, dim), milliseconds of ``preprocess`` and ``embed``) of a decoded photo."""
+        started = time.perf_counter()
+        pixels = crop_pixels(image, self.spec, self.exact_shortcut)
+        prepared = time.perf_counter()
+        vector = run_query_model(self.session, pixels)
+        done = time.perf_counter()
+        return vector, {"preprocess": _milliseconds(started, prepared), "embed": _milliseconds(prepared, done)}
+
+    def encode_with(self, image_for) -> tuple[np.ndarray, dict]:
+        """:meth:`encode` of ``image_for(draft_size)``, the photo decoded at this model's JPEG draft size."""
+        return self.encode(image_for(self.draft_size))
+
+    def with_spec(self, spec: Preprocessing) -> "OnnxEncoder":
+        """The same network and threads seeing another view of the image."""
+        return OnnxEncoder(spec, self.session, self.exact_shortcut)

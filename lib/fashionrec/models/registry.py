@@ -183,3 +183,13 @@ def get_backbone(name: str, weights_file: str | Path | None = None) -> Backbone 
         weights_sha256 = state_dict_sha256(built.model)
     return Backbone(name=spec.name, dim=spec.dim, transform=built.transform, model=built.model,
                     classifier=built.classifier, weights_sha256=weights_sha256, description=spec.description)
+
+
+def load_user_backbones(modules, backbone: str | None = None) -> None:
+    """Imports the backbone ``modules`` (``--backbone-module``), then checks that ``backbone`` (if any) names one.
+
+    Both happen before any data is read, so a typo costs nothing.
+    """
+    load_backbone_modules(modules)
+    if backbone:
+        check_backbone_name(backbone)

@@ -47,15 +47,14 @@ from torch import nn
 from .. import config
 from ..data.images import file_digest, load_image
 from ..errors import FashionRecError, ImageError
-from ..settings import DEFAULT_RUNTIME, RUNTIMES
+from ..settings import DEFAULT_RUNTIME, RUNTIMES, available_threads
 from .backbone import Backbone
 from .builtin import ColorHistogram
 from .colour import ProductColour
 from .ensemble import CombinedBackbone
+from .query_model import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
-INPUT_NAME = "images"
-OUTPUT_NAME = "embeddings"
 # Relative tolerance (max abs difference / max abs eager value) an fp32 export must meet
 # on a check batch before it is cached and used.
 EXPORT_RTOL = 1e-4
@@ -65,12 +64,6 @@ CALIBRATION_IMAGES = 64
 _EAGER_ONLY_MODELS = (ColorHistogram, ProductColour)
 
 
-def available_threads() -> int:
-    """CPUs this process may run on (respects taskset / cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -302,8 +295,13 @@ def _calibration_batches(transform, paths: list[str], draft_size: int | None, ba
 
 
 def _quantize_static(source: Path, target: Path, batches: list[np.ndarray]) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

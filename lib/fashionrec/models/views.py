@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 from torchvision import transforms
 from torchvision.transforms import functional
 
 from ..errors import FashionRecError
-from .projection import l2_normalize
 
 CLASSIFIER_VIEWS = {
     "squash": "the whole image resized to the input size, aspect ratio not kept",
@@ -88,8 +86,3 @@ def view_backbone(backbone, view: str):
     if view not in VIEWS:
         raise FashionRecError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
     return dataclasses.replace(backbone, transform=view_transform(backbone.transform, view))
-
-
-def multi_view_features(frozen: np.ndarray, views: list[np.ndarray]) -> np.ndarray:
-    """Retrieval-view embeddings and the extra views' side by side, each L2-normalised."""
-    return np.hstack([l2_normalize(frozen), *(l2_normalize(v) for v in views)]).astype(np.float32)

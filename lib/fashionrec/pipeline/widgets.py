@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
+from ..data.images import decode_query
 from ..errors import FashionRecError, ImageError
-from ..serving.encoder import decode_query
 from ..serving.recommender import Recommender
 from . import plots
 

@@ -1,7 +1,7 @@
 """The row store over a Milvus collection: rows are the collection's primary keys.
 
 Milvus cannot renumber rows, so removed items stay as tombstones that the caller filters out
-(an allowed-rows mask, :mod:`fashionrec.ranking.policies`), and compaction rewrites the
+(an allowed-rows mask, :mod:`fashionrec.ranking.rank`), and compaction rewrites the
 collection. A collection is never changed once a saved version names it: the first change
 (an add, a compaction) copies it to a new one (``owned``), which the next version names.
 """

@@ -29,10 +29,11 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from ..indexing.faiss_index import (build_index, checked_queries, default_search_params, load_index, save_index,
-                                    search)
+from ..indexing.faiss_index import build_index, checked_queries, default_search_params, load_index, save_index, search
 
 INDEX_FILE = "index.faiss"
+# HNSW / IVF keep removed rows as tombstones until they are this share of all rows, then rebuild.
+TOMBSTONE_REBUILD_FRACTION = 0.2
 # A small part of the index (at most this many rows, and under half of it) is searched exactly:
 # a gather and one matrix product (about a millisecond for 4096 x 1280), where a graph walk
 # restricted to a few rows would mostly visit rows it cannot return.

@@ -40,9 +40,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.images import decode_query
 from ..errors import BadParameter, FashionRecError, ImageError, IndexUnavailable, UnknownItem
 from ..models.preprocess import crop_pixels
-from ..serving.encoder import OnnxEncoder, decode_query
+from ..models.query_model import OnnxEncoder
 from ..serving.recommender import Recommendation, Recommender, Result
 from .batcher import MicroBatcher
 from .catalog import ServedIndex, Upload

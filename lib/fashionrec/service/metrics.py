@@ -1,7 +1,8 @@
-"""Prometheus metrics of the service: requests by route and status, time per stage, batch sizes, the index served."""
+"""Prometheus metrics of the service: requests by route and status, time per stage, batch sizes, the index served,
+and the process itself (resident memory, CPU time, open files: ``process_*``)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
                  2.5, 5.0, 10.0)
@@ -28,6 +29,7 @@ class ServiceMetrics:
                                    "(v000003: 3)", registry=self.registry)
         self.index_items = Gauge("fashionrec_index_items", "Live items of the index version served",
                                  registry=self.registry)
+        ProcessCollector(registry=self.registry)
 
     def observe_stages(self, timing_ms: dict[str, float]) -> None:
         for stage, milliseconds in timing_ms.items():

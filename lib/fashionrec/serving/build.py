@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import __version__, config
+from .. import config
 from ..data.catalog import load_dataset
 from ..data.fetch import ensure_dataset, locate_clothing
+from ..data.images import decode_query
 from ..data.prepared import prepare
 from ..errors import FashionRecError, IndexBuildError
 from ..features.colour import COLOUR_BACKBONE, aligned_colour, colour_descriptors
@@ -39,24 +40,20 @@ from ..models.ensemble import is_combined_name, parse_combined_name
 from ..models.finetuned import load_model, resolve_head_path, split_backbone_name
 from ..models.registry import backbone_spec, check_backbone_name, get_backbone
 from ..models.runtime import EXPORT_RTOL, calibration_sample, with_runtime
-from ..provenance import dataset_fingerprint, software_versions
+from ..provenance import dataset_fingerprint
 from ..ranking.milvus import AUTO_INDEX, MilvusRowStore, check_store, milvus_uri
-from ..ranking.store import FaissRowStore
+from ..ranking.store import TOMBSTONE_REBUILD_FRACTION, FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
-from .assets import open_encoder, write_classifier, write_query_model
-from .encoder import decode_query, encode_source
-from .folder import (ATTRIBUTES_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE, check_output_folder,
-                     is_index_folder, new_version)
-from .manifest import BuildManifest
+from .assets import open_encoder
+from .folder import COLOUR_FILE, ITEM_COLUMNS, check_output_folder, is_index_folder, new_version
+from .manifest import BuildManifest, item_counts, package_versions, write_version_files
 from .milvus import collection_prefix, drop_unreferenced_collections
+from .networks import torch_encoder, write_classifier, write_query_model
 
-COLOUR_FILE = "colour.npy"
 SPLIT_CHOICES = ("all", "train", "gallery", "query")
 # --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 DEFAULT_RECALL_TARGET = 0.95
-# HNSW / IVF keep removed rows as tombstones until they are this share of all rows, then rebuild.
-TOMBSTONE_REBUILD_FRACTION = 0.2
 QUERY_CHECK_IMAGES = 3
 
 
@@ -244,12 +241,12 @@ def check_query_path(directory: Path, query: dict, model, metadata: pd.DataFrame
     The query path (exact geometry, uint8 model) must equal the batch path within the ONNX
     export tolerance; anything else would search the index with vectors from another space.
     """
-    encoder = open_encoder(directory, query, lambda: model, threads, spinning=False)
+    encoder = open_encoder(directory, query, threads, False, lambda: torch_encoder(model))
     rows = np.random.default_rng(0).choice(len(metadata), size=min(QUERY_CHECK_IMAGES, len(metadata)), replace=False)
     worst = 0.0
     for row in sorted(rows):
         path = metadata["path"].iloc[row]
-        vector, _ = encode_source(encoder, lambda draft_size: decode_query(path, draft_size, as_array=True))
+        vector, _ = encoder.encode_with(lambda draft_size: decode_query(path, draft_size, as_array=True))
         expected = vectors[row]
         worst = max(worst, float(np.abs(vector[0] - expected).max() / max(np.abs(expected).max(), 1e-12)))
     if not worst <= EXPORT_RTOL:
@@ -262,32 +259,6 @@ def _ranking(reference: str | None) -> dict:
     """How the model ranks: by similarity, or (a searched model) with its predicted category first."""
     payload = load_model(resolve_head_path(reference)) if reference else {}
     return payload.get("ranking") or {"boost": 0.0, "categories": None}
-
-
-def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, manifest: BuildManifest,
-                        colour16: np.ndarray | None = None) -> None:
-    """``items``: the id map's columns and the attributes, written to the id map and the attributes table."""
-    items[ITEM_COLUMNS].to_parquet(directory / ITEMS_FILE, index=False)
-    attributes = [column for column in items.columns if column not in ITEM_COLUMNS]
-    if attributes:
-        items[attributes].to_parquet(directory / ATTRIBUTES_FILE, index=False)
-    np.save(directory / EMBEDDINGS_FILE, vectors16)
-    if colour16 is not None:
-        np.save(directory / COLOUR_FILE, colour16)
-    manifest.write(directory)
-
-
-def item_counts(items: pd.DataFrame, skipped) -> dict:
-    live = items[~items["deleted"]]
-    return {"items": int(len(live)), "rows": int(len(items)), "tombstones": int(items["deleted"].sum()),
-            "skipped": len(skipped), "categories": {str(k): int(v) for k, v in live["label"].value_counts()
-                                                                                .sort_index().items()}}
-
-
-def package_versions() -> dict:
-    import onnxruntime
-
-    return {"fashionrec": __version__, **software_versions(), "onnxruntime": onnxruntime.__version__}
 
 
 def _now() -> str:

@@ -41,6 +41,7 @@ BUILD_INFO = "build.json"
 ITEMS_FILE = "ids.parquet"
 ATTRIBUTES_FILE = "attributes.parquet"
 EMBEDDINGS_FILE = "embeddings.npy"
+COLOUR_FILE = "colour.npy"
 ITEM_COLUMNS = ["id", "path", "label", "digest", "deleted", "label_probability"]
 _VERSION = re.compile(r"^v(\d{6,})$")
 BUILD_HINT = ("build one with `python -m fashionrec index --dataset NAME [--data-dir DIR] --backbone BACKBONE "

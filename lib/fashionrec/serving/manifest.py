@@ -10,8 +10,13 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+from .. import __version__
 from ..errors import IndexFolderError
-from .folder import BUILD_INFO
+from ..provenance import software_versions
+from .folder import ATTRIBUTES_FILE, BUILD_INFO, COLOUR_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, ITEMS_FILE
 
 FORMAT = "fashionrec-index/1"
 BUILD_SCHEMA_VERSION = 2
@@ -85,3 +90,27 @@ class BuildManifest:
         """Writes build.json at this code's schema version."""
         self.schema_version = BUILD_SCHEMA_VERSION
         (Path(version_dir) / BUILD_INFO).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
+
+
+def write_version_files(directory: Path, items: pd.DataFrame, vectors16: np.ndarray, manifest: BuildManifest,
+                        colour16: np.ndarray | None = None) -> None:
+    """``items``: the id map's columns and the attributes, written to the id map and the attributes table."""
+    items[ITEM_COLUMNS].to_parquet(directory / ITEMS_FILE, index=False)
+    attributes = [column for column in items.columns if column not in ITEM_COLUMNS]
+    if attributes:
+        items[attributes].to_parquet(directory / ATTRIBUTES_FILE, index=False)
+    np.save(directory / EMBEDDINGS_FILE, vectors16)
+    if colour16 is not None:
+        np.save(directory / COLOUR_FILE, colour16)
+    manifest.write(directory)
+
+
+def item_counts(items: pd.DataFrame, skipped) -> dict:
+    live = items[~items["deleted"]]
+    return {"items": int(len(live)), "rows": int(len(items)), "tombstones": int(items["deleted"].sum()),
+            "skipped": len(skipped), "categories": {str(k): int(v) for k, v in live["label"].value_counts()
+                                                                                .sort_index().items()}}
+
+
+def package_versions() -> dict:
+    return {"fashionrec": __version__, **software_versions()}

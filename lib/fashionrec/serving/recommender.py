@@ -24,6 +24,7 @@ at search time and compacted past ``TOMBSTONE_REBUILD_FRACTION``, for HNSW and I
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import shutil
 import threading
@@ -33,33 +34,36 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.attributes import attribute_kinds, filter_mask, json_value
 from ..data.checks import check_files
+from ..data.images import check_box, crop_box, decode_query, tiny_image_warnings
 from ..data.ledger import skipped_entry
 from ..errors import BadParameter, FashionRecError, IndexFolderError, UnknownCategory, UnknownItem
-from ..features.colour import COLOUR_BACKBONE, aligned_colour, check_colour_weight, colour_descriptors
-from ..features.embed import embed_catalog
 from ..models.query_model import spinning_suits_this_machine
-from ..models.registry import get_backbone
-from ..models.runtime import with_runtime
 from ..provenance import dataset_fingerprint
 from ..ranking.milvus import MilvusRowStore
-from ..ranking.policies import (GALLERY_CATEGORIES, AllowedRows, CategoryBonus, CategoryFilter, ColourFusion,
-                                ExcludedRows, LiveRows)
-from ..ranking.rank import Ranking, rank
-from ..ranking.store import FaissRowStore, RowStore
+from ..ranking.rank import (GALLERY_CATEGORIES, AllowedRows, CategoryBonus, CategoryFilter, ColourFusion, ExcludedRows,
+                            LiveRows, Ranking, check_colour_weight, rank)
+from ..ranking.store import TOMBSTONE_REBUILD_FRACTION, FaissRowStore, RowStore
 from ..settings import InferenceSettings, StoreSettings
 from .assets import open_encoder, open_predictor
-from .build import (COLOUR_FILE, TOMBSTONE_REBUILD_FRACTION, build_index_folder, item_counts, package_versions,
-                    write_version_files)
-from .encoder import as_image, check_box, crop_box, decode_query, encode_source, tiny_image_warnings
-from .folder import EMBEDDINGS_FILE, ITEM_COLUMNS, current_version, new_version, read_items
-from .manifest import BuildManifest
+from .folder import COLOUR_FILE, EMBEDDINGS_FILE, ITEM_COLUMNS, current_version, new_version, read_items
+from .manifest import BuildManifest, item_counts, package_versions, write_version_files
 from .milvus import collection_prefix, drop_unreferenced_collections
 
 STAGES = ("decode", "preprocess", "embed", "search", "total")
+
+
+def _torch_side(module: str):
+    """``fashionrec.serving.<module>`` (``build``, ``networks``), imported the first time a folder needs PyTorch.
+
+    Building a folder, embedding added items, an eager or combined model and a colour-weighted
+    query need it; a query on an ONNX folder does not, and a process that only answers those never
+    loads torch (about 1 GB resident, seconds to import). This is the one place the product defers
+    an import of its own code (the packages' lazy public names aside).
+    """
+    return importlib.import_module(f"{__package__}.{module}")
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,12 @@ class Recommender:
         self._items = items
         self._vectors16 = vectors16
         self._colour16 = colour16          # product-colour descriptors, row-aligned; None in older folders
-        self._colour_model = None
         self._store = store
         self._store.fallback_vectors = self._embedding_rows
         self._encoder = encoder
         self._predictor = predictor
         self._lock = threading.RLock()
-        self._batch_backbone = None
+        self._torch_networks = None   # serving.networks.FolderNetworks, made on first need
         # The category bonus of the folder's model (build.json ``ranking``), on the catalog's own labels.
         self._bonus_setting = (manifest.category_boost, "known")
         self._predicted_by_id: dict[str, str] = {}
@@ -184,10 +187,10 @@ class Recommender:
         recommender = cls(outdir, version.name, manifest, items, vectors16, store, None, None, settings, spinning,
                           colour16)
         recommender._store_settings = store_settings
-        recommender._encoder = open_encoder(version, manifest.query_model, recommender._runtime_backbone,
-                                            settings.threads, spinning)
-        recommender._predictor = open_predictor(version, manifest.classifier, recommender._base_backbone,
-                                                manifest.runtime, settings.threads, spinning)
+        recommender._encoder = open_encoder(version, manifest.query_model, settings.threads, spinning,
+                                            lambda: recommender._networks().query_encoder(), settings.compiled_resize)
+        recommender._predictor = open_predictor(version, manifest.classifier, settings.threads, spinning,
+                                                recommender._networks, settings.compiled_resize)
         return recommender
 
     @classmethod
@@ -197,27 +200,14 @@ class Recommender:
         ``options`` are :func:`fashionrec.serving.build.build_index_folder`'s (index, metric,
         settings, root, dataset, skipped, seed, ...).
         """
-        report = build_index_folder(outdir, catalog, backbone, **options)
+        report = _torch_side("build").build_index_folder(outdir, catalog, backbone, **options)
         return cls.load(report.outdir, options.get("settings"))
 
-    def _runtime_backbone(self):
-        """The backbone the index was embedded with, on its runtime, checked against build.json."""
-        if self._batch_backbone is None:
-            described = self.manifest.backbone
-            eager = get_backbone(described["name"], weights_file=described["weights_file"])
-            model = with_runtime(eager, self.manifest.runtime, threads=self.settings.threads)
-            if model.weights_sha256 != described["weights_sha256"]:
-                raise IndexFolderError(f"{self.outdir}: the weights of {described['name']} differ from those the "
-                                       "index was built with; rebuild the index")
-            if model.cache_key != described["cache_key"]:
-                raise IndexFolderError(f"{self.outdir}: {described['name']} now preprocesses or computes "
-                                       "differently from when the index was built; rebuild the index")
-            self._batch_backbone = model
-        return self._batch_backbone
-
-    def _base_backbone(self):
-        described = self.manifest.backbone
-        return get_backbone(described["base"], weights_file=described["weights_file"])
+    def _networks(self):
+        """The folder's PyTorch networks (:class:`~fashionrec.serving.networks.FolderNetworks`), made on first need."""
+        if self._torch_networks is None:
+            self._torch_networks = _torch_side("networks").FolderNetworks(self.outdir, self.manifest, self.settings)
+        return self._torch_networks
 
     # --- what is in it ---------------------------------------------------------------------------
 
@@ -241,7 +231,7 @@ class Recommender:
 
     @property
     def query_encoder(self):
-        """This version's encoder of query photos (:mod:`fashionrec.serving.encoder`), for callers that batch."""
+        """This version's encoder of query photos (:class:`~fashionrec.models.query_model.OnnxEncoder` for an ONNX folder), for callers that batch."""
         return self._encoder
 
     @property
@@ -315,8 +305,8 @@ class Recommender:
                 fresh._encoder = self._encoder
             if fresh.info.get("classifier") == self.info.get("classifier"):
                 fresh._predictor = self._predictor
-            if fresh.info["backbone"] == self.info["backbone"] and fresh.info["runtime"] == self.info["runtime"]:
-                fresh._batch_backbone = self._batch_backbone
+            if self._torch_networks is not None and self._torch_networks.serves(fresh.manifest):
+                fresh._torch_networks = self._torch_networks
             bonus_setting, predicted_by_id = self._bonus_setting, self._predicted_by_id
             state = dict(vars(fresh))
             del state["_lock"]
@@ -350,7 +340,7 @@ class Recommender:
         :meth:`set_category_bonus`).
 
         ``colour_weight`` w in [0, 1] ranks by (1 - w) x network similarity + w x product-colour
-        similarity (:class:`fashionrec.ranking.policies.ColourFusion`), the score each result then
+        similarity (:class:`fashionrec.ranking.rank.ColourFusion`), the score each result then
         carries: over every item for a Flat index, over the index's nearest candidates otherwise.
         Only the photo's own colour descriptor is computed (``timing_ms["colour"]``); the catalog's
         are in the folder. w = 0 is the plain ranking.
@@ -358,7 +348,7 @@ class Recommender:
         ``filters``: only items whose attributes pass them, e.g. ``["colour=Red", "price=10..50"]``
         or ``{"colour": ["Red", "Blue"]}`` (:mod:`fashionrec.data.attributes`); applied inside the
         search, so k results come back while k items pass. ``box``: ``(x, y, width, height)`` in
-        the photo's pixels, the product to search for (:func:`~fashionrec.serving.encoder.crop_box`).
+        the photo's pixels, the product to search for (:func:`~fashionrec.data.images.crop_box`).
         A photo (or box) under ``TINY_IMAGE_SIDE`` pixels on a side gets a warning in ``warnings``.
         """
         self._check_query(k, category, exclude_ids)
@@ -380,7 +370,7 @@ class Recommender:
             encoder, predictor = self._encoder, self._predictor
             warnings = tiny_image_warnings(image_for(encoder.draft_size), box)
             decode_done = time.perf_counter()
-            vector, timing = encode_source(encoder, image_for)
+            vector, timing = encoder.encode_with(image_for)
             timing = {"decode": (decode_done - started) * 1000.0, **timing}
             predicted = probability = None
             if predictor is not None:
@@ -476,14 +466,7 @@ class Recommender:
 
     def _query_colour(self, image) -> np.ndarray:
         """The product-colour descriptor of a decoded photo (the batch path's model and preprocessing)."""
-        if self._colour_model is None:
-            self._colour_model = get_backbone(COLOUR_BACKBONE)
-            if self._colour_model.cache_key != self.manifest.colour["cache_key"]:
-                raise IndexFolderError(f"{self.outdir}: the product-colour descriptor now computes differently "
-                                       "from when the index was built; rebuild the index")
-        model = self._colour_model
-        with torch.inference_mode():
-            return model.model(model.transform(as_image(image))[None]).numpy()[0].astype(np.float32)
+        return self._networks().colour_descriptor(image)
 
     def _check_query(self, k: int, category: str | None, exclude_ids) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -634,9 +617,9 @@ class Recommender:
                              **({} if attributes is None else attributes.iloc[position].to_dict())})
         if not rows:
             return report
-        backbone = self._runtime_backbone()
+        networks = self._networks()
         table = pd.DataFrame(rows)
-        embedded = embed_catalog(table.assign(label=table["label"].fillna("")), backbone, self.settings)
+        embedded = networks.embed_items(table.assign(label=table["label"].fillna("")))
         report.skipped.extend(embedded.skipped)
         if len(embedded.vectors) == 0:
             return report
@@ -645,8 +628,7 @@ class Recommender:
         new_items = new_items[[*ITEM_COLUMNS, *[c for c in new_items.columns if c not in ITEM_COLUMNS]]]
         new_colour = None
         if self._colour16 is not None:
-            new_colour = aligned_colour(new_items, colour_descriptors(new_items[["id", "path", "label"]],
-                                                                      self.settings))
+            new_colour = networks.colour_rows(new_items)
         with self._lock:
             self._store.add(embedded.vectors, new_items["label"].astype(str).tolist())
             self._items = pd.concat([self._items, new_items], ignore_index=True)

@@ -14,11 +14,9 @@ import pandas as pd
 
 from .. import config
 from ..evaluation import metrics
-from ..models.classifier import CategoryClassifier
-from ..models.projection import l2_normalize
+from ..models.classifier import CategoryClassifier, l2_normalize
 from ..models.views import MULTI_VIEW_FEATURES
-from ..ranking.policies import CategoryBonus
-from ..ranking.rank import Ranking, gallery_store, rank
+from ..ranking.rank import CategoryBonus, Ranking, gallery_store, rank
 from ..settings import StoreSettings
 
 DEFAULT_BOOSTS = (0.0, 0.05, 0.1, 0.2, math.inf)

@@ -29,7 +29,8 @@ from torch import nn
 from .. import config
 from ..console import progress_bar
 from ..data.split import validation_split
-from ..models.projection import ProjectionHead, l2_normalize, project
+from ..models.classifier import l2_normalize
+from ..models.projection import ProjectionHead, project
 
 LOSSES = ("proxy_anchor", "norm_softmax", "supcon")
 

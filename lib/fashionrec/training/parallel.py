@@ -24,7 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..console import progress_bar
-from ..models.runtime import available_threads
+from ..settings import available_threads
 
 Result = TypeVar("Result")
 

@@ -34,9 +34,9 @@ import torch
 from .. import config
 from ..data.split import validation_split
 from ..evaluation import metrics
-from ..ranking.policies import HARD_BOOST
-from ..models.classifier import CategoryClassifier
-from ..models.projection import ProjectionHead, l2_normalize, project
+from ..models.classifier import CategoryClassifier, l2_normalize
+from ..models.projection import ProjectionHead, project
+from ..ranking.rank import HARD_BOOST
 from .classify import train_classifier
 from .heads import LOSSES, HeadConfig, torch_threads, train_head, validation_uses_fit_rows
 from .parallel import run_jobs, worker_processes
