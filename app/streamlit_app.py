@@ -19,6 +19,7 @@ import streamlit as st
 from fashionrec import Recommender, StoreSettings
 from fashionrec.data.images import decode_query, load_image
 from fashionrec.errors import FashionRecError, ImageError
+from fashionrec.serving.quality import describe_quality
 from fashionrec.settings import STORES
 from PIL import Image, ImageDraw, ImageOps
 
@@ -85,9 +86,15 @@ def sidebar(recommender: Recommender) -> tuple[int, str | None, float]:
         filters = attribute_filters(recommender)
         st.header("Index")
         st.markdown(f"**{described['n_items']:,}** items of *{described['dataset'] or 'a catalog'}*  \n"
-                    f"backbone `{described['backbone']}` ({described['runtime']})  \n"
+                    f"model `{described['backbone']}` ({described['runtime']})"
+                    + (", with its category classifier" if described["classifier"] else "") + "  \n"
                     f"index `{described['index']}` {described['search_params']} · {described['metric']}  \n"
                     f"`{described['out']}` ({described['version']})")
+        if described["quality"]:
+            st.markdown(f"**Quality**: {describe_quality(described['quality'])}")
+        else:
+            st.caption("No quality card: the index was built from an unlabelled catalog, a part of one, or with "
+                       "--no-quality.")
     return k, None if choice == "All categories" else choice, colour_weight, filters
 
 

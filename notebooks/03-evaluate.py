@@ -25,7 +25,7 @@ colour_weights = []
 # %%
 from fashionrec.pipeline import plots
 from fashionrec.evaluation.analysis import hardest_queries
-from fashionrec.evaluation.metrics import retrieval_confusion
+from fashionrec.ranking.metrics import retrieval_confusion
 from fashionrec.pipeline.report import colour_sweep_text, verdict_lines
 from fashionrec.pipeline.stages import METRIC_COLUMNS, run_dir, stage_colour_sweep, stage_compare, stage_evaluate
 

@@ -16,6 +16,15 @@ from PIL import Image
 from fashionrec import config
 from fashionrec.data.catalog import load_clothing
 from fashionrec.data.fetch import locate_fashion_mnist
+from fashionrec.features.embed import embed_catalog
+from fashionrec.models.finetuned import save_model
+from fashionrec.models.projection import project
+from fashionrec.models.registry import get_backbone
+from fashionrec.models.runtime import with_runtime
+from fashionrec.settings import InferenceSettings
+from fashionrec.training.classify import train_classifier
+from fashionrec.training.finetune import head_payload
+from fashionrec.training.heads import HeadConfig, fit_head
 
 REPO = Path(__file__).resolve().parents[1]
 CLOTHING_DIR = Path(os.environ.get("FASHIONREC_CLOTHING_DIR", REPO.parent / "shared" / "data" / "clothing-dataset"))
@@ -183,3 +192,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def small_head_model(catalog: pd.DataFrame, out: Path) -> str:
+    """``efficientnet_lite0+head:<out>``: a small head trained on ``catalog`` (id, path, label), with a category
+    classifier on its output (an index of it carries the classifier); seconds, not the real fine-tuning."""
+    base = get_backbone("efficientnet_lite0")
+    frozen = embed_catalog(catalog, with_runtime(base, "onnx"), InferenceSettings(batch_size=16, workers=0,
+                                                                                   progress=False)).vectors
+    settings = HeadConfig(hidden_dim=32, out_dim=16, epochs=5, batch_size=16, refit=False)
+    fit = fit_head(frozen, catalog["label"].to_numpy(), settings, losses=("norm_softmax",), progress=False)
+    classifier = train_classifier(project(fit.head, frozen), catalog["label"], features="head", c=1.0)
+    model = save_model(head_payload(fit, base, settings, "fingerprint", len(catalog), classifier), out)
+    return f"efficientnet_lite0+head:{model}"

@@ -26,7 +26,7 @@ from fashionrec import Recommender
 from fashionrec.data.catalog import load_fashion_mnist
 from fashionrec.settings import InferenceSettings
 
-from conftest import CLOTHING_DIR, REPO, data_dirs, fashion_mnist_available, session_data_root
+from conftest import CLOTHING_DIR, REPO, data_dirs, fashion_mnist_available, session_data_root, small_head_model
 
 APP = REPO / "app" / "streamlit_app.py"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,7 +38,8 @@ RANKED = re.compile(r"^(\d+)\. (.+) · (-?\d+\.\d+)$")
 
 @pytest.fixture(scope="module")
 def app_index(request, tmp_path_factory):
-    """(index folder, a real photo from outside it, the index's categories)."""
+    """(index folder, a real photo from outside it, the index's categories): as the app's default, a fine-tuned
+    model with its category classifier and the folder's quality card."""
     outdir = tmp_path_factory.mktemp("app-index") / "index"
     with data_dirs(session_data_root(tmp_path_factory)):
         if (CLOTHING_DIR / "images.csv").exists():
@@ -51,8 +52,11 @@ def app_index(request, tmp_path_factory):
         else:
             pytest.skip(f"no real photos: clothing photos not at {CLOTHING_DIR}, Debian's dataset-fashion-mnist not "
                         "installed")
-        recommender = Recommender.build(outdir, catalog[["id", "path", "label"]], "efficientnet_lite0",
-                                        settings=InferenceSettings(workers=0, progress=False))
+        catalog = catalog[["id", "path", "label"]]
+        model = small_head_model(catalog, outdir.parent / "head.pt")
+        recommender = Recommender.build(outdir, catalog, model, settings=InferenceSettings(workers=0, progress=False),
+                                        quality_split_seed=0)
+    assert recommender.has_classifier and recommender.describe()["quality"]["n_queries"] > 0
     return outdir, photo, recommender.categories
 
 
@@ -77,9 +81,13 @@ def test_an_uploaded_photo_gives_a_grid_of_k_results_the_filter_and_more_like_th
     index_dir, photo, categories = app_index
     at = _app(monkeypatch, index_dir).run()
     assert not at.exception and "Upload a photo" in at.info[0].value
+    sidebar = " ".join(block.value for block in at.sidebar.markdown)
+    assert "model `efficientnet_lite0+head:" in sidebar and "with its category classifier" in sidebar
+    assert re.search(r"\*\*Quality\*\*: P@10 \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] on \d+ held-out queries", sidebar)
     at.slider(key="k").set_value(6)
     at.file_uploader(key="upload").upload(Path(photo).name, Path(photo).read_bytes(), "image/jpeg").run()
     assert not at.exception and not at.error
+    assert any(message.value.startswith("Looks like **") for message in at.success)
     ranked = _ranked(at)
     assert [rank for rank, _, _ in ranked] == [1, 2, 3, 4, 5, 6]
     scores = [score for _, _, score in ranked]
@@ -167,6 +175,9 @@ def test_the_app_in_headless_chromium_shows_the_result_grid(app_index):
                     }""", timeout=240_000)
                 captions = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
                 assert page.locator('[data-testid="stException"]').count() == 0
+                sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+                assert "with its category classifier" in sidebar and "Quality: P@10" in sidebar, sidebar
+                assert "Looks like" in page.locator('[data-testid="stAlert"]').all_inner_texts()[-1]
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
             finally:

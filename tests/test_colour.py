@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from fashionrec import Recommender, config
 from fashionrec.cli import main
 from fashionrec.data.images import load_image
-from fashionrec.evaluation import metrics
+from fashionrec.ranking import metrics
 from fashionrec.evaluation.protocol import evaluate_embeddings
 from fashionrec.models.registry import get_backbone
 from fashionrec.ranking.rank import ColourFusion, Ranking, gallery_store, rank

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashionrec.evaluation import metrics
+from fashionrec.ranking import metrics
 
 # Two queries, four ranked results each.
 #   query 0: relevant at ranks 1 and 3, 3 relevant items in the gallery

@@ -82,6 +82,30 @@ def test_the_query_split_through_the_served_path_gives_the_protocols_numbers(sho
 
 
 @pytest.mark.integration
+def test_a_whole_catalog_folder_carries_the_quality_card_of_its_split_of_record(shop, tmp_path, capsys):
+    """``index`` of a whole labelled catalog measures its model on the split of record (a Flat folder: the
+    protocol's P@10 and interval exactly); ``recommend --json`` shows the card; a gallery folder has none."""
+    prepared, gallery_folder, embeddings, _ = shop
+    outdir = tmp_path / "whole"
+    assert main(["index", "--dataset", "folder", "--data-dir", str(prepared.root), "--backbone", LITE0, "--index",
+                 "Flat", "--out", str(outdir), "--json", "--quiet", "--workers", "0"]) == 0
+    card = json.loads(capsys.readouterr().out)["quality"]
+    record = evaluate_embeddings(embeddings.vectors, embeddings.metadata, k=10).to_record()
+    assert (card["k"], card["n_queries"], card["n_gallery"]) == (10, record["n_queries"], record["n_gallery"])
+    assert card["precision_at_k"] == pytest.approx(record["precision_at_k"], abs=1e-6)
+    assert card["precision_at_k_ci"] == pytest.approx(record["precision_at_k_ci"], abs=1e-6)
+    assert card["split"]["seed"] == 0 and card["ranking"] == "similarity" and card["index"] == "Flat"
+    photo = prepared.catalog["path"].iloc[0]
+    assert main(["recommend", "--index-dir", str(outdir), "--image", str(photo), "--k", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quality"] == card
+    with Recommender.load(gallery_folder, QUIET) as recommender:
+        assert recommender.describe()["quality"] is None
+    assert main(["index", "--dataset", "folder", "--data-dir", str(prepared.root), "--backbone", LITE0, "--out",
+                 str(tmp_path / "uncarded"), "--no-quality", "--json", "--quiet", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["quality"] is None
+
+
+@pytest.mark.integration
 def test_a_queries_csv_counts_a_missing_file_and_a_non_image_and_loses_nothing_else(shop, tmp_path, capsys):
     prepared, outdir, _, _ = shop
     queries = prepared.catalog[prepared.catalog["split"] == "query"].head(6)

@@ -32,22 +32,15 @@ from fashionrec.data.catalog import load_additions, load_dataset, parse_columns
 from fashionrec.data.images import TINY_IMAGE_SIDE, check_box, crop_box, tiny_image_warnings
 from fashionrec.errors import DatasetError, FashionRecError
 from fashionrec.evaluation.duplicates import find_duplicates, leakage, pair_scores
-from fashionrec.features.embed import embed_catalog
-from fashionrec.models.finetuned import save_model
-from fashionrec.models.projection import project
-from fashionrec.models.registry import get_backbone
-from fashionrec.models.runtime import with_runtime
 from fashionrec.pipeline.params import resolve_params
 from fashionrec.pipeline.plots import result_caption
 from fashionrec.pipeline.widgets import recommender_widget
 from fashionrec.serving.folder import CURRENT, current_version, new_version
 from fashionrec.serving.recommender import Result
 from fashionrec.settings import InferenceSettings, StoreSettings
-from fashionrec.training.classify import train_classifier
-from fashionrec.training.finetune import head_payload
-from fashionrec.training.heads import HeadConfig, fit_head
 
-from conftest import CLOTHING_DIR, GENERATED_CATEGORIES, REPO, write_color_image, write_product_image
+from conftest import (CLOTHING_DIR, GENERATED_CATEGORIES, REPO, small_head_model, write_color_image,
+                      write_product_image)
 
 QUIET = InferenceSettings(batch_size=16, workers=0, progress=False)
 LITE0 = "efficientnet_lite0"
@@ -293,17 +286,6 @@ def _clothing_photos(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     return catalog, arrivals
 
 
-def _head_model(catalog: pd.DataFrame, out: Path) -> str:
-    """A fine-tuned model with a category classifier on its head's output (the index's classifier)."""
-    base = get_backbone(LITE0)
-    frozen = embed_catalog(catalog, with_runtime(base, "onnx"), QUIET).vectors
-    config = HeadConfig(hidden_dim=32, out_dim=16, epochs=5, batch_size=16, refit=False)
-    fit = fit_head(frozen, catalog["label"].to_numpy(), config, losses=("norm_softmax",), progress=False)
-    classifier = train_classifier(project(fit.head, frozen), catalog["label"], features="head", c=1.0)
-    model = save_model(head_payload(fit, base, config, "fingerprint", len(catalog), classifier), out)
-    return f"{LITE0}+head:{model}"
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("source", ["generated", "clothing"])
 def test_a_shops_catalog_from_its_csv_to_filtered_results_and_unlabelled_arrivals(source, tmp_path, capsys):
@@ -329,7 +311,7 @@ def test_a_shops_catalog_from_its_csv_to_filtered_results_and_unlabelled_arrival
     # products.csv indexes as the shop keeps it, with a model whose classifier can label new arrivals.
     loaded = pd.DataFrame({"id": products["sku"], "path": [str(p) for p, _ in catalog_photos],
                            "label": products["type"]})
-    backbone = _head_model(loaded, tmp_path / "head.pt")
+    backbone = small_head_model(loaded, tmp_path / "head.pt")
     build = ["index", "--catalog", str(shop / "products.csv"), "--columns", COLUMNS, "--quiet", "--json"]
     assert main([*build, "--backbone", backbone, "--out", str(index_dir)]) == 0
     built = json.loads(capsys.readouterr().out)

@@ -18,7 +18,8 @@ layer imports only from the ones below it (``make test`` checks both with import
     training                 fine-tuning: heads, last blocks, category classifier
     evaluation               the protocol of record, metrics, comparisons
     serving                  the servable index folder and the Recommender (photo in, similar products out)
-    ranking                  one store interface (FAISS, Milvus) and the ranking policies both towers run
+    ranking                  one store interface (FAISS, Milvus), the ranking policies both towers run and
+                             the metrics that measure a ranking
     features | indexing      embedding (in-process or on Ray) and its cache | FAISS indexes, the Milvus
                              client and their measurement
     models                   backbones, runtimes, the fine-tuned model file

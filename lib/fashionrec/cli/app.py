@@ -1,7 +1,9 @@
 """``app``: the recommendation app (Streamlit) in the browser, over an index folder.
 
-Without ``--index-dir`` it serves the default index: the clothing photos when they are on
-this machine, else Fashion-MNIST (fetched if needed), built once into data/processed/indexes.
+Without ``--index-dir`` it serves the default index: a fine-tuned EfficientNet-Lite0 (or a
+student distilled on the same catalog) of the clothing photos when they are on this machine,
+else of Fashion-MNIST (fetched if needed), built once into data/processed/indexes
+(:mod:`fashionrec.experiment.default_index`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 
 from .. import config
 from ..errors import FashionRecError
-from ..serving.build import ensure_default_index
+from ..experiment.default_index import ensure_default_index
 from ..serving.folder import current_version
 from ..settings import InferenceSettings
 from .commands import SUMMARIES

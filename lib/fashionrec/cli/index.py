@@ -30,6 +30,7 @@ from ..indexing.faiss_index import METRICS
 from ..models.registry import load_user_backbones
 from ..serving.build import DEFAULT_MEMORY_BUDGET_BYTES, DEFAULT_RECALL_TARGET, SPLIT_CHOICES, index_dataset
 from ..serving.folder import current_version
+from ..serving.quality import describe_quality
 from ..serving.recommender import Recommender
 from ..settings import StoreSettings
 from .commands import SUMMARIES
@@ -58,6 +59,9 @@ def add_parser(commands) -> None:
     build.add_argument("--recall-target", type=float, default=DEFAULT_RECALL_TARGET,
                        help="--index auto: recall@10 the index must reach (default %(default)s)")
     build.add_argument("--out", default=None, help="the index folder to write (replaced atomically if it exists)")
+    build.add_argument("--no-quality", action="store_true",
+                       help="skip the quality card (P@10 of the folder on the catalog's split of record, measured "
+                            "when a whole labelled catalog is indexed)")
     add_store_arguments(build, default=None, what="where the vectors are indexed (an update: where they are)")
     update = parser.add_argument_group("update")
     update.add_argument("--update", default=None, metavar="OUTDIR", help="update this index folder")
@@ -91,7 +95,7 @@ def run(args) -> int:
                            split_seed=args.split_seed, index=args.index, metric=args.metric,
                            search_params=args.search_params, settings=settings,
                            memory_budget_bytes=args.memory_budget * 2**30, recall_target=args.recall_target,
-                           store=serving_store(args) or StoreSettings())
+                           store=serving_store(args) or StoreSettings(), quality=not args.no_quality)
     record = report.to_record()
     if args.json:
         print_json(record)
@@ -102,6 +106,8 @@ def run(args) -> int:
           f"({record['metric']}), {record['dim']}-d; {describe_counts(record['skipped'])}; {record['seconds']:.1f} s")
     if index.get("auto"):
         print(f"  index chosen: {index['auto']['rationale']}")
+    if record["quality"]:
+        print(f"  quality: {describe_quality(record['quality'])}")
     for item in record["skipped"][:20]:
         print(f"  ({item['stage']}) {item['path']}: {item['reason']}")
     if len(record["skipped"]) > 20:

@@ -29,6 +29,7 @@ from ..data.images import check_box, probe_image
 from ..errors import FashionRecError, ImageError
 from ..ranking.rank import check_colour_weight
 from ..serving.folder import current_version
+from ..serving.quality import describe_quality
 from ..serving.recommender import Recommendation, Recommender
 from ..settings import InferenceSettings
 from .commands import SUMMARIES
@@ -81,9 +82,13 @@ def run(args) -> int:
     with Recommender.load(args.index_dir, settings, store=store) as recommender:
         recommender.check_colour_weight(args.colour_weight)   # an old folder: one line, before any query
         recommender.attribute_mask(args.filters)              # an unknown column or value: one line, before any query
+        if not args.json and recommender.manifest.quality:
+            print(f"index quality: {describe_quality(recommender.manifest.quality)}")
         queries, failed = _answer(recommender, args)
+        quality = recommender.manifest.quality
     if args.json:
-        print_json(queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries})
+        answers = queries[0] if len(queries) == 1 and "error" not in queries[0] else {"queries": queries}
+        print_json({**answers, "quality": quality})
     return 2 if failed else 0
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.split import validation_split
-from . import metrics
+from ..ranking import metrics
 from .protocol import Evaluation, evaluate_embeddings
 
 # Whitening divides each principal axis by its standard deviation; axes with almost no

@@ -11,7 +11,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from ..ranking import metrics
 from .protocol import Evaluation
 
 COMPARED_METRICS = ("precision_at_k", "hit_rate_at_1", "map_at_k")

@@ -20,9 +20,9 @@ import pandas as pd
 
 from ..data.ledger import count_by_stage
 from ..errors import FashionRecError
+from ..ranking import metrics
 from ..ranking.rank import CategoryBonus, ColourFusion, Ranking, gallery_store, rank
 from ..settings import StoreSettings
-from . import metrics
 
 N_BOOTSTRAP = 1000
 # The keys of an evaluation record (:meth:`Evaluation.to_record`); raised when a key changes meaning or goes.
@@ -181,7 +181,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
     they are ``predicted`` or ``known``; ``inf``: that category first).
     Relevance is the true ``label`` by default; ``relevance`` names the metadata columns that must
     all equal the query's (a row missing any of them is never relevant, see
-    :func:`fashionrec.evaluation.metrics.attribute_keys`; the record counts them).
+    :func:`fashionrec.ranking.metrics.attribute_keys`; the record counts them).
 
     ``colour_weight`` w > 0 (needs ``colour_vectors``, one product-colour descriptor per
     ``metadata`` row, and the cosine metric) ranks by (1 - w) x network cosine + w x colour cosine

@@ -17,7 +17,7 @@ import pandas as pd
 from ..data.prepared import PreparedData
 from ..data.split import validation_split
 from ..errors import FashionRecError
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..evaluation.protocol import evaluate_embeddings
 from ..ranking.rank import check_colour_weight
 from ..settings import InferenceSettings, StoreSettings

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .. import config
 from ..errors import FashionRecError
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import decoding_threads
 from ..models.classifier import multi_view_features

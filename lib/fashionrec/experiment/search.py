@@ -28,7 +28,7 @@ import pandas as pd
 from .. import config
 from ..data.prepared import PreparedData
 from ..errors import FashionRecError
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..evaluation.protocol import Evaluation, evaluate_embeddings
 from ..features.embed import Embeddings
 from ..models.backbone import Backbone

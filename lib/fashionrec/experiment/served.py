@@ -25,7 +25,7 @@ from ..data.images import file_digest
 from ..data.ledger import skipped_entry
 from ..data.prepared import prepare
 from ..errors import FashionRecError, ImageError
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..evaluation.protocol import Evaluation
 from ..provenance import dataset_fingerprint, software_versions
 from ..serving.recommender import Recommender

@@ -1,1 +1,2 @@
-"""The ranking core: one store interface and the ranking policies, shared by serving and evaluation."""
+"""The ranking core: one store interface, the ranking policies and the metrics of a ranking, shared by serving and
+evaluation."""

@@ -18,7 +18,6 @@ What a version of the folder holds (:mod:`fashionrec.serving.folder` for the lay
 from __future__ import annotations
 
 import datetime
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import pandas as pd
 
 from .. import config
 from ..data.catalog import load_dataset
-from ..data.fetch import ensure_dataset, locate_clothing
 from ..data.images import decode_query
 from ..data.prepared import prepare
 from ..errors import FashionRecError, IndexBuildError
@@ -44,11 +42,12 @@ from ..provenance import dataset_fingerprint
 from ..ranking.milvus import AUTO_INDEX, MilvusRowStore, check_store, milvus_uri
 from ..ranking.store import TOMBSTONE_REBUILD_FRACTION, FaissRowStore
 from ..settings import InferenceSettings, StoreSettings
-from .assets import open_encoder
-from .folder import COLOUR_FILE, ITEM_COLUMNS, check_output_folder, is_index_folder, new_version
+from .assets import open_encoder, open_predictor
+from .folder import COLOUR_FILE, ITEM_COLUMNS, check_output_folder, new_version
 from .manifest import BuildManifest, item_counts, package_versions, write_version_files
 from .milvus import collection_prefix, drop_unreferenced_collections
-from .networks import torch_encoder, write_classifier, write_query_model
+from .networks import FolderNetworks, torch_encoder, write_classifier, write_query_model
+from .quality import quality_card, split_of_record
 
 SPLIT_CHOICES = ("all", "train", "gallery", "query")
 # --index auto: the memory an index may take when nothing else is said, and the recall it must reach.
@@ -75,7 +74,7 @@ class BuildReport:
                 "dim": built.backbone["dim"], "n_items": built.counts["items"],
                 "n_skipped": built.counts["skipped"], "skipped": built.skipped,
                 "categories": built.counts["categories"], "embedded": self.n_computed,
-                "reused_from_cache": self.n_reused, "seconds": round(self.seconds, 3)}
+                "reused_from_cache": self.n_reused, "seconds": round(self.seconds, 3), "quality": built.quality}
 
 
 def backbone_dim(backbone: str) -> int:
@@ -119,7 +118,7 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
                        dataset: dict | None = None, skipped=(), seed: int = config.DEFAULT_SEED,
                        memory_budget_bytes: float = DEFAULT_MEMORY_BUDGET_BYTES,
                        recall_target: float = DEFAULT_RECALL_TARGET,
-                       store: StoreSettings = StoreSettings()) -> BuildReport:
+                       store: StoreSettings = StoreSettings(), quality_split_seed: int | None = None) -> BuildReport:
     """Embeds ``catalog`` (id, path, label, and any attribute columns) with ``backbone`` and writes a new
     version of ``outdir``.
 
@@ -129,7 +128,9 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
     build.json with those the embedding skipped. Everything that can be checked without
     embedding is checked first. The previous version, if any, stays loadable throughout.
     ``store``: where the vectors are indexed, ``index.faiss`` (default) or a Milvus collection
-    (:mod:`fashionrec.ranking.milvus`; ``auto`` is then Milvus's AUTOINDEX).
+    (:mod:`fashionrec.ranking.milvus`; ``auto`` is then Milvus's AUTOINDEX). ``quality_split_seed``:
+    measure the quality card on the catalog's split of record with this seed
+    (:mod:`fashionrec.serving.quality`; None, or a catalog without labels: no card).
     """
     started = time.perf_counter()
     outdir = Path(outdir)
@@ -166,11 +167,13 @@ def build_index_folder(outdir, catalog: pd.DataFrame, backbone: str, *, index: s
         except IndexBuildError as error:
             raise FashionRecError(f"{error}; choose another --index (Flat always works)") from None
     all_skipped = [*skipped, *embeddings.skipped]
+    roles = (None if quality_split_seed is None
+             else split_of_record(catalog, items["id"].astype(str).tolist(), quality_split_seed))
     base_name, reference = split_backbone_name(backbone)
     try:
         staged = _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone,
                               base_name, reference, index, metric, seed, auto, dataset, settings,
-                              (colour, colour_vectors))
+                              (colour, colour_vectors), (roles, quality_split_seed))
     except BaseException:
         if store.store == "milvus":
             vector_store.discard(always=True)
@@ -198,8 +201,9 @@ class _Staged:
 
 
 def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items, all_skipped, backbone, base_name,
-                 reference, index, metric, seed, auto, dataset, settings, colour) -> _Staged:
+                 reference, index, metric, seed, auto, dataset, settings, colour, quality) -> _Staged:
     colour_embeddings, colour_vectors = colour
+    roles, split_seed = quality
     with new_version(outdir) as staging:
         query = write_query_model(staging.path, model)
         query["check"] = check_query_path(staging.path, query, model, embeddings.metadata, vectors, settings.threads)
@@ -229,6 +233,12 @@ def _write_build(outdir, vector_store, model, eager, embeddings, vectors, items,
             colour={"backbone": COLOUR_BACKBONE, "cache_key": colour_embeddings.cache_key,
                     "dim": int(colour_vectors.shape[1]), "file": COLOUR_FILE},
         )
+        if roles is not None:
+            predictor = open_predictor(staging.path, classifier, settings.threads, False,
+                                       lambda: FolderNetworks(outdir, manifest, settings))
+            manifest.quality = quality_card(vector_store, vectors, items["label"].to_numpy(), items["path"].tolist(),
+                                            *roles, boost=manifest.category_boost, predictor=predictor,
+                                            split_seed=split_seed, seed=seed)
         write_version_files(staging.path, items, vectors.astype(np.float16), manifest,
                             colour_vectors.astype(np.float16))
     return _Staged(staging.version, manifest)
@@ -267,8 +277,11 @@ def _now() -> str:
 
 def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: str = "all",
                   max_per_class: int | None = None, category_map=None, split_seed: int = config.DEFAULT_SEED,
-                  columns=None, image_root=None, **build) -> BuildReport:
+                  columns=None, image_root=None, quality: bool = True, **build) -> BuildReport:
     """Loads a named dataset (the whole catalog, or one split of record) and builds an index folder of it.
+
+    ``quality``: a whole labelled catalog gets its quality card (:mod:`fashionrec.serving.quality`)
+    measured on its split of record with ``split_seed``.
 
     ``columns``, ``image_root``: a catalog table's own columns and image folder; its other
     columns travel into the folder as attributes. ``build`` are :func:`build_index_folder`'s
@@ -299,37 +312,5 @@ def index_dataset(outdir, dataset: str, backbone: str, *, data_dir=None, split: 
         provenance["columns"] = dict(columns)
     return build_index_folder(outdir, catalog.drop(columns=["split"], errors="ignore"), backbone, root=root,
                               dataset=provenance,
-                              skipped=skipped, seed=build.pop("seed", split_seed), **build)
-
-
-DEFAULT_APP_BACKBONE = "efficientnet_lite0"
-# Fashion-MNIST has 70,000 images; this many per category keep the first build to a few minutes on 2 cores.
-DEFAULT_APP_FASHION_MNIST_PER_CLASS = 300
-
-
-def default_index_dir(dataset: str, backbone: str = DEFAULT_APP_BACKBONE) -> Path:
-    return config.PROCESSED_DIR / "indexes" / f"{dataset}-{backbone}"
-
-
-def ensure_default_index(settings: InferenceSettings = InferenceSettings()) -> Path:
-    """The index served when none is named: the clothing photos when present, else Fashion-MNIST.
-
-    Built once (``data/processed/indexes/<dataset>-efficientnet_lite0``, ``--index auto``) and
-    reused while it loads; Fashion-MNIST is fetched first if needed (``ensure_dataset``).
-    """
-    clothing = locate_clothing()
-    if clothing is not None:
-        dataset, data_dir, per_class = "clothing", clothing, None
-    else:
-        dataset, data_dir, per_class = "fashion-mnist", None, DEFAULT_APP_FASHION_MNIST_PER_CLASS
-    outdir = default_index_dir(dataset)
-    if is_index_folder(outdir):
-        return outdir
-    if settings.progress:
-        print(f"[index] building the default index of {dataset} with {DEFAULT_APP_BACKBONE} into {outdir} "
-              "(once; later runs reuse it)", file=sys.stderr)
-    if dataset == "fashion-mnist":
-        ensure_dataset(dataset, progress=settings.progress)
-    index_dataset(outdir, dataset, DEFAULT_APP_BACKBONE, data_dir=data_dir, max_per_class=per_class, index="auto",
-                  settings=settings)
-    return outdir
+                              skipped=skipped, seed=build.pop("seed", split_seed),
+                              quality_split_seed=split_seed if quality and split == "all" else None, **build)

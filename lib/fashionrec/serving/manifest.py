@@ -39,6 +39,7 @@ class BuildManifest:
     skipped: list = field(default_factory=list)
     classifier: dict | None = None
     colour: dict | None = None   # the product-colour descriptors (None: a folder built without them)
+    quality: dict | None = None  # the quality card (fashionrec.serving.quality); None: not measured
     updates: list = field(default_factory=list)
     created: str = ""
     updated: str | None = None

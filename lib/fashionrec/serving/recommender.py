@@ -286,7 +286,8 @@ class Recommender:
                 "search_params": built.index["search_params"], "metric": built.metric,
                 "dataset": built.dataset.get("name"), "n_items": len(self), "categories": self.categories,
                 "tombstones": int(self._items["deleted"].sum()), "classifier": self.has_classifier,
-                "colour": self.has_colour, "attributes": attribute_kinds(self._items, self.attribute_columns)}
+                "colour": self.has_colour, "attributes": attribute_kinds(self._items, self.attribute_columns),
+                "quality": built.quality}
 
     def refresh(self) -> bool:
         """Swaps to the version CURRENT names, when another process (or another Recommender) saved a newer one.

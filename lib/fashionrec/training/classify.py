@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import config
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..models.classifier import CategoryClassifier, l2_normalize
 from ..models.views import MULTI_VIEW_FEATURES
 from ..ranking.rank import CategoryBonus, Ranking, gallery_store, rank

@@ -33,7 +33,7 @@ import torch
 
 from .. import config
 from ..data.split import validation_split
-from ..evaluation import metrics
+from ..ranking import metrics
 from ..models.classifier import CategoryClassifier, l2_normalize
 from ..models.projection import ProjectionHead, project
 from ..ranking.rank import HARD_BOOST
