@@ -143,15 +143,16 @@ async def catalog_writes(url: str, token: str, index_dir: str, additions: list[t
             "seconds": round(time.perf_counter() - started, 1), "added": added, "removed": removed}
 
 
-def reference_throughput(recommender: Recommender, photos: list[str], batch_size: int, workers: int) -> float:
+def reference_throughput(recommender: Recommender, photos: list[str], batch_size: int, workers: int | None) -> float:
     """Images per second of ``embed_throughput.py``'s pipeline, with the served model, on ``photos``."""
     described = recommender.info["backbone"]
     backbone = with_runtime(get_backbone(described["name"], weights_file=described["weights_file"]),
                             recommender.info["runtime"], threads=available_threads())
     rows = pd.DataFrame({"id": [str(i) for i in range(len(photos))], "path": photos, "label": "query"})
-    pipeline_embed(rows.iloc[: min(32, len(rows))], backbone, batch_size, workers, available_threads())  # warm-up
+    settings = InferenceSettings(batch_size=batch_size, workers=workers, threads=available_threads(), progress=False)
+    pipeline_embed(rows.iloc[: min(32, len(rows))], backbone, settings)  # warm-up
     started = time.perf_counter()
-    vectors = pipeline_embed(rows, backbone, batch_size, workers, available_threads())
+    vectors = pipeline_embed(rows, backbone, settings)
     return len(vectors) / (time.perf_counter() - started)
 
 
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--reference-n", type=int, default=256, help="photos of each reference measurement")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the reference pipeline")
-    parser.add_argument("--workers", type=int, default=2, help="decoding workers of the reference pipeline")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads of the reference pipeline (default: one per CPU, as embed_throughput.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--writes", type=int, default=0,
                         help="photos to add and items to remove through the API during one level (token: "

@@ -81,7 +81,6 @@ def test_no_function_imports_from_the_package():
 # The imports of the package's own modules that wait until a function runs, each for a stated reason.
 DEFERRED_IMPORTS = {
     "__init__.py:__getattr__",            # the public names: `import fashionrec.config` stays free of torch
-    "models/__init__.py:__getattr__",     # the same for the models' public names
     "cli/__init__.py:build_parser",       # only the command asked for (`--help` imports none)
     "serving/recommender.py:_torch_side",  # building, adding items, eager models: PyTorch, only when needed
 }

@@ -16,7 +16,8 @@ from fashionrec import config
 from fashionrec.data.catalog import load_fashion_mnist
 from fashionrec.data.images import load_image
 from fashionrec.errors import FashionRecError
-from fashionrec.models.preprocess import Preprocessing, crop_pixels, geometry_is_exact, resize_and_crop
+from fashionrec.models.preprocess import (Preprocessing, crop_pixels, geometry_is_exact, pillow_geometry,
+                                         resize_and_crop)
 from fashionrec.models import preprocess, query_model
 from fashionrec.models.query_model import query_session, run_query_model, uint8_query_model
 from fashionrec.models.registry import get_backbone
@@ -73,6 +74,18 @@ def test_the_fast_geometry_equals_torchvision_pixel_for_pixel(lite0, seed, mode)
             from_array = resize_and_crop(np.asarray(image), spec)   # what decode_rgb_array hands a query
             assert np.array_equal(from_array, expected), (name, width, height, "array")
         assert geometry_is_exact(spec)
+
+
+def test_pillows_own_geometry_is_torchvisions_and_crop_pixels_gives_it_without_the_compiled_kernels(lite0):
+    """What the start-up check compares with, and what a one-photo command uses, is torchvision's transform."""
+    rng = np.random.default_rng(5)
+    for name, spec in _specs(lite0).items():
+        reference = spec.reference_geometry()
+        for width, height in [*preprocess._CHECK_SHAPES, (3000, 90), (90, 3000), (20, 20), (1, 1)]:
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            expected = np.asarray(reference(image))
+            assert np.array_equal(pillow_geometry(image, spec), expected), (name, width, height)
+            assert np.array_equal(crop_pixels(np.asarray(image), spec, exact_shortcut=False), expected), name
 
 
 @pytest.mark.parametrize("cpus", [1, 2])

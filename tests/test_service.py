@@ -7,6 +7,7 @@ Lite0 embeddings through ONNX Runtime); the big load runs are in ``benchmarks/se
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -198,6 +200,27 @@ assert loaded() == ["torch", "torchvision"], loaded()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "FASHIONREC_DATA": str(data_root), "PYTHONPATH": str(REPO / "lib")})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_new_version_shares_the_query_model_and_the_old_one_goes_at_once(built, tmp_path):
+    """The next version, loaded beside the one serving, shares its query model (no second ONNX session per
+    write), and the old version is freed when its last user lets go, not when the cyclic collector runs."""
+    folder = tmp_path / "index"
+    shutil.copytree(built, folder)
+    serving = Recommender.load(folder, QUIET, spinning=False)
+    writer = Recommender.load(folder, QUIET, spinning=False, reuse=serving)
+    assert writer.query_encoder is serving.query_encoder
+    writer.remove([writer.ids[0]])
+    writer.save()
+    fresh = Recommender.load(folder, QUIET, spinning=False, reuse=serving)
+    assert (fresh.version, fresh.query_encoder) == ("v000002", serving.query_encoder)
+    gone = weakref.ref(serving)
+    gc.disable()
+    try:
+        del serving
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_concurrent_queries_are_embedded_in_batches_with_the_same_answers(server, generated_photos):

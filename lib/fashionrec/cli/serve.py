@@ -26,6 +26,7 @@ from ..settings import InferenceSettings, available_threads
 from .commands import SUMMARIES
 
 ENGINES = ("uvicorn", "ray")
+RESIZERS = ("pillow", "compiled")
 
 
 def add_parser(commands) -> None:
@@ -47,6 +48,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--max-k", type=int, default=100, help="most results per query (default 100)")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="a request not answered by then gets 503")
     parser.add_argument("--threads", type=int, default=None, help="threads of the query model (default: all CPUs)")
+    parser.add_argument("--resize", choices=RESIZERS, default="pillow",
+                        help="the crop's resize: pillow (default; about 4 ms a photo) or compiled (the same pixels in "
+                             "0.4 ms, for about 120 MB more resident memory: numba's compiler)")
     parser.add_argument("--watch-s", type=float, default=1.0,
                         help="how often CURRENT is checked for a new version (default 1; 0: only POST /reload)")
     parser.add_argument("--media-dir", default=None,
@@ -64,7 +68,7 @@ def run(args) -> int:
         raise BadParameter("--replicas and --ray-address apply to --engine ray")
     current_version(args.index_dir)   # a missing or broken folder: say how to build one, before loading anything
     limits = _limits(args)
-    settings = InferenceSettings(threads=args.threads, progress=False)
+    settings = InferenceSettings(threads=args.threads, progress=False, compiled_resize=args.resize == "compiled")
     watch = args.watch_s or None
     if from_ray:
         serve_on_ray(args.index_dir, settings, limits, host=args.host, port=args.port, replicas=args.replicas,

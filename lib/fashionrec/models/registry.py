@@ -174,7 +174,7 @@ def get_backbone(name: str, weights_file: str | Path | None = None) -> Backbone 
     built = spec.builder(Path(weights_file) if weights_file is not None else None)
     if not isinstance(built, BuiltBackbone):
         raise FashionRecError(f"backbone {name!r}: its builder returned {type(built).__name__}, "
-                              "expected fashionrec.models.BuiltBackbone")
+                              "expected fashionrec.BuiltBackbone")
     built.model.eval()
     if built.classifier is not None:
         built.classifier.eval()

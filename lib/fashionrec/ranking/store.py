@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from ..indexing.faiss_index import build_index, checked_queries, default_search_params, load_index, save_index, search
+from ..indexing.faiss_index import build_index, default_search_params, load_index, save_index
 
 INDEX_FILE = "index.faiss"
 # HNSW / IVF keep removed rows as tombstones until they are this share of all rows, then rebuild.
@@ -42,11 +42,22 @@ EXACT_SUBSET_MAX_ROWS = 4096
 MAX_FILTERED_EF_SEARCH = 2048
 
 
-def checked_search(queries, k: int, dim: int) -> np.ndarray:
-    """A search's queries as float32 (n, d), or a ValueError saying what is wrong with them or with ``k``."""
+def checked_search(queries, k: int, dim: int | None) -> np.ndarray:
+    """A search's queries as float32 (n, d), or a ValueError saying what is wrong with them or with ``k``.
+
+    Checked here rather than by the faiss helpers of :mod:`fashionrec.indexing`, so that a query's
+    search runs in this module alone.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return checked_queries(np.atleast_2d(queries), dim)
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be a 2-D array (n, d), got shape {queries.shape}")
+    if dim is not None and queries.shape[1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the store holds dimension {dim}")
+    if not np.isfinite(queries).all():
+        raise ValueError("queries contain NaN or infinite values")
+    return queries
 
 
 class RowStore(Protocol):
@@ -171,7 +182,7 @@ class FaissRowStore:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = checked_search(queries, k, self.dim)
         if allowed is None:
-            return search(self.index, queries, k, metric=self.metric)
+            return self._search(queries, k)
         allowed_rows = np.flatnonzero(allowed)
         k = min(k, len(allowed_rows))
         if k == 0:
@@ -182,6 +193,13 @@ class FaissRowStore:
         if (rows < 0).any():   # an approximate index found fewer than k allowed rows
             return self._exact_subset(queries, k, allowed_rows)
         return scores, rows
+
+    def _search(self, queries, k: int):
+        """The index's top min(k, rows) for each query (an approximate index may fill fewer: row -1)."""
+        k = min(k, self.ntotal)
+        if k == 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        return self.index.search(self.prepare(queries), k)
 
     def _selector_search(self, queries, k: int, allowed: np.ndarray, share: float):
         bitmap = np.packbits(allowed, bitorder="little")
@@ -206,7 +224,7 @@ class FaissRowStore:
 
     def _overfetch_search(self, queries, k: int, allowed: np.ndarray):
         fetch = k + int((~allowed).sum())
-        scores, rows = search(self.index, queries, min(fetch, self.ntotal), metric=self.metric)
+        scores, rows = self._search(queries, fetch)
         out_scores = np.full((len(queries), k), np.nan, np.float32)
         out_rows = np.full((len(queries), k), -1, np.int64)
         for i in range(len(queries)):

@@ -78,9 +78,9 @@ class ServedIndex:
     def current(self) -> Recommender:
         return self._current
 
-    def _load(self) -> Recommender:
+    def _load(self, reuse: Recommender | None = None) -> Recommender:
         # Many requests share the query model's threads: no spinning, which only pays on idle cores.
-        return Recommender.load(self.outdir, self.settings, spinning=False, store=self.store)
+        return Recommender.load(self.outdir, self.settings, spinning=False, store=self.store, reuse=reuse)
 
     def _announce(self) -> None:
         if self.on_swap is not None:
@@ -97,7 +97,7 @@ class ServedIndex:
         with self._swap_lock:
             if self.current_on_disk() == self._current.version:
                 return False
-            loaded = self._load()
+            loaded = self._load(reuse=self._current)
             previous, self._current = self._current, loaded
         log.info("serving index version %s (%d items), was %s", loaded.version, len(loaded), previous.version)
         self._announce()
@@ -173,7 +173,7 @@ class ServedIndex:
 
     def _fresh_writer(self) -> Recommender:
         if self._writer is None:
-            self._writer = self._load()
+            self._writer = self._load(reuse=self._current)
         else:
             self._writer.refresh()
         return self._writer

@@ -15,6 +15,7 @@ imported, on first need, for the rest:
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def write_classifier(directory: Path, backbone_name: str, eager_base: Backbone, 
 
 
 class FolderNetworks:
-    """The networks a folder's build.json names, each built on first use and checked against it."""
+    """The networks a folder's build.json names, each built on first use (once, whichever thread asks first) and
+    checked against it."""
 
     def __init__(self, outdir: Path, manifest: BuildManifest, settings: InferenceSettings):
         self.outdir = outdir
@@ -189,6 +191,7 @@ class FolderNetworks:
         self._runtime_backbone: Backbone | None = None
         self._base_backbone: Backbone | None = None
         self._colour_model: Backbone | None = None
+        self._building = threading.RLock()
 
     def serves(self, manifest: BuildManifest) -> bool:
         """Whether these networks are also those of another version's build.json (an update keeps them)."""
@@ -196,25 +199,27 @@ class FolderNetworks:
 
     def runtime_backbone(self) -> Backbone:
         """The backbone the index was embedded with, on its runtime, checked against build.json."""
-        if self._runtime_backbone is None:
-            described = self.manifest.backbone
-            eager = get_backbone(described["name"], weights_file=described["weights_file"])
-            model = with_runtime(eager, self.manifest.runtime, threads=self.settings.threads)
-            if model.weights_sha256 != described["weights_sha256"]:
-                raise IndexFolderError(f"{self.outdir}: the weights of {described['name']} differ from those the "
-                                       "index was built with; rebuild the index")
-            if model.cache_key != described["cache_key"]:
-                raise IndexFolderError(f"{self.outdir}: {described['name']} now preprocesses or computes "
-                                       "differently from when the index was built; rebuild the index")
-            self._runtime_backbone = model
-        return self._runtime_backbone
+        with self._building:
+            if self._runtime_backbone is None:
+                described = self.manifest.backbone
+                eager = get_backbone(described["name"], weights_file=described["weights_file"])
+                model = with_runtime(eager, self.manifest.runtime, threads=self.settings.threads)
+                if model.weights_sha256 != described["weights_sha256"]:
+                    raise IndexFolderError(f"{self.outdir}: the weights of {described['name']} differ from those "
+                                           "the index was built with; rebuild the index")
+                if model.cache_key != described["cache_key"]:
+                    raise IndexFolderError(f"{self.outdir}: {described['name']} now preprocesses or computes "
+                                           "differently from when the index was built; rebuild the index")
+                self._runtime_backbone = model
+            return self._runtime_backbone
 
     def base_backbone(self) -> Backbone:
         """The frozen network under a fine-tuned model (eager), whose features a classifier may read."""
-        if self._base_backbone is None:
-            described = self.manifest.backbone
-            self._base_backbone = get_backbone(described["base"], weights_file=described["weights_file"])
-        return self._base_backbone
+        with self._building:
+            if self._base_backbone is None:
+                described = self.manifest.backbone
+                self._base_backbone = get_backbone(described["base"], weights_file=described["weights_file"])
+            return self._base_backbone
 
     def query_encoder(self):
         """The encoder of a folder that has no ONNX query model: the runtime backbone itself."""
@@ -242,12 +247,13 @@ class FolderNetworks:
 
     def colour_descriptor(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """The product-colour descriptor of a decoded photo (the batch path's model and preprocessing)."""
-        if self._colour_model is None:
-            model = get_backbone(COLOUR_BACKBONE)
-            if model.cache_key != self.manifest.colour["cache_key"]:
-                raise IndexFolderError(f"{self.outdir}: the product-colour descriptor now computes differently "
-                                       "from when the index was built; rebuild the index")
-            self._colour_model = model
-        model = self._colour_model
+        with self._building:
+            if self._colour_model is None:
+                model = get_backbone(COLOUR_BACKBONE)
+                if model.cache_key != self.manifest.colour["cache_key"]:
+                    raise IndexFolderError(f"{self.outdir}: the product-colour descriptor now computes differently "
+                                           "from when the index was built; rebuild the index")
+                self._colour_model = model
+            model = self._colour_model
         with torch.inference_mode():
             return model.model(model.transform(as_image(image))[None]).numpy()[0].astype(np.float32)

@@ -29,6 +29,7 @@ import math
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,7 +138,7 @@ class Recommender:
         self._vectors16 = vectors16
         self._colour16 = colour16          # product-colour descriptors, row-aligned; None in older folders
         self._store = store
-        self._store.fallback_vectors = self._embedding_rows
+        self._store.fallback_vectors = _weakly(self._embedding_rows)
         self._encoder = encoder
         self._predictor = predictor
         self._lock = threading.RLock()
@@ -152,7 +153,7 @@ class Recommender:
 
     @classmethod
     def load(cls, outdir, settings: InferenceSettings | None = None, spinning: bool | None = None,
-             store: StoreSettings | None = None) -> "Recommender":
+             store: StoreSettings | None = None, reuse: "Recommender | None" = None) -> "Recommender":
         """Opens the CURRENT version of an index folder.
 
         ``settings``: threads of the query model (and batch size, workers for :meth:`add`); the
@@ -162,7 +163,10 @@ class Recommender:
         (:func:`~fashionrec.models.query_model.spinning_suits_this_machine`). ``store``: None
         searches where the folder's vectors were indexed (``index.faiss`` or a Milvus collection);
         a StoreSettings must name that same store, and its ``milvus_uri`` says where the
-        collection lives now (e.g. a server under another address).
+        collection lives now (e.g. a server under another address). ``reuse``: a Recommender of
+        another version of the folder (the one serving until now), whose query model, classifier
+        and PyTorch networks this version shares where its build.json describes the same ones
+        (an update keeps them), rather than opening them again.
         Raises IndexFolderError, saying how to build one, for a missing or broken folder.
         """
         outdir = Path(outdir)
@@ -187,10 +191,20 @@ class Recommender:
         recommender = cls(outdir, version.name, manifest, items, vectors16, store, None, None, settings, spinning,
                           colour16)
         recommender._store_settings = store_settings
-        recommender._encoder = open_encoder(version, manifest.query_model, settings.threads, spinning,
-                                            lambda: recommender._networks().query_encoder(), settings.compiled_resize)
-        recommender._predictor = open_predictor(version, manifest.classifier, settings.threads, spinning,
-                                                recommender._networks, settings.compiled_resize)
+        same_runtime = reuse is not None and (reuse.settings, reuse.spinning) == (settings, spinning)
+        if reuse is not None and reuse._torch_networks is not None and reuse._torch_networks.serves(manifest):
+            recommender._torch_networks = reuse._torch_networks
+        if same_runtime and reuse.manifest.query_model == manifest.query_model:
+            recommender._encoder = reuse._encoder
+        else:
+            recommender._encoder = open_encoder(version, manifest.query_model, settings.threads, spinning,
+                                                lambda: recommender._networks().query_encoder(),
+                                                settings.compiled_resize)
+        if same_runtime and reuse.manifest.classifier == manifest.classifier:
+            recommender._predictor = reuse._predictor
+        else:
+            recommender._predictor = open_predictor(version, manifest.classifier, settings.threads, spinning,
+                                                    recommender._networks, settings.compiled_resize)
         return recommender
 
     @classmethod
@@ -205,9 +219,11 @@ class Recommender:
 
     def _networks(self):
         """The folder's PyTorch networks (:class:`~fashionrec.serving.networks.FolderNetworks`), made on first need."""
-        if self._torch_networks is None:
-            self._torch_networks = _torch_side("networks").FolderNetworks(self.outdir, self.manifest, self.settings)
-        return self._torch_networks
+        with self._lock:
+            if self._torch_networks is None:
+                self._torch_networks = _torch_side("networks").FolderNetworks(self.outdir, self.manifest,
+                                                                              self.settings)
+            return self._torch_networks
 
     # --- what is in it ---------------------------------------------------------------------------
 
@@ -231,7 +247,8 @@ class Recommender:
 
     @property
     def query_encoder(self):
-        """This version's encoder of query photos (:class:`~fashionrec.models.query_model.OnnxEncoder` for an ONNX folder), for callers that batch."""
+        """This version's encoder of query photos, for callers that batch
+        (:class:`~fashionrec.models.query_model.OnnxEncoder` for an ONNX folder)."""
         return self._encoder
 
     @property
@@ -300,19 +317,13 @@ class Recommender:
         """
         if current_version(self.outdir).name == self.version:
             return False
-        fresh = Recommender.load(self.outdir, self.settings, self.spinning, self._store_settings)
+        fresh = Recommender.load(self.outdir, self.settings, self.spinning, self._store_settings, reuse=self)
         with self._lock:
-            if fresh.info["query_model"] == self.info["query_model"]:
-                fresh._encoder = self._encoder
-            if fresh.info.get("classifier") == self.info.get("classifier"):
-                fresh._predictor = self._predictor
-            if self._torch_networks is not None and self._torch_networks.serves(fresh.manifest):
-                fresh._torch_networks = self._torch_networks
             bonus_setting, predicted_by_id = self._bonus_setting, self._predicted_by_id
             state = dict(vars(fresh))
             del state["_lock"]
             vars(self).update(state)
-            self._store.fallback_vectors = self._embedding_rows
+            self._store.fallback_vectors = _weakly(self._embedding_rows)
             # A bonus the caller set (set_category_bonus) holds for the new version too.
             self._bonus_setting, self._predicted_by_id = bonus_setting, predicted_by_id
             self._bonus = self._category_bonus()
@@ -753,6 +764,18 @@ class Recommender:
         described = self.manifest.classifier or {}
         frozen = described.get("frozen") or {}
         return {described.get("file"), frozen.get("file")}
+
+
+def _weakly(method):
+    """``method`` (of a Recommender), called through a weak reference.
+
+    The store calls back for stored vectors; a strong reference would make a cycle, and an old
+    version (its ONNX session, its index) would wait for the cyclic garbage collector instead of
+    going as soon as the last request using it ends: a server taking catalog writes grew by a
+    version's memory per write.
+    """
+    reference = weakref.WeakMethod(method)
+    return lambda rows: reference()(rows)
 
 
 def _open_store(version: Path, described: dict, asked: StoreSettings | None):
