@@ -33,7 +33,8 @@ def describe_quality(card: dict) -> str:
 
 def split_of_record(catalog: pd.DataFrame, ids: list[str], split_seed: int) -> tuple[list[int], list[int]] | None:
     """(query rows, gallery rows) among ``ids`` (the folder's rows) of the catalog's seeded split; None when the
-    catalog has no labels to measure with (fewer than two categories, or none with an item in each split)."""
+    catalog has no labels to measure with (fewer than two categories) or a gallery smaller than ``QUALITY_K``
+    (``evaluate`` refuses such a k too)."""
     labelled = catalog[catalog["label"].notna() & (catalog["label"].astype(str) != "")]
     if labelled["label"].nunique() < 2:
         return None
@@ -41,7 +42,7 @@ def split_of_record(catalog: pd.DataFrame, ids: list[str], split_seed: int) -> t
     role = dict(zip(split["id"].astype(str), split["split"]))
     queries = [row for row, item_id in enumerate(ids) if role.get(item_id) == "query"]
     gallery = [row for row, item_id in enumerate(ids) if role.get(item_id) == "gallery"]
-    return (queries, gallery) if queries and gallery else None
+    return (queries, gallery) if queries and len(gallery) >= QUALITY_K else None
 
 
 def quality_card(store, vectors: np.ndarray, labels: np.ndarray, paths: list[str], query_rows: list[int],
