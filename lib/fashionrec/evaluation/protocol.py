@@ -221,9 +221,7 @@ def evaluate_embeddings(vectors: np.ndarray, metadata: pd.DataFrame, k: int = 10
 
     query_labels = queries["label"].to_numpy()
     gallery_labels = gallery["label"].to_numpy()
-    # An approximate index may return fewer than k hits (-1); they count as not relevant.
-    result_labels = np.where(positions >= 0, gallery_labels[np.clip(positions, 0, None)], None)
-    same_category = metrics.relevance_from_labels(query_labels, result_labels)
+    same_category = metrics.relevance_of_ranked(query_labels, gallery_labels, positions)
     missing = None
     if relevance == ("label",):
         matches = same_category

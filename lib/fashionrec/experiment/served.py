@@ -141,8 +141,7 @@ def _scored(queries: pd.DataFrame, gallery: pd.DataFrame, positions, scores, own
     query_labels = queries["label"].astype(str).to_numpy()
     gallery_labels = gallery["label"].astype(str).to_numpy()
     label_of = dict(zip(gallery["id"], gallery_labels))
-    result_labels = np.where(found >= 0, gallery_labels[np.clip(found, 0, None)], None)
-    same_category = metrics.relevance_from_labels(query_labels, result_labels)
+    same_category = metrics.relevance_of_ranked(query_labels, gallery_labels, found)
     excluded_same = np.array([sum(label_of[item_id] == label for item_id in copies)
                               for copies, label in zip(own_copies, query_labels)])
     missing = None

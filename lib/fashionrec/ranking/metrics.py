@@ -257,6 +257,16 @@ def relevance_from_labels(query_labels: ArrayLike, result_labels_matrix: ArrayLi
     return np.asarray(results == queries[:, None], dtype=bool)
 
 
+def relevance_of_ranked(query_labels: ArrayLike, gallery_labels: ArrayLike, positions: np.ndarray) -> np.ndarray:
+    """Bool matrix: the gallery item ranked at ``positions[i, j]`` has query ``i``'s label.
+
+    A slot holding -1 (an approximate index found fewer than k allowed items) is not relevant.
+    """
+    gallery_labels = np.asarray(gallery_labels)
+    result_labels = np.where(positions >= 0, gallery_labels[np.clip(positions, 0, None)], None)
+    return relevance_from_labels(query_labels, result_labels)
+
+
 def n_relevant_from_labels(query_labels: ArrayLike, gallery_labels: ArrayLike) -> np.ndarray:
     """Number of gallery items sharing each query's category (0 if the category is absent).
 

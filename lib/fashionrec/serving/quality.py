@@ -64,8 +64,7 @@ def quality_card(store, vectors: np.ndarray, labels: np.ndarray, paths: list[str
                                        queries[position:position + 1])[0]
                      for position, row in enumerate(query_rows)]
     _, rows = rank(store, queries, k, Ranking((AllowedRows(allowed),), bonus), query_categories=predicted)
-    relevance = (rows >= 0) & (labels[np.clip(rows, 0, None)] == labels[query_rows][:, None])
-    per_query = metrics.precision_at_k(relevance, k)
+    per_query = metrics.precision_at_k(metrics.relevance_of_ranked(labels[query_rows], labels, rows), k)
     low, high = metrics.bootstrap_ci(per_query, seed=seed)
     return {"precision_at_k": round(float(per_query.mean()), 6), "precision_at_k_ci": [round(low, 6), round(high, 6)],
             "k": k, "n_queries": len(query_rows), "n_gallery": len(gallery_rows), "relevance": "label",
