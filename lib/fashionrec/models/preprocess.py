@@ -105,9 +105,8 @@ class Preprocessing:
 
     def reference_geometry(self):
         """The torchvision steps this geometry reproduces (what the batch path runs)."""
-        from torchvision import (
-            transforms,  # only where the fast geometry does not apply: queries stay torch-free
-        )
+        # Imported here: only tests and padded crops need torchvision's own steps; queries stay torch-free.
+        from torchvision import transforms
 
         steps = [transforms.Resize(self.resize if isinstance(self.resize, int) else list(self.resize),
                                    interpolation=transforms.InterpolationMode(self.interpolation))]
@@ -268,8 +267,8 @@ def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing, split:
     """``spec.reference_geometry()(image)`` as uint8 (height, width[, 3]), computing only what the crop keeps.
 
     ``image``: a Pillow image, or its pixels as uint8 (height, width, 3) for RGB or (height, width)
-    for L. Falls back to the reference steps where the shortcut does not apply (other filters,
-    no crop, a crop larger than the resized image, modes other than RGB/L). ``split=False`` keeps a
+    for L. Falls back to Pillow's own resize (:func:`pillow_geometry`) where the shortcut does not apply
+    (other filters, a crop larger than the resized image, modes other than RGB/L). ``split=False`` keeps a
     tall crop on the calling thread: a batch already keeps every core busy with other images, and
     the hand-over to the helper thread would only cost.
     """
@@ -283,8 +282,7 @@ def resize_and_crop(image: Image.Image | np.ndarray, spec: Preprocessing, split:
     crop_height, crop_width = spec.crop or (new_height, new_width)
     if (spec.interpolation not in _SUPPORT or mode not in ("RGB", "L")
             or crop_height > new_height or crop_width > new_width):
-        picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-        return np.asarray(spec.reference_geometry()(picture))
+        return pillow_geometry(Image.fromarray(image) if isinstance(image, np.ndarray) else image, spec)
     channels = 3 if mode == "RGB" else 1
     top = int(round((new_height - crop_height) / 2.0))
     left = int(round((new_width - crop_width) / 2.0))
@@ -372,8 +370,8 @@ _checked_lock = threading.Lock()
 
 
 # torchvision's InterpolationMode -> Pillow filter (its ``pil_modes_mapping``).
-_PILLOW_FILTERS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                   "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+_PILLOW_FILTERS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
+                   "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
                    "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 
 
