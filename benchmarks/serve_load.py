@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-n", type=int, default=256, help="photos of each reference measurement")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the reference pipeline")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads of the reference pipeline (default: one per CPU, as embed_throughput.py)")
+                        help="decoding threads of the reference pipeline (default: one per CPU, as "
+                             "embed_throughput.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--writes", type=int, default=0,
                         help="photos to add and items to remove through the API during one level (token: "

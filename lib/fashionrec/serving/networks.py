@@ -31,12 +31,7 @@ from ..features.embed import Embeddings, embed_catalog
 from ..models.backbone import Backbone
 from ..models.classifier import CategoryClassifier
 from ..models.ensemble import CombinedBackbone, is_combined_name, preprocessing
-from ..models.finetuned import (
-    classifier_from_payload,
-    load_model,
-    resolve_head_path,
-    split_backbone_name,
-)
+from ..models.finetuned import classifier_from_payload, load_model, resolve_head_path, split_backbone_name
 from ..models.preprocess import Preprocessing
 from ..models.query_model import OnnxEncoder, uint8_query_model
 from ..models.registry import get_backbone
